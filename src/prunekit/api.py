@@ -1,0 +1,191 @@
+"""The user-facing pruning calls: choose tensors → score → select → apply.
+
+    plan = prunekit.prune(model, 0.9, criterion="l1", scope="global")
+
+is ``select_targets`` + ``compute_scores`` + :func:`prunekit.plan.select` +
+:func:`prunekit.masking.apply`. ``plan_pruning`` stops before applying, so a
+plan can be inspected, saved, or applied to another copy of the model.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import masking
+from .criteria import Criterion, ScoreContext, get_criterion
+from .plan import Amount, Plan, TensorPlan, select
+from .threshold import Elementwise
+
+DEFAULT_TYPES: Tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+Patterns = Optional[Union[str, Sequence[str]]]
+
+
+def _as_list(p: Patterns) -> List[str]:
+    if p is None:
+        return []
+    return [p] if isinstance(p, str) else list(p)
+
+
+def _type_matcher(types: Optional[Iterable[Union[str, type]]]):
+    wanted = list(DEFAULT_TYPES if types is None else types)
+    classes = []
+    for t in wanted:
+        if isinstance(t, type):
+            classes.append(t)
+        elif isinstance(getattr(nn, str(t), None), type):
+            classes.append(getattr(nn, t))
+        else:
+            raise ValueError(f"unknown module type {t!r}; give torch.nn class names such as "
+                             f"{', '.join(DEFAULT_TYPES)}, 'Embedding', or classes")
+    return tuple(classes)
+
+
+def _matches(name: str, module_name: str, patterns: List[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(module_name, p) for p in patterns)
+
+
+def classifier_name(model: nn.Module) -> Optional[str]:
+    """The final classifier: the last Linear/Conv module in registration order."""
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            last = name
+    return last
+
+
+def select_targets(model: nn.Module, *, types=None, include: Patterns = None, exclude: Patterns = None,
+                   include_classifier: bool = False, param: str = "weight") -> List[str]:
+    """Dotted names of the parameters to prune.
+
+    Default: the weights of Linear and Conv layers, without the final classifier
+    (pruning it hurts accuracy most and saves least). ``include``/``exclude`` are
+    glob patterns matched against module or parameter names (``"features.*"``).
+    """
+    classes = _type_matcher(types)
+    inc, exc = _as_list(include), _as_list(exclude)
+    clf = None if include_classifier else classifier_name(model)
+    found = []
+    for mod_name, module in model.named_modules():
+        p = module._parameters.get(param)
+        if p is None and (param + "_orig") in module._parameters:
+            raise ValueError(f"{mod_name}.{param} is pruned by torch.nn.utils.prune; call "
+                             f"torch.nn.utils.prune.remove(module, {param!r}) before using prunekit")
+        if p is None or not isinstance(module, classes):
+            continue
+        name = f"{mod_name}.{param}" if mod_name else param
+        if inc and not _matches(name, mod_name, inc):
+            continue
+        if _matches(name, mod_name, exc):
+            continue
+        if mod_name == clf and not (inc and _matches(name, mod_name, inc)):
+            continue  # an explicit include still wins over the classifier default
+        found.append(name)
+    for pat in inc:
+        if not any(fnmatch.fnmatchcase(n, pat) or fnmatch.fnmatchcase(n.rpartition(".")[0], pat) for n in found):
+            avail = [n for n, m in model.named_modules() if isinstance(m, classes)]
+            raise ValueError(f"include pattern {pat!r} matches no prunable layer; layers of the "
+                             f"selected types: {', '.join(avail) or '(none)'}")
+    if not found:
+        raise ValueError("no parameters selected for pruning (check types/include/exclude; "
+                         "the final classifier is excluded unless include_classifier=True)")
+    return found
+
+
+def _checked(fn: Criterion, param: torch.Tensor, ctx: ScoreContext):
+    def scores() -> torch.Tensor:
+        s = fn(param, ctx)
+        if not isinstance(s, torch.Tensor) or tuple(s.shape) != tuple(param.shape):
+            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(f"criterion for {ctx.name} returned {got}; expected a tensor of shape "
+                             f"{tuple(param.shape)}")
+        return s.detach().float()
+    scores.shape = tuple(param.shape)  # lets select() validate without computing scores
+    return scores
+
+
+def compute_scores(model: nn.Module, names: Sequence[str], criterion: Union[str, Criterion] = "l1", *,
+                   seed: int = 0, stats: Optional[Mapping[str, Dict[str, Any]]] = None):
+    """Lazy scores per parameter: recomputed on demand, never all held at once."""
+    fn = get_criterion(criterion)
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    out = {}
+    for name in names:
+        if name not in params:
+            raise KeyError(f"unknown parameter {name!r}")
+        p = params[name]
+        if getattr(fn, "elementwise", None) is not None:
+            out[name] = Elementwise(p, fn.elementwise)
+            continue
+        ctx = ScoreContext(name, modules.get(name.rpartition(".")[0]), seed, dict((stats or {}).get(name, {})))
+        out[name] = _checked(fn, p, ctx)
+    return out
+
+
+def _couple_biases(model: nn.Module, plan: Plan) -> None:
+    """Rows removed from a weight take their bias entries with them (torch's ln_structured does not)."""
+    params = dict(model.named_parameters())
+    for tp in list(plan):
+        if tp.pattern != "structured" or tp.dim != 0 or not tp.name.endswith(".weight"):
+            continue
+        bname = tp.name[: -len("weight")] + "bias"
+        b = params.get(bname)
+        if b is None or bname in plan.tensors or b.dim() != 1 or b.shape[0] != tp.shape[0]:
+            continue
+        plan.tensors[bname] = TensorPlan(bname, tuple(b.shape), "structured", units=b.shape[0],
+                                         pruned_units=len(tp.pruned_idx), dim=0,
+                                         pruned_idx=list(tp.pruned_idx), coupled_to=tp.name)
+
+
+def plan_pruning(model: nn.Module, amount: Optional[Amount] = None, *, criterion: Union[str, Criterion] = "l1",
+                 scope: str = "layer", pattern: str = "unstructured", dim: int = 0, norm: float = 1.0,
+                 nm: Tuple[int, int] = (2, 4), types=None, include: Patterns = None, exclude: Patterns = None,
+                 include_classifier: bool = False, min_keep: Amount = 0.01, seed: int = 0,
+                 stats: Optional[Mapping[str, Dict[str, Any]]] = None, normalize: Optional[bool] = None) -> Plan:
+    """Decide what to prune without touching the model."""
+    names = select_targets(model, types=types, include=include, exclude=exclude,
+                           include_classifier=include_classifier)
+    current = masking.masks(model)
+    scores = compute_scores(model, names, criterion, seed=seed, stats=stats)
+    plan = select(scores, amount, scope=scope, pattern=pattern, dim=dim, norm=norm, nm=tuple(nm),
+                  min_keep=min_keep, current={n: current[n] for n in names if n in current},
+                  normalize=normalize)
+    _couple_biases(model, plan)
+    plan.meta.update(criterion=criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "custom"),
+                     seed=seed, targets=names)
+    return plan
+
+
+def prune(model: nn.Module, amount: Optional[Amount] = None, *, keep_original: bool = False, **kwargs) -> Plan:
+    """Score, select and apply in one call; returns the Plan that was applied.
+
+    Keyword arguments are those of :func:`plan_pruning`. The model is pruned in
+    place with masks (dense speed, see :mod:`prunekit.masking`); on any error
+    it is left unchanged.
+    """
+    plan = plan_pruning(model, amount, **kwargs)
+    masking.apply(model, plan, keep_original=keep_original)
+    return plan
+
+
+def global_sparsity(model: nn.Module, names: Optional[Sequence[str]] = None) -> float:
+    """Fraction of zeros over the given parameters (default: all masked ones)."""
+    params = dict(model.named_parameters())
+    names = list(names) if names is not None else [n for n, _, _ in masking.masked_parameters(model)]
+    total = sum(params[n].numel() for n in names)
+    zeros = sum(int((params[n] == 0).sum()) for n in names)
+    return zeros / total if total else 0.0
+
+
+def current_plan(model: nn.Module) -> Plan:
+    """The masks a model carries now, as an (unstructured) Plan that can be saved and re-applied."""
+    from .compress import pack_bits
+
+    plan = Plan(meta={"source": "masks of a model"})
+    for name, keep in masking.masks(model).items():
+        plan.tensors[name] = TensorPlan(name, tuple(keep.shape), "unstructured", units=keep.numel(),
+                                        pruned_units=int((~keep).sum()), keep_bits=pack_bits(keep.reshape(-1)))
+    return plan

@@ -1,0 +1,186 @@
+"""``prunekit prune``: prune a model as a recipe (YAML) says; every field is also a flag.
+
+    prunekit prune --recipe recipe.yaml --sparsity 0.9 --out runs/lenet-90
+
+writes the pruned model (safetensors + JSON spec), its masks as a plan, the
+resolved config (config.yaml), results.json and a report into ``--out``.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict
+
+import yaml
+
+from ._common import print_summary, write_run
+
+HELP = "prune a model from a YAML recipe and/or flags; save it, its plan, config and report"
+
+DEFAULTS: Dict[str, Any] = {
+    "model": "lenet300", "model_kwargs": {}, "checkpoint": None, "data": "mnist", "seed": 0,
+    "batch_size": 128, "limit_train": None, "limit_test": None, "out": "runs/prune",
+    "dense": {"epochs": 10, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "lr_schedule": "cosine"},
+    "method": {"name": "pruned", "kind": "oneshot", "sparsity": 0.9, "criterion": "l1", "scope": "global",
+               "pattern": "unstructured", "dim": 0, "norm": 1.0, "nm": [2, 4], "include": None,
+               "exclude": None, "include_classifier": False, "min_keep": 0.01},
+    "finetune": {"epochs": 2, "lr": 0.01, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0,
+                 "lr_schedule": "cosine"},
+    "gradual": {"epochs": 6, "prune_epochs": 4},
+    "save": {"compressed": True},
+}
+
+# flag -> (path in the recipe, type, help)
+FLAGS = {
+    "model": ("model", str, "built-in model name (lenet300, lenet5, vgg_small, mlp)"),
+    "checkpoint": ("checkpoint", str, "a model folder saved by prunekit to prune instead of training one"),
+    "data": ("data", str, "mnist, digits or idx:<dir>"),
+    "seed": ("seed", int, "seed: the same seed gives the same masks"),
+    "batch-size": ("batch_size", int, "training batch size"),
+    "limit-train": ("limit_train", int, "use only this many training examples"),
+    "limit-test": ("limit_test", int, "use only this many test examples"),
+    "dense-epochs": ("dense.epochs", int, "epochs to train the dense model (when no checkpoint)"),
+    "schedule": ("method.kind", str, "oneshot, gradual or iterative"),
+    "sparsity": ("method.sparsity", float, "target sparsity in [0, 1) (a list in the recipe for iterative)"),
+    "criterion": ("method.criterion", str, "l1, random, or a registered criterion"),
+    "scope": ("method.scope", str, "layer or global"),
+    "pattern": ("method.pattern", str, "unstructured, structured or nm"),
+    "dim": ("method.dim", int, "structured: 0 = rows/output channels, 1 = columns/input channels"),
+    "norm": ("method.norm", float, "structured: the Ln norm of each slice (1, 2, inf)"),
+    "nm": ("method.nm", str, "N:M pattern, e.g. 2:4"),
+    "include": ("method.include", str, "glob of layers to prune (repeatable)"),
+    "exclude": ("method.exclude", str, "glob of layers to leave alone (repeatable)"),
+    "min-keep": ("method.min_keep", float, "per-layer floor in global ranking (fraction, or count if >= 1)"),
+    "epochs": ("finetune.epochs", int, "fine-tuning epochs after pruning"),
+    "lr": ("finetune.lr", float, "fine-tuning learning rate"),
+    "optimizer": ("finetune.optimizer", str, "sgd, adam or adamw"),
+    "momentum": ("finetune.momentum", float, "SGD momentum"),
+    "weight-decay": ("finetune.weight_decay", float, "weight decay"),
+    "lr-schedule": ("finetune.lr_schedule", str, "constant, cosine or linear"),
+    "gradual-epochs": ("gradual.epochs", int, "gradual: total epochs of training"),
+    "prune-epochs": ("gradual.prune_epochs", int, "gradual: epochs over which sparsity rises"),
+    "out": ("out", str, "output folder"),
+}
+REPEATABLE = {"include", "exclude"}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--recipe", help="YAML recipe; flags override its fields")
+    for flag, (_, typ, help_) in FLAGS.items():
+        if flag in REPEATABLE:
+            p.add_argument(f"--{flag}", action="append", help=help_)
+        else:
+            p.add_argument(f"--{flag}", type=typ, help=help_)
+    p.add_argument("--include-classifier", action="store_true", default=None, help="also prune the last layer")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set any recipe field, e.g. --set dense.lr=0.1 --set model_kwargs={hidden: [64]} "
+                        "(value parsed as YAML; repeatable)")
+    p.add_argument("--no-compress", action="store_true", help="save the model dense instead of compressed")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _merge(base: Dict[str, Any], over: Dict[str, Any], where: str = "") -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if k not in base:
+            raise ValueError(f"unknown recipe field {where + k!r}; allowed: {', '.join(where + b for b in base)}")
+        out[k] = _merge(base[k], v, f"{where}{k}.") if isinstance(base[k], dict) and isinstance(v, dict) else v
+    return out
+
+
+def _nested(path: str, value: Any) -> Dict[str, Any]:
+    for part in reversed(path.split(".")):
+        value = {part: value}
+    return value
+
+
+def _set(config: Dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+def resolve_config(args) -> Dict[str, Any]:
+    """Defaults ← recipe ← flags; validated shape, ready for run_experiment."""
+    recipe: Dict[str, Any] = {}
+    if args.recipe:
+        path = Path(args.recipe)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe {path} not found")
+        recipe = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(recipe, dict):
+            raise ValueError(f"recipe {path} must be a YAML mapping of fields")
+    config = _merge(DEFAULTS, recipe)
+    for flag, (path, _, _) in FLAGS.items():
+        value = getattr(args, flag.replace("-", "_"))
+        if value is not None:
+            _set(config, path, value)
+    for item in args.set:
+        path, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r} must look like FIELD=VALUE, e.g. dense.lr=0.1")
+        _merge(config, _nested(path.strip(), yaml.safe_load(raw)))  # validates the field name
+        _set(config, path.strip(), yaml.safe_load(raw))
+    if args.include_classifier:
+        config["method"]["include_classifier"] = True
+    if args.no_compress:
+        config["save"]["compressed"] = False
+    return config
+
+
+def _parse_nm(nm) -> list:
+    if isinstance(nm, str):
+        try:
+            n, m = (int(x) for x in nm.split(":"))
+        except ValueError:
+            raise ValueError(f"nm={nm!r} must look like N:M, e.g. 2:4") from None
+        return [n, m]
+    return list(nm)
+
+
+def to_method(config: Dict[str, Any]) -> Dict[str, Any]:
+    m = config["method"]
+    sparsity = m["sparsity"]
+    sparsities = list(sparsity) if isinstance(sparsity, (list, tuple)) else [sparsity]
+    min_keep = m["min_keep"]
+    if isinstance(min_keep, float) and min_keep >= 1 and min_keep.is_integer():
+        min_keep = int(min_keep)  # a flag gives floats; >= 1 means a count of units
+    prune = {"criterion": m["criterion"], "scope": m["scope"], "pattern": m["pattern"], "min_keep": min_keep,
+             "include_classifier": m["include_classifier"]}
+    if m["pattern"] == "structured":
+        prune.update(dim=m["dim"], norm=m["norm"])
+    if m["pattern"] == "nm":
+        prune["nm"] = _parse_nm(m["nm"])
+    for key in ("include", "exclude"):
+        if m.get(key):
+            prune[key] = m[key]
+    method = {"name": m["name"], "label": f"{m['kind']} {m['criterion']} {m['scope']} {m['pattern']}",
+              "kind": m["kind"], "sparsities": sparsities, "prune": prune, "finetune": dict(config["finetune"]),
+              "gradual": dict(config["gradual"])}
+    if m["kind"] == "iterative":
+        method["iterative"] = {"epochs_per_round": config["finetune"]["epochs"]}
+    return method
+
+
+def run(args) -> int:
+    from .. import io
+    from ..api import current_plan
+    from ..experiment import run_experiment
+
+    config = resolve_config(args)
+    method = to_method(config)
+    exp = {**{k: config[k] for k in ("model", "model_kwargs", "checkpoint", "data", "seed", "batch_size",
+                                      "limit_train", "limit_test", "dense")},
+           "title": f"prunekit prune: {config['model']} on {config['data']}", "methods": [method]}
+    results, heatmaps, models = run_experiment(exp, progress=False if args.no_progress else None)
+    out = Path(config["out"])
+    write_run(out, results, heatmaps, config)
+    model = models[method["name"]]
+    io.save(model, out / "model", compressed=config["save"]["compressed"],
+            metadata={"final": results["methods"][0]["final"]})
+    current_plan(model).save(out / "plan.json")
+    print_summary(results)
+    print(f"\npruned model: {out / 'model'}   plan: {out / 'plan.json'}   report: {out / 'report' / 'report.html'}")
+    return 0

@@ -1,0 +1,254 @@
+"""Run pruning methods on a model and data, measure every point, and collect report results.
+
+Shared by ``prunekit demo``, ``prunekit prune`` and the benchmarks, so that
+they measure the same things the same way. A *method* is a dict::
+
+    {"name": "global_l1", "label": "global magnitude (unstructured)",
+     "kind": "oneshot" | "gradual" | "iterative",
+     "sparsities": [0.5, 0.9],                      # oneshot: one point per value, each from the dense model
+     "prune": {"criterion": "l1", "scope": "global", "pattern": "unstructured", ...},  # prunekit.prune kwargs
+     "finetune": {"epochs": 1, "lr": 0.01, ...},    # after pruning (oneshot) / during (gradual, iterative)
+     "gradual": {"epochs": 6, "prune_epochs": 4}}   # gradual only
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import hashlib
+import json
+import logging
+import platform
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__, io, masking
+from .api import global_sparsity, prune, select_targets
+from .data import default_cache_dir, example_batch
+from .finetune import EvalCallback, finetune, gradual_prune, iterative_prune
+from .metrics import evaluate, summarize
+from .models import build_model
+
+log = logging.getLogger("prunekit")
+KINDS = ("oneshot", "gradual", "iterative")
+PRUNE_KEYS = ("criterion", "scope", "pattern", "dim", "norm", "nm", "include", "exclude",
+              "include_classifier", "min_keep", "types", "normalize")
+FINETUNE_KEYS = ("epochs", "lr", "optimizer", "momentum", "weight_decay", "lr_schedule", "max_steps")
+
+
+def env_info() -> Dict[str, Any]:
+    """Versions and threading, for bug reports and for reading benchmark numbers."""
+    import numpy
+    import safetensors
+
+    return {"prunekit": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "safetensors": safetensors.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+            "cuda_available": torch.cuda.is_available(), "cache_dir": str(default_cache_dir())}
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- dense model
+
+def _dense_key(model: str, model_kwargs: Dict[str, Any], dataset: str, train_cfg: Dict[str, Any], seed: int,
+               n_train: int) -> str:
+    blob = json.dumps([model, model_kwargs, dataset, train_cfg, seed, n_train, __version__], sort_keys=True)
+    return f"dense-{model}-{dataset.replace(':', '_').replace('/', '_')}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+def dense_model(model: str, model_kwargs: Dict[str, Any], train, test, info: Dict[str, Any], *,
+                train_cfg: Dict[str, Any], seed: int, cache: bool = True, progress: Optional[bool] = None
+                ) -> Tuple[nn.Module, bool]:
+    """Train the dense model, or reuse the cached one trained with the same settings.
+
+    Returns (model, came_from_cache). The cache is prunekit's own save format.
+    """
+    kwargs = dict(model_kwargs)
+    kwargs.setdefault("num_classes", info["num_classes"])
+    folder = default_cache_dir() / _dense_key(model, kwargs, info["name"], train_cfg, seed, info["n_train"])
+    if cache and (folder / io.SPEC).is_file():
+        try:
+            return io.load(folder), True
+        except (ValueError, OSError) as e:  # a broken cache is rebuilt, never trusted
+            log.warning("ignoring the cached dense model in %s: %s", folder, e)
+    seed_everything(seed)
+    net = build_model(model, **kwargs)
+    finetune(net, train, desc="dense training", progress=progress, **train_cfg)
+    if cache:
+        io.save(net, folder, metadata={"accuracy": evaluate(net, test)["accuracy"]})
+    return net, False
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def measure(model: nn.Module, test, info: Dict[str, Any], *, latency_repeats: int = 30) -> Dict[str, Any]:
+    """Every number of one point: accuracy, sizes, MACs, latency (batch 1), per-layer rows."""
+    return summarize(model, example_batch(info, 1), test, latency=True, repeats=latency_repeats, warmup=5)
+
+
+def _point(model, test, info, target: float, names: Sequence[str], extra: Dict[str, Any]) -> Dict[str, Any]:
+    res = measure(model, test, info)
+    res.update(target_sparsity=target, pruned_sparsity=global_sparsity(model, names), **extra)
+    return res
+
+
+# ----------------------------------------------------------------------------- methods
+
+def _check_method(method: Dict[str, Any]) -> None:
+    if method.get("kind") not in KINDS:
+        raise ValueError(f"method {method.get('name')!r}: kind must be one of {', '.join(KINDS)}")
+    bad = set(method.get("prune", {})) - set(PRUNE_KEYS)
+    if bad:
+        raise ValueError(f"method {method.get('name')!r}: unknown prune option(s) {sorted(bad)}; "
+                         f"allowed: {', '.join(PRUNE_KEYS)}")
+    bad = set(method.get("finetune", {})) - set(FINETUNE_KEYS)
+    if bad:
+        raise ValueError(f"method {method.get('name')!r}: unknown finetune option(s) {sorted(bad)}; "
+                         f"allowed: {', '.join(FINETUNE_KEYS)}")
+    if not method.get("sparsities") and method["prune"].get("pattern") != "nm":
+        raise ValueError(f"method {method.get('name')!r}: give at least one target in 'sparsities'")
+
+
+def _oneshot(dense, method, train, test, info, seed, progress) -> Tuple[List[Dict], nn.Module, List[str]]:
+    points, model, notes = [], None, []
+    pk = dict(method.get("prune", {}))
+    targets = method.get("sparsities") or [None]
+    for target in tqdm(targets, desc=method["name"], disable=progress is False, leave=False):
+        model = copy.deepcopy(dense)
+        plan = prune(model, target, seed=seed, **pk)
+        notes = plan.notes
+        names = plan.meta["targets"]
+        before = evaluate(model, test)["accuracy"]
+        ft = method.get("finetune") or {}
+        if ft.get("epochs", 0) > 0:
+            seed_everything(seed)
+            finetune(model, train, progress=progress, desc=f"{method['name']} fine-tune", **ft)
+        achieved = global_sparsity(model, names)
+        points.append(_point(model, test, info, target if target is not None else achieved, names,
+                             {"accuracy_before_finetune": before}))
+    return points, model, notes
+
+
+def _scheduled(dense, method, train, test, info, seed, progress) -> Tuple[List[Dict], nn.Module, List[Dict]]:
+    model = copy.deepcopy(dense)
+    pk = dict(method.get("prune", {}), seed=seed)
+    ft = dict(method.get("finetune") or {})
+    ft.pop("epochs", None)
+    seed_everything(seed)
+    if method["kind"] == "gradual":
+        g = method.get("gradual", {})
+        state = gradual_prune(model, train, final=max(method["sparsities"]), epochs=g.get("epochs", 6),
+                              prune_epochs=g.get("prune_epochs"), every=g.get("every"), eval_loader=test,
+                              prune_kwargs=pk, progress=progress, **ft)
+    else:
+        state = iterative_prune(model, train, sparsities=method["sparsities"],
+                                epochs_per_round=method.get("iterative", {}).get("epochs_per_round", 1),
+                                eval_loader=test, prune_kwargs=pk, progress=progress, **ft)
+    names = select_targets(model, **{k: pk[k] for k in ("types", "include", "exclude", "include_classifier")
+                                     if k in pk})
+    final = _point(model, test, info, max(method["sparsities"]), names, {})
+    return [final], model, state.history
+
+
+def run_method(dense: nn.Module, method: Dict[str, Any], train, test, info: Dict[str, Any], *, seed: int = 0,
+               heat_layers: Sequence[str] = (), progress: Optional[bool] = None):
+    """Run one method; returns (report entry, heatmaps {method/layer: (before, after)}, final model)."""
+    _check_method(method)
+    if method["kind"] == "oneshot":
+        points, model, notes = _oneshot(dense, method, train, test, info, seed, progress)
+        history = []
+    else:
+        points, model, history = _scheduled(dense, method, train, test, info, seed, progress)
+        notes = []
+    final = points[-1]
+    entry = {"name": method["name"], "label": method.get("label", method["name"]), "kind": method["kind"],
+             "prune": method.get("prune", {}), "points": [_strip(p) for p in points], "final": _strip(final),
+             "layers": final["layers"], "notes": list(notes)}
+    params = dict(model.named_parameters())
+    dense_params = dict(dense.named_parameters())
+    heat = {f"{method['name']}/{n}": (dense_params[n].detach().clone(), params[n].detach().clone())
+            for n in heat_layers if n in params}
+    return entry, heat, model, history
+
+
+def _strip(point: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in point.items() if k != "layers"}
+
+
+def results_skeleton(title: str, config: Dict[str, Any], dense_metrics: Dict[str, Any]) -> Dict[str, Any]:
+    return {"title": title, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+            "config": config, "env": env_info(), "dense": _strip(dense_metrics),
+            "dense_layers": dense_metrics.get("layers", []), "methods": [], "history": {}}
+
+
+def masks_digest(model: nn.Module) -> str:
+    """A short hash of all masks: the same seed must give the same digest."""
+    h = hashlib.sha256()
+    for name, keep in sorted(masking.masks(model).items()):
+        h.update(name.encode())
+        h.update(keep.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- whole experiments
+
+def run_experiment(config: Dict[str, Any], *, progress: Optional[bool] = None):
+    """Dense model + every method of ``config``; returns (results, heatmaps, {name: model}).
+
+    ``config`` keys: model, model_kwargs, data, seed, batch_size, limit_train,
+    limit_test, dense (training settings), checkpoint (optional saved model to
+    start from instead of training), methods (list of method dicts), heat_layers.
+    """
+    from .data import get_loaders
+
+    seed = int(config.get("seed", 0))
+    for m in config["methods"]:
+        _check_method(m)
+    train, test, info = get_loaders(config.get("data", "mnist"), batch_size=config.get("batch_size", 128),
+                                    seed=seed, limit_train=config.get("limit_train"),
+                                    limit_test=config.get("limit_test"))
+    if config.get("checkpoint"):
+        dense, cached = io.load(config["checkpoint"]), True
+    else:
+        dense, cached = dense_model(config["model"], config.get("model_kwargs", {}), train, test, info,
+                                    train_cfg=config.get("dense", {}), seed=seed, progress=progress)
+    results = results_skeleton(config.get("title", f"prunekit: {config.get('model')} on {info['name']}"),
+                               config, measure(dense, test, info))
+    results["dense"]["from_cache"] = cached
+    heat_layers = config.get("heat_layers") or select_targets(dense)[:2]
+    heatmaps, models = {}, {}
+    for method in config["methods"]:
+        entry, heat, model, history = run_method(dense, method, train, test, info, seed=seed,
+                                                 heat_layers=heat_layers, progress=progress)
+        entry["masks_digest"] = masks_digest(model)
+        results["methods"].append(entry)
+        if history:
+            results["history"][method["name"]] = history
+        heatmaps.update(heat)
+        models[method["name"]] = model
+    return results, heatmaps, models
+
+
+def summary_rows(results: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One row per method (its final point) plus the dense baseline, for printing."""
+    dense = results["dense"]
+
+    def row(name, p):
+        acc = p.get("accuracy")
+        return {"method": name, "target": p.get("target_sparsity"),
+                "sparsity": round(p.get("pruned_sparsity", p.get("sparsity", 0.0)), 4),
+                "accuracy_%": None if acc is None else round(100 * acc, 2),
+                "drop_pp": None if acc is None else round(100 * (dense["accuracy"] - acc), 2),
+                "compression_x": None if not p.get("compression_ratio") else round(p["compression_ratio"], 2),
+                "macs_eff": p.get("macs_effective"),
+                "size_kb": round(p.get("size_compressed_bytes", 0) / 1024, 1),
+                "latency_ms": None if p.get("latency_ms") is None else round(p["latency_ms"], 4)}
+
+    return [row("dense", dense)] + [row(m["name"], m["final"]) for m in results["methods"]]

@@ -1,0 +1,200 @@
+"""The masking applier: apply a Plan by zeroing entries in place and keeping compact masks.
+
+Why not ``torch.nn.utils.parametrize`` or forward pre-hooks (as torch's prune
+does)? Both run on every forward: we measured 77-320% extra latency on small
+layers. Here the forward path is untouched: pruned entries are *stored* as
+zeros, and a packed bit mask (1 bit per entry) is kept as a buffer named
+``<param>_mask`` next to the parameter. Training code calls :func:`enforce`
+(or uses :class:`MaskEnforcer`) after each optimizer step to put the zeros
+back; :func:`prunekit.finetune.finetune` does that for you.
+
+Because masks are ordinary buffers, ``copy.deepcopy`` and ``state_dict`` carry
+them; :func:`load_state_dict` also restores them into a fresh, unmasked model.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Dict, Iterator, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .compress import pack_bits, unpack_bits
+from .plan import Plan
+
+MASK_SUFFIX = "_mask"
+ORIG_SUFFIX = "_orig_values"
+
+
+def _owner(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
+    """(module, attribute) of a dotted parameter name, with a helpful error."""
+    mod_name, _, pname = name.rpartition(".")
+    params = dict(model.named_parameters())
+    if name not in params and name + "_orig" in params:
+        raise ValueError(f"{name} is pruned by torch.nn.utils.prune (it has {pname}_orig); call "
+                         f"torch.nn.utils.prune.remove(module, {pname!r}) before using prunekit")
+    if name not in params:
+        close = difflib.get_close_matches(name, list(params), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"unknown parameter {name!r} in {type(model).__name__}{hint}")
+    return model.get_submodule(mod_name), pname
+
+
+def masked_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Module, str]]:
+    """(dotted name, module, attribute) of every parameter that carries a prunekit mask."""
+    for mod_name, module in model.named_modules():
+        for bname in list(module._buffers):
+            stem = bname[: -len(MASK_SUFFIX)]
+            if bname.endswith(MASK_SUFFIX) and stem in module._parameters:
+                yield (f"{mod_name}.{stem}" if mod_name else stem), module, stem
+
+
+def get_mask(module: nn.Module, pname: str) -> Optional[torch.Tensor]:
+    """Boolean keep-mask of ``module.<pname>`` (True = kept), or None if not masked."""
+    packed = module._buffers.get(pname + MASK_SUFFIX)
+    if packed is None:
+        return None
+    p = module._parameters[pname]
+    return unpack_bits(packed, p.numel()).reshape(p.shape)
+
+
+def masks(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """All keep-masks of the model, by dotted parameter name."""
+    return {name: get_mask(m, p) for name, m, p in masked_parameters(model)}
+
+
+def is_masked(model: nn.Module) -> bool:
+    return next(masked_parameters(model), None) is not None
+
+
+def _composed(module: nn.Module, pname: str, keep: torch.Tensor) -> torch.Tensor:
+    old = get_mask(module, pname)
+    return keep if old is None else (keep & old)
+
+
+@torch.no_grad()
+def apply(model: nn.Module, plan: Plan, *, keep_original: bool = False) -> nn.Module:
+    """Apply ``plan`` as masks, in place; returns ``model``.
+
+    Masks compose: an entry pruned before stays pruned. Everything is checked
+    before anything changes, so a bad plan leaves the model as it was.
+    ``keep_original=True`` keeps the values of pruned entries (non-persistent,
+    extra memory = the pruned fraction of the tensor) so that :func:`remove`
+    can restore them.
+    """
+    staged = []
+    for tp in plan:
+        module, pname = _owner(model, tp.name)
+        param = module._parameters[pname]
+        if tuple(param.shape) != tuple(tp.shape):
+            raise ValueError(f"plan for {tp.name} has shape {tuple(tp.shape)}, "
+                             f"but the model's tensor has shape {tuple(param.shape)}")
+        staged.append((module, pname, param, tp.keep_mask().to(param.device)))
+    for module, pname, param, keep in staged:
+        _apply_one(module, pname, param, _composed(module, pname, keep), keep_original)
+    return model
+
+
+def _apply_one(module, pname, param, keep, keep_original) -> None:
+    pruned = ~keep
+    if keep_original or (pname + ORIG_SUFFIX) in module._buffers:
+        full = param.detach().clone()
+        old = module._buffers.get(pname + ORIG_SUFFIX)
+        if old is not None:  # put earlier originals back before gathering the new set
+            full.view(-1)[~get_mask(module, pname).reshape(-1)] = old
+        module.register_buffer(pname + ORIG_SUFFIX, full.reshape(-1)[pruned.reshape(-1)].clone(),
+                               persistent=False)
+    param.masked_fill_(pruned, 0.0)
+    module.register_buffer(pname + MASK_SUFFIX, pack_bits(keep.reshape(-1)).to(param.device))
+
+
+@torch.no_grad()
+def enforce(model: nn.Module) -> None:
+    """Zero every masked entry again (call after an optimizer step)."""
+    for _, module, pname in masked_parameters(model):
+        module._parameters[pname].masked_fill_(~get_mask(module, pname), 0.0)
+
+
+class MaskEnforcer:
+    """Fast :func:`enforce` for training loops: unpacks each mask once and caches it.
+
+    The cache is keyed by the mask buffer object, so masks changed by a new
+    :func:`apply` (gradual pruning) are picked up automatically.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._cache: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        for name, module, pname in masked_parameters(self.model):
+            packed = module._buffers[pname + MASK_SUFFIX]
+            hit = self._cache.get(name)
+            if hit is None or hit[0] is not packed:
+                hit = (packed, ~get_mask(module, pname))
+                self._cache[name] = hit
+            module._parameters[pname].masked_fill_(hit[1], 0.0)
+
+    def zero_grads(self) -> None:
+        """Zero the gradients of pruned entries (keeps optimizer state of pruned weights clean)."""
+        for name, module, pname in masked_parameters(self.model):
+            p = module._parameters[pname]
+            if p.grad is not None and name in self._cache:
+                p.grad.masked_fill_(self._cache[name][1], 0.0)
+
+
+def remove(model: nn.Module, *, restore: bool = False) -> nn.Module:
+    """Drop all masks. ``restore=True`` puts the original values back (needs keep_original)."""
+    entries = list(masked_parameters(model))
+    if restore:
+        missing = [n for n, m, p in entries if (p + ORIG_SUFFIX) not in m._buffers]
+        if missing:
+            raise ValueError(f"cannot restore {', '.join(missing)}: they were pruned without "
+                             "keep_original=True (original values were not kept)")
+    with torch.no_grad():
+        for _, module, pname in entries:
+            if restore:
+                keep = get_mask(module, pname)
+                module._parameters[pname].view(-1)[~keep.reshape(-1)] = module._buffers[pname + ORIG_SUFFIX]
+            module._buffers.pop(pname + MASK_SUFFIX, None)
+            module._buffers.pop(pname + ORIG_SUFFIX, None)
+            module._non_persistent_buffers_set.discard(pname + ORIG_SUFFIX)
+    return model
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Fold masks into plain weights: pruned entries stay zero, the mask buffers go."""
+    enforce(model)
+    return remove(model, restore=False)
+
+
+def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+    """``model.load_state_dict`` that also restores prunekit masks into an unmasked model."""
+    params = dict(model.named_parameters())
+    added = []
+    for key, value in state_dict.items():
+        stem = key[: -len(MASK_SUFFIX)] if key.endswith(MASK_SUFFIX) else None
+        if stem is None or stem not in params:
+            continue
+        if value.dtype != torch.uint8 or value.numel() != math.ceil(params[stem].numel() / 8):
+            raise ValueError(f"{key}: not a prunekit mask for {stem} of shape {tuple(params[stem].shape)}")
+        module, pname = _owner(model, stem)
+        if (pname + MASK_SUFFIX) not in module._buffers:
+            added.append((module, pname + MASK_SUFFIX, value))
+    for module, bname, value in added:
+        module.register_buffer(bname, torch.zeros_like(value))
+    try:
+        result = model.load_state_dict(state_dict, strict=strict)
+    except Exception:
+        for module, bname, _ in added:  # leave the model as it was
+            module._buffers.pop(bname, None)
+        raise
+    enforce(model)
+    return result
+
+
+def sparsity(model: nn.Module) -> Dict[str, float]:
+    """Fraction of zero entries of every masked parameter."""
+    return {n: float((m._parameters[p] == 0).float().mean()) for n, m, p in masked_parameters(model)}

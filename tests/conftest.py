@@ -1,0 +1,46 @@
+"""Shared fixtures: small deterministic models, a private cache dir, no progress bars."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _quiet_and_private(tmp_path_factory, monkeypatch):
+    # tests never touch the user's cache and never draw progress bars
+    monkeypatch.setenv("PRUNEKIT_PROGRESS", "0")
+    if "PRUNEKIT_CACHE_DIR" not in os.environ:
+        monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def make_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
+                         nn.Linear(16, 10))
+
+
+def make_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+
+
+@pytest.fixture
+def mlp():
+    return make_mlp()
+
+
+@pytest.fixture
+def cnn():
+    return make_cnn()
+
+
+@pytest.fixture
+def mlp_factory():
+    return make_mlp
+
+
+@pytest.fixture
+def cnn_factory():
+    return make_cnn
