@@ -180,7 +180,10 @@ def run_child(script: str, args: Sequence[str] = (), timeout: Optional[float] = 
     """Run ``python script *args`` in a fresh process; return the last JSON object it printed.
 
     The child's stderr is passed through to ours; a non-zero exit or no JSON on
-    its stdout raises RuntimeError.
+    its stdout raises RuntimeError. Note for memory: a child's ``ru_maxrss``
+    starts at its parent's peak (Linux carries the high-water mark over
+    fork/exec), so children should report :func:`peak_rss_kb` after
+    :func:`reset_peak_rss`, not the raw ``ru_maxrss``.
     """
     cmd = [sys.executable, script, *args]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout,

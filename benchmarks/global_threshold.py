@@ -18,6 +18,8 @@ Metrics (JSON lines on stdout, see /work/shared/BENCHMARKS.md):
   (``VmHWM``, i.e. what ``ru_maxrss`` reports, but reset after the model was built;
   the raw ``ru_maxrss`` goes to the log too).
   ``extra_rss_frac = (peak after pruning - RSS with the model built) / model bytes``.
+  ``--mem-reps K`` runs K children per method and reports the medians (with ``n``):
+  prunekit's peak varies from process to process with heap fragmentation.
   A ``baseline`` child that builds the model and prunes nothing checks the method.
 - ``size_bytes`` of the model (case without amount), for reference.
 
@@ -183,17 +185,27 @@ def child_main(args) -> None:
 
 
 def measure_memory(script: str, args, method: str, amount: float) -> Dict:
+    """Run ``args.mem_reps`` children for ``method``; medians of their peak RSS and extra fraction."""
     child_args = ["--child", method, "--amount", repr(amount), "--seed", str(args.seed),
                   "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
-    res = C.run_child(script, child_args, timeout=args.child_timeout)
-    res["extra_frac"] = (res["peak_kb"] - res["rss_before_kb"]) * 1024 / res["model_bytes"]
-    res["peak_mb"] = res["peak_kb"] * 1024 / C.MB
-    if not res.get("peak_reset"):
-        C.warn(f"{method}: could not reset the peak RSS after building the model; the peak includes "
-               "the model's construction")
-    C.log(f"  memory {method} amount={amount}: RSS before {res['rss_before_kb'] / 1024:.1f} MiB, "
-          f"peak {res['peak_kb'] / 1024:.1f} MiB (ru_maxrss {res['ru_maxrss_kb'] / 1024:.1f} MiB), extra {res['extra_frac']:.3f} x model")
-    return res
+    runs = []
+    for _ in range(args.mem_reps):
+        res = C.run_child(script, child_args, timeout=args.child_timeout)
+        res["extra_frac"] = (res["peak_kb"] - res["rss_before_kb"]) * 1024 / res["model_bytes"]
+        res["peak_mb"] = res["peak_kb"] * 1024 / C.MB
+        if not res.get("peak_reset"):
+            C.warn(f"{method}: could not reset the peak RSS after building the model; the peak "
+                   "includes the model's construction")
+        C.log(f"  memory {method} amount={amount}: RSS before {res['rss_before_kb'] / 1024:.1f} MiB, "
+              f"peak {res['peak_kb'] / 1024:.1f} MiB (ru_maxrss {res['ru_maxrss_kb'] / 1024:.1f} MiB), "
+              f"extra {res['extra_frac']:.3f} x model")
+        runs.append(res)
+    fr = [r["extra_frac"] for r in runs]
+    if len(runs) > 1:
+        C.log(f"  memory {method} amount={amount}: extra {min(fr):.3f}..{max(fr):.3f} x model over "
+              f"{len(runs)} processes, median {C.median(fr):.3f}")
+    return {"extra_frac": C.median(fr), "peak_mb": C.median([r["peak_mb"] for r in runs]),
+            "n": len(runs)}
 
 
 # ----------------------------------------------------------------------------- parent
@@ -206,6 +218,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--n", type=int, default=None, help="timed runs per method (default: 5, quick 2)")
     ap.add_argument("--amounts", type=float, nargs="+", default=None,
                     help="fractions to prune (default: 0.5 0.9, quick 0.5)")
+    ap.add_argument("--mem-reps", type=int, default=1,
+                    help="child processes per method for the RSS metrics; their median is reported "
+                         "(default 1)")
     ap.add_argument("--no-memory", action="store_true", help="skip the child processes (RSS metrics)")
     ap.add_argument("--child-timeout", type=float, default=1800, help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=METHODS, default=None, help=argparse.SUPPRESS)
@@ -266,8 +281,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     del plan_model, probe
     gc.collect()
     base = measure_memory(script, args, "baseline", amounts[0])
-    C.emit(BENCH, f"{tag}/baseline", "peak_rss_mb", base["peak_mb"], "MB", threads=threads, seed=seed)
-    C.emit(BENCH, f"{tag}/baseline", "extra_rss_frac", base["extra_frac"], "frac", threads=threads, seed=seed)
+    mem_n = args.mem_reps if args.mem_reps > 1 else None
+    C.emit(BENCH, f"{tag}/baseline", "peak_rss_mb", base["peak_mb"], "MB", n=mem_n, threads=threads,
+           seed=seed)
+    C.emit(BENCH, f"{tag}/baseline", "extra_rss_frac", base["extra_frac"], "frac", n=mem_n,
+           threads=threads, seed=seed)
     if abs(base["extra_frac"]) > 0.02:
         C.log(f"note: baseline child: extra RSS {base['extra_frac']:.3f} x model without pruning; "
                "the memory numbers carry that much noise")
@@ -276,9 +294,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         pk = measure_memory(script, args, "prunekit", amount)
         tm = measure_memory(script, args, "torch", amount)
         C.emit(BENCH, case, "peak_rss_mb", pk["peak_mb"], "MB", peer=PEER, peer_value=tm["peak_mb"],
-               threads=threads, seed=seed)
+               n=mem_n, threads=threads, seed=seed)
         C.emit(BENCH, case, "extra_rss_frac", pk["extra_frac"], "frac", peer=PEER,
-               peer_value=tm["extra_frac"], threads=threads, seed=seed)
+               peer_value=tm["extra_frac"], n=mem_n, threads=threads, seed=seed)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ from . import __version__, io, masking
 from .api import global_sparsity, prune, select_targets
 from .data import default_cache_dir, example_batch
 from .finetune import EvalCallback, finetune, gradual_prune, iterative_prune
+from .criteria import get_criterion
 from .metrics import evaluate, summarize
 from .models import build_model
+from .plan import PATTERNS, SCOPES, _check_choice, resolve_amount
 
 log = logging.getLogger("prunekit")
 KINDS = ("oneshot", "gradual", "iterative")
@@ -64,8 +66,8 @@ def _dense_key(model: str, model_kwargs: Dict[str, Any], dataset: str, train_cfg
 
 
 def dense_model(model: str, model_kwargs: Dict[str, Any], train, test, info: Dict[str, Any], *,
-                train_cfg: Dict[str, Any], seed: int, cache: bool = True, progress: Optional[bool] = None
-                ) -> Tuple[nn.Module, bool]:
+                train_cfg: Dict[str, Any], seed: int, cache: bool = True, progress: Optional[bool] = None,
+                checkpoint_dir: Optional[Path] = None) -> Tuple[nn.Module, bool]:
     """Train the dense model, or reuse the cached one trained with the same settings.
 
     Returns (model, came_from_cache). The cache is prunekit's own save format.
@@ -80,7 +82,8 @@ def dense_model(model: str, model_kwargs: Dict[str, Any], train, test, info: Dic
             log.warning("ignoring the cached dense model in %s: %s", folder, e)
     seed_everything(seed)
     net = build_model(model, **kwargs)
-    finetune(net, train, desc="dense training", progress=progress, **train_cfg)
+    finetune(net, train, desc="dense training", progress=progress, checkpoint=_ckpt(checkpoint_dir, "dense"),
+             **train_cfg)
     if cache:
         io.save(net, folder, metadata={"accuracy": evaluate(net, test)["accuracy"]})
     return net, False
@@ -112,14 +115,28 @@ def _check_method(method: Dict[str, Any]) -> None:
     if bad:
         raise ValueError(f"method {method.get('name')!r}: unknown finetune option(s) {sorted(bad)}; "
                          f"allowed: {', '.join(FINETUNE_KEYS)}")
-    if not method.get("sparsities") and method["prune"].get("pattern") != "nm":
+    pk = method.get("prune", {})
+    if not method.get("sparsities") and pk.get("pattern") != "nm":
         raise ValueError(f"method {method.get('name')!r}: give at least one target in 'sparsities'")
+    # check values now, not after the dense model has trained for minutes
+    for s in method.get("sparsities") or []:
+        resolve_amount(s, 1_000_000, what="sparsity")
+    get_criterion(pk.get("criterion", "l1"))
+    _check_choice(pk.get("scope", "layer"), SCOPES, "scope")
+    _check_choice(pk.get("pattern", "unstructured"), PATTERNS, "pattern")
 
 
-def _oneshot(dense, method, train, test, info, seed, progress) -> Tuple[List[Dict], nn.Module, List[str]]:
+def _ckpt(folder: Optional[Path], name: str) -> Optional[Path]:
+    return None if folder is None else Path(folder) / f"{name}.pt"
+
+
+def _oneshot(dense, method, train, test, info, seed, progress, ckpt_dir) -> Tuple[List[Dict], nn.Module, List[str]]:
     points, model, notes = [], None, []
     pk = dict(method.get("prune", {}))
     targets = method.get("sparsities") or [None]
+    if pk.get("pattern") == "nm":  # the pattern fixes the sparsity
+        n, m = pk.get("nm", (2, 4))
+        targets = [None]
     for target in tqdm(targets, desc=method["name"], disable=progress is False, leave=False):
         model = copy.deepcopy(dense)
         plan = prune(model, target, seed=seed, **pk)
@@ -129,18 +146,22 @@ def _oneshot(dense, method, train, test, info, seed, progress) -> Tuple[List[Dic
         ft = method.get("finetune") or {}
         if ft.get("epochs", 0) > 0:
             seed_everything(seed)
-            finetune(model, train, progress=progress, desc=f"{method['name']} fine-tune", **ft)
+            finetune(model, train, progress=progress, desc=f"{method['name']} fine-tune",
+                     checkpoint=_ckpt(ckpt_dir, f"{method['name']}-{target}"), **ft)
         achieved = global_sparsity(model, names)
+        if pk.get("pattern") == "nm":
+            target = 1 - n / m
         points.append(_point(model, test, info, target if target is not None else achieved, names,
                              {"accuracy_before_finetune": before}))
     return points, model, notes
 
 
-def _scheduled(dense, method, train, test, info, seed, progress) -> Tuple[List[Dict], nn.Module, List[Dict]]:
+def _scheduled(dense, method, train, test, info, seed, progress, ckpt_dir) -> Tuple[List[Dict], nn.Module, List[Dict]]:
     model = copy.deepcopy(dense)
     pk = dict(method.get("prune", {}), seed=seed)
     ft = dict(method.get("finetune") or {})
     ft.pop("epochs", None)
+    ft["checkpoint"] = _ckpt(ckpt_dir, method["name"])
     seed_everything(seed)
     if method["kind"] == "gradual":
         g = method.get("gradual", {})
@@ -158,14 +179,15 @@ def _scheduled(dense, method, train, test, info, seed, progress) -> Tuple[List[D
 
 
 def run_method(dense: nn.Module, method: Dict[str, Any], train, test, info: Dict[str, Any], *, seed: int = 0,
-               heat_layers: Sequence[str] = (), progress: Optional[bool] = None):
+               heat_layers: Sequence[str] = (), progress: Optional[bool] = None,
+               checkpoint_dir: Optional[Path] = None):
     """Run one method; returns (report entry, heatmaps {method/layer: (before, after)}, final model)."""
     _check_method(method)
     if method["kind"] == "oneshot":
-        points, model, notes = _oneshot(dense, method, train, test, info, seed, progress)
+        points, model, notes = _oneshot(dense, method, train, test, info, seed, progress, checkpoint_dir)
         history = []
     else:
-        points, model, history = _scheduled(dense, method, train, test, info, seed, progress)
+        points, model, history = _scheduled(dense, method, train, test, info, seed, progress, checkpoint_dir)
         notes = []
     final = points[-1]
     entry = {"name": method["name"], "label": method.get("label", method["name"]), "kind": method["kind"],
@@ -199,12 +221,15 @@ def masks_digest(model: nn.Module) -> str:
 
 # ----------------------------------------------------------------------------- whole experiments
 
-def run_experiment(config: Dict[str, Any], *, progress: Optional[bool] = None):
+def run_experiment(config: Dict[str, Any], *, progress: Optional[bool] = None,
+                   checkpoint_dir: Optional[Path] = None):
     """Dense model + every method of ``config``; returns (results, heatmaps, {name: model}).
 
     ``config`` keys: model, model_kwargs, data, seed, batch_size, limit_train,
     limit_test, dense (training settings), checkpoint (optional saved model to
     start from instead of training), methods (list of method dicts), heat_layers.
+    With ``checkpoint_dir``, every training run checkpoints there at each epoch
+    end and resumes from an existing checkpoint.
     """
     from .data import get_loaders
 
@@ -218,7 +243,8 @@ def run_experiment(config: Dict[str, Any], *, progress: Optional[bool] = None):
         dense, cached = io.load(config["checkpoint"]), True
     else:
         dense, cached = dense_model(config["model"], config.get("model_kwargs", {}), train, test, info,
-                                    train_cfg=config.get("dense", {}), seed=seed, progress=progress)
+                                    train_cfg=config.get("dense", {}), seed=seed, progress=progress,
+                                    checkpoint_dir=checkpoint_dir)
     results = results_skeleton(config.get("title", f"prunekit: {config.get('model')} on {info['name']}"),
                                config, measure(dense, test, info))
     results["dense"]["from_cache"] = cached
@@ -226,7 +252,8 @@ def run_experiment(config: Dict[str, Any], *, progress: Optional[bool] = None):
     heatmaps, models = {}, {}
     for method in config["methods"]:
         entry, heat, model, history = run_method(dense, method, train, test, info, seed=seed,
-                                                 heat_layers=heat_layers, progress=progress)
+                                                 heat_layers=heat_layers, progress=progress,
+                                                 checkpoint_dir=checkpoint_dir)
         entry["masks_digest"] = masks_digest(model)
         results["methods"].append(entry)
         if history:

@@ -10,9 +10,12 @@ Gradual and iterative pruning are callbacks: :class:`GradualPruner` prunes to
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import pickle  # only for its exception type: checkpoints are read with weights_only=True
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -81,11 +84,14 @@ def finetune(model: nn.Module, loader: Iterable, *, epochs: int = 1, max_steps: 
              lr: float = 0.01, optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0,
              lr_schedule: str = "cosine", loss_fn: Optional[Callable] = None,
              callbacks: Sequence[Callback] = (), progress: Optional[bool] = None,
-             desc: str = "fine-tune") -> TrainState:
+             desc: str = "fine-tune", checkpoint: Optional[os.PathLike] = None) -> TrainState:
     """Train ``model`` on ``loader`` with masks held fixed; returns the final state.
 
     ``epochs`` passes over ``loader`` (or ``max_steps`` optimizer steps if given,
     whichever comes first). The model's train/eval mode is restored afterwards.
+    With ``checkpoint`` (a file path), the state is written atomically at the
+    end of every epoch, and a run started with an existing checkpoint resumes
+    from it (model with masks, optimizer, step, epoch, RNG).
     """
     if epochs < 1:
         raise ValueError(f"epochs={epochs} must be >= 1")
@@ -96,22 +102,27 @@ def finetune(model: nn.Module, loader: Iterable, *, epochs: int = 1, max_steps: 
     total = epochs * len(loader)
     total = min(total, max_steps) if max_steps is not None else total
     state = TrainState(model, opt, total)
+    if checkpoint is not None:
+        callbacks = [Checkpointer(checkpoint), *callbacks]
+        callbacks[0].restore(state)
     enforcer = masking.MaskEnforcer(model)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # a frozen BN must stay frozen afterwards
     model.train()
     try:
         _run(state, loader, epochs, lr, lr_schedule, loss_fn, callbacks, enforcer,
              tqdm(total=total, desc=desc, disable=not _progress_enabled(progress), leave=False))
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     return state
 
 
 def _run(state, loader, epochs, lr, lr_schedule, loss_fn, callbacks, enforcer, bar) -> None:
     for cb in callbacks:
         cb.on_train_begin(state)
+    bar.update(state.step)  # non-zero when resuming
     with bar:
-        for epoch in range(epochs):
+        for epoch in range(state.epoch, epochs):
             state.epoch = epoch
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
@@ -151,6 +162,40 @@ def _train_step(state: TrainState, x, y, lr: float, loss_fn, callbacks, enforcer
         cb.on_step_end(state)
 
 
+class Checkpointer(Callback):
+    """Writes the training state atomically at every epoch end; ``restore`` resumes from it.
+
+    The file is a ``torch.save`` of tensors and plain numbers only, read back with
+    ``weights_only=True``: loading it never executes code.
+    """
+
+    def __init__(self, path: os.PathLike):
+        self.path = Path(path)
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        payload = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                   "step": state.step, "epoch": state.epoch + 1, "rng": torch.get_rng_state(),
+                   "history": json.dumps(state.history)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, self.path)  # a run killed mid-write leaves the previous checkpoint intact
+
+    def restore(self, state: TrainState) -> bool:
+        if not self.path.is_file():
+            return False
+        try:
+            payload = torch.load(self.path, map_location="cpu", weights_only=True)
+            masking.load_state_dict(state.model, payload["model"])
+            state.optimizer.load_state_dict(payload["optimizer"])
+        except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            raise ValueError(f"cannot resume from {self.path}: corrupt or from another model ({e})") from e
+        state.step, state.epoch = int(payload["step"]), int(payload["epoch"])
+        state.history = json.loads(payload["history"])
+        torch.set_rng_state(payload["rng"])
+        return True
+
+
 class GradualPruner(Callback):
     """Prune to ``schedule(step)`` whenever the scheduled sparsity rises.
 
@@ -164,6 +209,10 @@ class GradualPruner(Callback):
         self.prune_kwargs = prune_kwargs
         self.current = 0.0
         self.events: List[Dict[str, float]] = []
+
+    def on_train_begin(self, state: TrainState) -> None:
+        if state.step > 0:  # resumed: the restored masks already hold the earlier targets
+            self.current = max(self.current, float(self.schedule(state.step - 1)))
 
     def on_step_begin(self, state: TrainState) -> None:
         target = float(self.schedule(state.step))
@@ -204,6 +253,9 @@ def gradual_prune(model: nn.Module, loader, *, final: float, epochs: int, prune_
     """
     steps_per_epoch = len(loader)
     prune_epochs = prune_epochs if prune_epochs is not None else max(1, (2 * epochs) // 3)
+    if not 1 <= prune_epochs <= epochs:
+        raise ValueError(f"prune_epochs={prune_epochs} must be in [1, epochs={epochs}]: the sparsity must "
+                         "reach its final value before training ends")
     every = every or max(1, steps_per_epoch // 10)
     n = max(1, (prune_epochs * steps_per_epoch) // every)
     schedule = make_schedule("cubic", final=final, initial=initial, n=n, every=every)

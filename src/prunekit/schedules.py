@@ -66,7 +66,9 @@ def cubic(step: int, *, final: float, initial: float = 0.0, start: int = 0, n: i
     if step < start:
         return 0.0 if initial == 0.0 else initial
     t = min((step - start) // every * every, n * every)  # hold between pruning steps
-    return final + (initial - final) * (1.0 - t / (n * every)) ** 3
+    # written as initial + growth (not the paper's final + (initial - final) * ...) so that
+    # rounding can never take the value below ``initial``: the schedule stays monotone
+    return initial + (final - initial) * (1.0 - (1.0 - t / (n * every)) ** 3)
 
 
 def make_schedule(name: str, **params) -> Schedule:

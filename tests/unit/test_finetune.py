@@ -83,3 +83,44 @@ def test_gradual_and_iterative_helpers(mlp_factory):
     assert [round(h["sparsity"], 2) for h in evals] == [0.5, 0.75]
     with pytest.raises(ValueError, match="must increase"):
         iterative_prune(m, _loader(), sparsities=[0.8, 0.5])
+
+
+class _Kill(Callback):
+    def __init__(self, at_step):
+        self.at_step = at_step
+
+    def on_step_end(self, state):
+        if state.step == self.at_step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_checkpoint_resume_matches_uninterrupted_run(mlp_factory, tmp_path):
+    loader = _loader()
+    kw = dict(epochs=3, lr=0.05, weight_decay=1e-3)
+    ref = mlp_factory()
+    prunekit.prune(ref, 0.5)
+    finetune(ref, loader, checkpoint=tmp_path / "ref.pt", **kw)
+
+    run = mlp_factory()
+    prunekit.prune(run, 0.5)
+    with pytest.raises(KeyboardInterrupt):  # killed in the middle of the second epoch
+        finetune(run, loader, checkpoint=tmp_path / "run.pt", callbacks=[_Kill(len(loader) + 3)], **kw)
+    resumed = mlp_factory(seed=99)  # a fresh process would start from scratch
+    state = finetune(resumed, loader, checkpoint=tmp_path / "run.pt", **kw)
+    assert state.step == 3 * len(loader)
+    for (n, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_corrupt_checkpoint_is_a_clear_error(mlp, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage" * 10)
+    with pytest.raises(ValueError, match="cannot resume"):
+        finetune(mlp, _loader(), checkpoint=bad)
+
+
+def test_gradual_must_reach_its_target_before_training_ends(mlp):
+    with pytest.raises(ValueError, match=r"prune_epochs=4 must be in \[1, epochs=2\]"):
+        gradual_prune(mlp, _loader(), final=0.9, epochs=2, prune_epochs=4)
+    assert not prunekit.masking.is_masked(mlp)

@@ -8,6 +8,7 @@ resolved config (config.yaml), results.json and a report into ``--out``.
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 from typing import Any, Dict
 
@@ -26,7 +27,7 @@ DEFAULTS: Dict[str, Any] = {
                "exclude": None, "include_classifier": False, "min_keep": 0.01},
     "finetune": {"epochs": 2, "lr": 0.01, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0,
                  "lr_schedule": "cosine"},
-    "gradual": {"epochs": 6, "prune_epochs": 4},
+    "gradual": {"epochs": 6, "prune_epochs": None, "every": None},  # None: first 2/3 of epochs; ~10 updates/epoch
     "save": {"compressed": True},
 }
 
@@ -77,11 +78,22 @@ def add_arguments(p) -> None:
                         "(value parsed as YAML; repeatable)")
     p.add_argument("--no-compress", action="store_true", help="save the model dense instead of compressed")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the checkpoints in <out>/checkpoints "
+                        "(without it, old checkpoints there are discarded)")
+
+
+FREE_FORM = {"model_kwargs"}  # passed through to the model's constructor, checked there
 
 
 def _merge(base: Dict[str, Any], over: Dict[str, Any], where: str = "") -> Dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
+        if where + k in FREE_FORM:
+            if not isinstance(v, dict):
+                raise ValueError(f"recipe field {where + k!r} must be a mapping of keyword arguments")
+            out[k] = v
+            continue
         if k not in base:
             raise ValueError(f"unknown recipe field {where + k!r}; allowed: {', '.join(where + b for b in base)}")
         out[k] = _merge(base[k], v, f"{where}{k}.") if isinstance(base[k], dict) and isinstance(v, dict) else v
@@ -156,6 +168,9 @@ def to_method(config: Dict[str, Any]) -> Dict[str, Any]:
     for key in ("include", "exclude"):
         if m.get(key):
             prune[key] = m[key]
+    if m["pattern"] == "nm":  # N:M fixes the sparsity: 1 - N/M
+        n_, m_ = prune["nm"]
+        sparsities = [1 - n_ / m_]
     method = {"name": m["name"], "label": f"{m['kind']} {m['criterion']} {m['scope']} {m['pattern']}",
               "kind": m["kind"], "sparsities": sparsities, "prune": prune, "finetune": dict(config["finetune"]),
               "gradual": dict(config["gradual"])}
@@ -174,8 +189,12 @@ def run(args) -> int:
     exp = {**{k: config[k] for k in ("model", "model_kwargs", "checkpoint", "data", "seed", "batch_size",
                                       "limit_train", "limit_test", "dense")},
            "title": f"prunekit prune: {config['model']} on {config['data']}", "methods": [method]}
-    results, heatmaps, models = run_experiment(exp, progress=False if args.no_progress else None)
     out = Path(config["out"])
+    ckpt = out / "checkpoints"
+    if ckpt.is_dir() and not args.resume:
+        shutil.rmtree(ckpt)  # checkpoints of another run must never be resumed silently
+    results, heatmaps, models = run_experiment(exp, progress=False if args.no_progress else None,
+                                               checkpoint_dir=ckpt)
     write_run(out, results, heatmaps, config)
     model = models[method["name"]]
     io.save(model, out / "model", compressed=config["save"]["compressed"],
