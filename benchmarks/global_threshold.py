@@ -162,8 +162,10 @@ def child_main(args) -> None:
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else FULL
     amount = args.amount
-    # warm up on a tiny model: one-time lazy set-up (kernels, thread pools) is not the method's cost
-    tiny = build_model(2, 64, args.seed)
+    # warm up on a mid-size model (same code paths as the big one: chunked passes, sampling,
+    # parallel kernels): one-time lazy set-up (kernel code pages, thread pools, allocator
+    # arenas, measured at ~0.15x the big model) is not the method's cost
+    tiny = build_model(2, 64, args.seed) if args.quick else build_model(4, 1024, args.seed)
     run_method(args.child, tiny, amount)
     del tiny
     model = build_model(cfg["layers"], cfg["width"], args.seed)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import __version__, io, masking
 from .api import global_sparsity, prune, select_targets
 from .data import default_cache_dir, example_batch
-from .finetune import EvalCallback, finetune, gradual_prune, iterative_prune
+from .finetune import finetune, gradual_prune, iterative_prune
 from .criteria import get_criterion
 from .metrics import evaluate, summarize
 from .models import build_model

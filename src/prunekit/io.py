@@ -28,6 +28,7 @@ from torch import nn
 from . import __version__, masking
 from .compress import compress_state_dict, decompress_state_dict
 from .models import build_model, model_spec
+from .surgery.compact import compact_shapes, rebuild
 
 FORMAT = "prunekit.model/1"
 WEIGHTS = "model.safetensors"
@@ -75,6 +76,8 @@ def save(model: nn.Module, path: PathLike, *, compressed: bool = False, spec: Op
         "shapes": {k: list(v.shape) for k, v in sd.items()},
         "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in sd.items()},
         "masked": [n for n, _, _ in masking.masked_parameters(model)],
+        # slim (compacted) models are rebuilt from the original class + these shapes
+        "compact_shapes": compact_shapes(model) if getattr(model, "_prunekit_compacted", False) else None,
         "compressed": cmeta,
         "metadata": metadata or {},
     }
@@ -139,7 +142,9 @@ def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
     """Load a model saved by :func:`save`.
 
     Pass ``model`` (an instance of your architecture) to load into it; without
-    it the spec must name a registered built-in model, which is rebuilt.
+    it the spec must name a registered built-in model, which is rebuilt. A
+    model saved after surgery (:func:`prunekit.surgery.compact`) comes back as
+    a slim copy of ``model`` with the saved shapes; use the returned module.
     """
     doc = read_spec(path)
     sd = read_state_dict(path)
@@ -149,6 +154,14 @@ def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
             raise ValueError(f"{path} was saved from a custom {doc.get('class')} model: "
                              "pass an instance of it, prunekit.load(path, model)")
         model = build_model(spec["name"], **spec.get("kwargs", {}))
+    own = model.state_dict()
+    if doc.get("compact_shapes") and any(k in own and own[k].shape != v.shape for k, v in sd.items()):
+        try:  # saved after surgery: make the slim architecture from the original one
+            model = rebuild(model, doc["compact_shapes"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"saved weights do not fit {type(model).__name__} (a different architecture?): "
+                             f"{e}") from e
+        model._prunekit_compacted = True
     check_compatible(model, sd)
     masking.load_state_dict(model, sd)
     return model

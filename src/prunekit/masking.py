@@ -68,11 +68,6 @@ def is_masked(model: nn.Module) -> bool:
     return next(masked_parameters(model), None) is not None
 
 
-def _composed(module: nn.Module, pname: str, keep: torch.Tensor) -> torch.Tensor:
-    old = get_mask(module, pname)
-    return keep if old is None else (keep & old)
-
-
 @torch.no_grad()
 def apply(model: nn.Module, plan: Plan, *, keep_original: bool = False) -> nn.Module:
     """Apply ``plan`` as masks, in place; returns ``model``.
@@ -84,20 +79,26 @@ def apply(model: nn.Module, plan: Plan, *, keep_original: bool = False) -> nn.Mo
     can restore them.
     """
     staged = []
-    for tp in plan:
+    for tp in plan:  # check everything first: a bad plan must leave the model as it was
         module, pname = _owner(model, tp.name)
         param = module._parameters[pname]
         if tuple(param.shape) != tuple(tp.shape):
             raise ValueError(f"plan for {tp.name} has shape {tuple(tp.shape)}, "
                              f"but the model's tensor has shape {tuple(param.shape)}")
-        staged.append((module, pname, param, tp.keep_mask().to(param.device)))
-    for module, pname, param, keep in staged:
-        _apply_one(module, pname, param, _composed(module, pname, keep), keep_original)
+        staged.append((module, pname, param, tp))
+    for module, pname, param, tp in staged:  # one unpacked mask at a time: memory stays low
+        keep = tp.keep_mask().to(param.device)
+        old = get_mask(module, pname)
+        if old is not None:
+            keep = keep & old
+        bits = None if old is not None or tp.keep_bits is None else tp.keep_bits
+        _apply_one(module, pname, param, keep, keep_original, bits)
     return model
 
 
-def _apply_one(module, pname, param, keep, keep_original) -> None:
-    pruned = ~keep
+def _apply_one(module, pname, param, keep, keep_original, bits=None) -> None:
+    bits = pack_bits(keep.reshape(-1)) if bits is None else bits  # reuse the plan's packed bits
+    pruned = keep.logical_not_()  # in place: one full-size mask at a time is enough
     if keep_original or (pname + ORIG_SUFFIX) in module._buffers:
         full = param.detach().clone()
         old = module._buffers.get(pname + ORIG_SUFFIX)
@@ -106,7 +107,7 @@ def _apply_one(module, pname, param, keep, keep_original) -> None:
         module.register_buffer(pname + ORIG_SUFFIX, full.reshape(-1)[pruned.reshape(-1)].clone(),
                                persistent=False)
     param.masked_fill_(pruned, 0.0)
-    module.register_buffer(pname + MASK_SUFFIX, pack_bits(keep.reshape(-1)).to(param.device))
+    module.register_buffer(pname + MASK_SUFFIX, bits.to(param.device))
 
 
 @torch.no_grad()

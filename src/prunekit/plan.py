@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from .compress import pack_bits, unpack_bits
-from .threshold import Elementwise, Threshold, _chunks, full_scores, kth_smallest, masks_from_threshold
+from .threshold import Elementwise, count_split, full_scores, kth_smallest, masks_from_threshold
 
 PATTERNS = ("unstructured", "structured", "nm")
 SCOPES = ("layer", "global")
@@ -115,8 +115,9 @@ class Plan:
                  "sparsity": t.sparsity, "floor_hit": t.floor_hit} for t in self]
 
     def to_json(self) -> str:
+        # the key is kept: a tensor pruned along two dims has two entries ("w" and "w#dim1")
         return json.dumps({"format": "prunekit.plan/1", "meta": self.meta, "notes": self.notes,
-                           "tensors": [t.to_dict() for t in self]}, indent=1)
+                           "tensors": [{**t.to_dict(), "key": k} for k, t in self.tensors.items()]}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -126,8 +127,11 @@ class Plan:
             raise ValueError(f"not a prunekit plan (invalid JSON: {e})") from e
         if not isinstance(d, dict) or d.get("format") != "prunekit.plan/1":
             raise ValueError("not a prunekit plan: expected format 'prunekit.plan/1'")
-        tensors = [TensorPlan.from_dict(t) for t in d.get("tensors", [])]
-        return cls({t.name: t for t in tensors}, dict(d.get("meta", {})), list(d.get("notes", [])))
+        entries = d.get("tensors", [])
+        if not isinstance(entries, list) or not all(isinstance(t, dict) for t in entries):
+            raise ValueError("not a prunekit plan: 'tensors' must be a list of entries")
+        tensors = {str(t.get("key", t.get("name"))): TensorPlan.from_dict(t) for t in entries}
+        return cls(tensors, dict(d.get("meta", {})), list(d.get("notes", [])))
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         tmp = f"{path}.tmp"
@@ -215,16 +219,14 @@ def slice_scores(scores: torch.Tensor, dim: int, norm: float, normalize: bool) -
 
 # ----------------------------------------------------------------------------- selection
 
-def _count_split(src, thr: Threshold) -> Tuple[int, int]:
-    below = eq = 0
-    for c in _chunks(src):
-        below += int((c < thr.value).sum())
-        eq += int((c == thr.value).sum())
-    return below, eq
-
-
 def _global_keep(sources: Dict[str, Any], k: int, floors: Dict[str, int]):
-    """Global ranking with per-layer floors. Returns ({name: keep}, {name: floor_hit})."""
+    """Global ranking with per-layer floors.
+
+    Returns ({name: (packed keep, pruned count)}, {name: floor_hit}). A layer
+    that the global threshold would take below its floor is fixed at the floor
+    and the threshold is recomputed over the other layers, so the total target
+    is still met exactly.
+    """
     units = {n: _numel(s) for n, s in sources.items()}
     fixed: Dict[str, int] = {}
     while True:
@@ -232,8 +234,7 @@ def _global_keep(sources: Dict[str, Any], k: int, floors: Dict[str, int]):
         k_pool = max(0, min(k - sum(fixed.values()), sum(units[n] for n in pool)))
         thr = kth_smallest([_src(sources[n]) for n in pool], k_pool)
         ties, over = thr.ties, []
-        for n in pool:
-            below, eq = _count_split(_src(sources[n]), thr)
+        for n, (below, eq) in zip(pool, count_split([_src(sources[n]) for n in pool], thr)):
             take = min(ties, eq)
             ties -= take
             if units[n] - below - take < floors[n]:
@@ -273,17 +274,13 @@ def _nm_keep(scores: torch.Tensor, n: int, m: int, name: str) -> torch.Tensor:
     return keep.movedim(-1, 1) if scores.dim() > 2 else keep
 
 
-def _pruned_from_keep(keep: torch.Tensor) -> int:
-    return int(keep.numel() - keep.sum())
-
-
 def _unit_scores(sources, pattern: str, dim: int, norm: float, normalize: bool):
     if pattern != "structured":
         return sources
     return {n: slice_scores(full_scores(_src(s)), dim, norm, normalize) for n, s in sources.items()}
 
 
-def _layer_keep(src, units: int, k: int, floor: int, forced: int) -> Tuple[torch.Tensor, bool]:
+def _layer_keep(src, units: int, k: int, floor: int, forced: int) -> Tuple[Tuple[torch.Tensor, int], bool]:
     floor_hit = k > units - floor
     k = max(min(k, units - floor), forced)
     return next(masks_from_threshold([_src(src)], kth_smallest([_src(src)], k))), floor_hit
@@ -360,7 +357,16 @@ def select(scores: Mapping[str, ScoreLike], amount: Optional[Amount] = None, *, 
 
 
 def _tensor_plan(name, shape, pattern, keep, dim, floor_hit) -> TensorPlan:
-    pruned = _pruned_from_keep(keep)
+    """``keep`` is a boolean mask, or (packed mask, pruned count) from masks_from_threshold."""
+    if isinstance(keep, tuple):
+        bits, pruned = keep
+        n = math.prod(shape) if pattern != "structured" else shape[dim % len(shape)]
+        if pattern == "structured":  # unit scores are tiny: unpack to list the pruned slices
+            keep = unpack_bits(bits, n)
+        else:
+            return TensorPlan(name, tuple(shape), pattern, units=n, pruned_units=pruned, keep_bits=bits,
+                              floor_hit=floor_hit)
+    pruned = int(keep.numel() - keep.sum())
     if pattern == "structured":
         idx = (~keep).nonzero().squeeze(1).tolist()
         return TensorPlan(name, tuple(shape), pattern, units=keep.numel(), pruned_units=pruned,

@@ -1,7 +1,6 @@
 """Tests of prunekit.report: figures, Markdown/HTML rendering and metrics.json."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re

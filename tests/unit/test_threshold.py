@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import prunekit.threshold as T
+from prunekit.compress import unpack_bits
 from prunekit.threshold import Elementwise, kth_smallest, masks_from_threshold
 
 
@@ -14,7 +15,9 @@ def _sources(tensors):
 def _check_exact(tensors, k):
     srcs = _sources(tensors)
     thr = kth_smallest(srcs, k)
-    keeps = list(masks_from_threshold(srcs, thr))
+    keeps = [unpack_bits(bits, t.numel()) for (bits, _), t in zip(masks_from_threshold(srcs, thr), tensors)]
+    counts = [n for _, n in masks_from_threshold(srcs, thr)]
+    assert sum(counts) == k
     pruned_vals = torch.cat([t.reshape(-1)[~m.reshape(-1)] for t, m in zip(tensors, keeps)])
     kept_vals = torch.cat([t.reshape(-1)[m.reshape(-1)] for t, m in zip(tensors, keeps)])
     assert pruned_vals.numel() == k

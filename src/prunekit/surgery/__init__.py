@@ -1,0 +1,23 @@
+"""Structural surgery: find coupled channels, plan whole-channel pruning, remove the channels.
+
+    graph = surgery.build_groups(model, x)            # which slices go together (and why not)
+    plan = surgery.plan_groups(model, x, 0.5)         # a normal prunekit Plan
+    prunekit.apply(masked, plan)                      # masking applier: zeros, same shapes
+    slim = surgery.compact(model, plan)               # surgery applier: smaller dense model
+    shapes = surgery.compact_shapes(slim)             # JSON; rebuild(model, shapes) + state_dict
+
+The masked and the compacted model compute the same outputs.
+"""
+from .graph import (ChannelGraph, Group, Member, Propagation, Seg, Tag, TraceError, build_groups,
+                    register_function_rule, register_module_rule)
+from . import rules  # noqa: F401  (built-in propagation rules)
+from .criteria import AGGREGATES, group_scores, plan_groups
+from .compact import (LAYER_HANDLERS, check_runs, compact, compact_shapes, handler_for, rebuild,
+                      register_layer_handler, same_channels, slice_tensors)
+
+__all__ = [
+    "ChannelGraph", "Group", "Member", "Propagation", "Seg", "Tag", "TraceError", "build_groups",
+    "register_function_rule", "register_module_rule", "AGGREGATES", "group_scores", "plan_groups", "LAYER_HANDLERS",
+    "check_runs", "compact", "compact_shapes", "handler_for", "rebuild", "register_layer_handler",
+    "same_channels", "slice_tensors",
+]

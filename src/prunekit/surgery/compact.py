@@ -1,0 +1,310 @@
+"""The surgery applier: physically remove the slices a structured Plan prunes.
+
+``compact(model, plan)`` returns a new, smaller, plain ``nn.Module``: the pruned
+rows/columns/channels are gone from weights, biases and BatchNorm statistics,
+and module attributes (``in_features``, ``out_channels``, ``num_features``, ...)
+match. It gives the same outputs as ``prunekit.masking.apply(model, plan)``
+for plans made by :func:`prunekit.surgery.plan_groups` (exact groups).
+
+How a module is sliced is a *layer handler*, registered by type::
+
+    @prunekit.surgery.register_layer_handler(MyLayer, attrs=("width",))
+    def _(module, cuts):
+        slice_tensors(module, cuts)            # cuts: {attr: {dim: kept indices}}
+        module.width = module.weight.shape[0]
+
+``compact_shapes(slim)`` records the new shapes as JSON and ``rebuild(original,
+shapes)`` makes the slim architecture again from the user's model class, so a
+compacted model is saved as a state_dict + JSON, without pickling modules.
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Set, Tuple
+
+import torch
+from torch import nn
+
+from .. import masking
+from ..plan import Plan
+from ..registry import Registry
+from .graph import Member, type_key
+
+LAYER_HANDLERS = Registry("layer handler")
+Cuts = Dict[str, Dict[int, torch.Tensor]]   # tensor attribute -> {dim: indices to keep}
+SHAPES_FORMAT = "prunekit.shapes/1"
+
+
+def register_layer_handler(*types: type, attrs: Sequence[str] = ()) -> Callable:
+    """Decorator: ``handler(module, cuts)`` slices modules of these types (and subclasses).
+
+    ``attrs`` are the module attributes that describe its shape (saved by compact_shapes).
+    """
+    def deco(fn):
+        fn.attrs = tuple(attrs)
+        for t in types:
+            LAYER_HANDLERS.register(type_key(t), overwrite=True)(fn)
+        return fn
+    return deco
+
+
+def handler_for(module: nn.Module) -> Optional[Callable]:
+    """The handler of the module's type or of its nearest registered base class."""
+    for cls in type(module).__mro__:
+        if type_key(cls) in LAYER_HANDLERS:
+            return LAYER_HANDLERS.get(type_key(cls))
+    return None
+
+
+def slice_tensors(module: nn.Module, cuts: Cuts) -> None:
+    """Keep only the given indices of each tensor; parameters stay parameters."""
+    for attr, dims in cuts.items():
+        old = getattr(module, attr)
+        new = old.detach()
+        for dim, keep in sorted(dims.items()):
+            new = new.index_select(dim, keep.to(new.device))
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(new.contiguous(), requires_grad=old.requires_grad)
+        else:
+            module._buffers[attr] = new.contiguous()
+
+
+def same_channels(module: nn.Module, cuts: Cuts, attrs: Sequence[str], dim: int = 0) -> None:
+    """The named tensors lose the same slices along ``dim`` (a bias follows its weight's rows)."""
+    keeps = [(a, cuts[a][dim]) for a in attrs if dim in cuts.get(a, {})]
+    if not keeps:
+        return
+    first_attr, keep = keeps[0]
+    for a, k in keeps[1:]:
+        if not torch.equal(k, keep):
+            raise ValueError(f"{type(module).__name__}: the plan removes different channels from "
+                             f"{first_attr} and {a}; they must go together")
+    for a in attrs:
+        if getattr(module, a, None) is not None:
+            cuts.setdefault(a, {})[dim] = keep
+
+
+# ----------------------------------------------------------------------------- built-in handlers
+
+@register_layer_handler(nn.Linear, attrs=("in_features", "out_features"))
+def _linear(module: nn.Linear, cuts: Cuts) -> None:
+    same_channels(module, cuts, ("weight", "bias"))
+    slice_tensors(module, cuts)
+    module.out_features, module.in_features = module.weight.shape
+
+
+@register_layer_handler(nn.Conv1d, nn.Conv2d, nn.Conv3d, attrs=("in_channels", "out_channels", "groups"))
+def _conv(module: nn.Conv2d, cuts: Cuts) -> None:
+    depthwise = module.groups == module.in_channels == module.out_channels
+    if module.groups > 1 and not depthwise:
+        raise ValueError(f"grouped convolution (groups={module.groups}) cannot lose single channels yet")
+    if depthwise and 1 in cuts.get("weight", {}):
+        raise ValueError("a depthwise convolution loses channels along dim 0 (with its input), not dim 1")
+    same_channels(module, cuts, ("weight", "bias"))
+    slice_tensors(module, cuts)
+    module.out_channels = module.weight.shape[0]
+    if depthwise:
+        module.in_channels = module.groups = module.out_channels
+    else:
+        module.in_channels = module.weight.shape[1]
+
+
+@register_layer_handler(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, attrs=("num_features",))
+def _batchnorm(module: nn.BatchNorm2d, cuts: Cuts) -> None:
+    same_channels(module, cuts, ("weight", "bias", "running_mean", "running_var"))
+    slice_tensors(module, cuts)
+    module.num_features = next(t.shape[0] for t in (module.weight, module.running_mean) if t is not None)
+
+
+@register_layer_handler(nn.LayerNorm, attrs=("normalized_shape",))
+def _layernorm(module: nn.LayerNorm, cuts: Cuts) -> None:
+    if len(module.normalized_shape) != 1:
+        raise ValueError("only a LayerNorm over one dim can lose channels")
+    same_channels(module, cuts, ("weight", "bias"))
+    slice_tensors(module, cuts)
+    if module.weight is not None:
+        module.normalized_shape = (module.weight.shape[0],)
+
+
+@register_layer_handler(nn.PReLU, attrs=("num_parameters",))
+def _prelu(module: nn.PReLU, cuts: Cuts) -> None:
+    slice_tensors(module, cuts)
+    module.num_parameters = module.weight.shape[0]
+
+
+# ----------------------------------------------------------------------------- compaction
+
+def _model_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
+    out = dict(model.named_parameters())
+    out.update((n, b) for n, b in model.named_buffers() if b is not None)
+    return out
+
+
+def _pruned_slices(model: nn.Module, plan: Plan) -> Dict[Tuple[str, int], Set[int]]:
+    """(tensor, dim) -> pruned indices, from the plan entries and the groups' buffer members."""
+    tensors = _model_tensors(model)
+    pruned: Dict[Tuple[str, int], Set[int]] = OrderedDict()
+    for tp in plan:
+        if tp.pattern != "structured":
+            raise ValueError(f"compact removes whole slices, but the plan prunes {tp.name} with pattern "
+                             f"{tp.pattern!r}; apply such plans with prunekit.masking.apply")
+        if tp.name not in tensors:
+            raise KeyError(f"the plan prunes {tp.name!r}, which {type(model).__name__} does not have")
+        if tuple(tensors[tp.name].shape) != tuple(tp.shape):
+            raise ValueError(f"the plan was made for {tp.name} of shape {tuple(tp.shape)}, the model's is "
+                             f"{tuple(tensors[tp.name].shape)} (compact the original or masked model, once)")
+        pruned.setdefault((tp.name, tp.dim), set()).update(tp.pruned_idx or [])
+    for g in plan.meta.get("groups", []):
+        for m in (Member.from_dict(d) for d in g["members"]):
+            if m.kind == "buffer" and g.get("pruned") and m.name in tensors:
+                pos = m.positions(g["pruned"]).reshape(-1).tolist()
+                pruned.setdefault((m.name, m.dim), set()).update(pos)
+    return pruned
+
+
+def _cuts_by_module(model: nn.Module, pruned: Mapping[Tuple[str, int], Set[int]]) -> Dict[str, Cuts]:
+    tensors = _model_tensors(model)
+    cuts: Dict[str, Cuts] = OrderedDict()
+    for (name, dim), idx in pruned.items():
+        if not idx:
+            continue
+        size = tensors[name].shape[dim]
+        if max(idx) >= size or min(idx) < 0:
+            raise ValueError(f"the plan prunes index {max(idx)} of {name} along dim {dim}, which has {size}")
+        keep = torch.tensor(sorted(set(range(size)) - set(idx)), dtype=torch.long)
+        if keep.numel() == 0:
+            raise ValueError(f"the plan removes all {size} slices of {name} along dim {dim}; "
+                             "keep at least one (min_keep >= 1)")
+        mod_name, _, attr = name.rpartition(".")
+        cuts.setdefault(mod_name, {}).setdefault(attr, {})[dim] = keep
+    return cuts
+
+
+def _strip(model: nn.Module) -> None:
+    """Drop masks and hooks: the result must run as a plain module (hooks may expect old shapes)."""
+    masking.make_permanent(model)
+    for m in model.modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                     "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+                     "_forward_hooks_always_called"):
+            getattr(m, attr, {}).clear()
+
+
+def _shapes_of(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, (tuple, list)):
+        return [_shapes_of(o) for o in out]
+    if isinstance(out, Mapping):
+        return {k: _shapes_of(v) for k, v in out.items()}
+    return None
+
+
+@torch.no_grad()
+def _run_eval(model: nn.Module, example_inputs) -> Any:
+    """Run once in eval mode, so BatchNorm statistics do not move; training flags are restored."""
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        return _shapes_of(model(*inputs))
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def check_runs(slim: nn.Module, example_inputs, original: Optional[nn.Module] = None) -> None:
+    """The compacted model runs on ``example_inputs`` and (given ``original``) returns the same shapes."""
+    try:
+        got = _run_eval(slim, example_inputs)
+    except Exception as e:
+        raise ValueError(f"the compacted model fails on example_inputs ({type(e).__name__}: {e}); the plan "
+                         "probably removes slices without their coupled slices — make it with "
+                         "prunekit.surgery.plan_groups") from e
+    if original is not None:
+        want = _run_eval(original, example_inputs)
+        if got != want:
+            raise ValueError(f"the compacted model returns shapes {got}, the original {want}: the plan prunes "
+                             "the model's outputs — make it with prunekit.surgery.plan_groups")
+
+
+def compact(model: nn.Module, plan: Plan, example_inputs=None) -> nn.Module:
+    """A new dense module without the plan's pruned slices; ``model`` is not changed.
+
+    ``model`` may be the original or the masked model (other masks are folded in as
+    zeros). With ``example_inputs`` the result is run once (eval mode) and its output
+    shapes are compared with the original's: recommended for plans not made by plan_groups.
+    """
+    cuts = _cuts_by_module(model, _pruned_slices(model, plan))   # all checks before copying
+    modules = dict(model.named_modules())
+    missing = [f"{n} ({type(modules[n]).__name__})" for n in cuts if handler_for(modules[n]) is None]
+    if missing:
+        raise ValueError(f"no layer handler for {', '.join(missing)}; register one with "
+                         "@prunekit.surgery.register_layer_handler(YourLayer)")
+    slim = copy.deepcopy(model)
+    _strip(slim)
+    slim_modules = dict(slim.named_modules())
+    for mod_name, mcuts in cuts.items():
+        module = slim_modules[mod_name]
+        handler_for(module)(module, mcuts)
+    if example_inputs is not None:
+        check_runs(slim, example_inputs, original=model)
+    slim._prunekit_compacted = True  # prunekit.save records the slim shapes for load to rebuild
+    return slim
+
+
+# ----------------------------------------------------------------------------- shapes and rebuild
+
+def _json_value(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def compact_shapes(model: nn.Module) -> Dict[str, Any]:
+    """JSON-safe shapes of every tensor and the shape attributes of every module that has tensors."""
+    out = OrderedDict()
+    for name, m in model.named_modules():
+        tensors = OrderedDict((k, list(v.shape)) for k, v in list(m._parameters.items()) + list(m._buffers.items())
+                              if v is not None and not k.endswith((masking.MASK_SUFFIX, masking.ORIG_SUFFIX)))
+        if not tensors:
+            continue
+        attrs = getattr(handler_for(m), "attrs", ())
+        out[name] = {"type": type(m).__name__, "tensors": tensors,
+                     "attrs": {a: _json_value(getattr(m, a)) for a in attrs if hasattr(m, a)}}
+    return {"format": SHAPES_FORMAT, "modules": out}
+
+
+def _resize(module: nn.Module, attr: str, shape: Sequence[int], where: str) -> None:
+    old = getattr(module, attr, None)
+    if not isinstance(old, torch.Tensor):
+        raise ValueError(f"{where}: the model has no tensor {attr!r}")
+    if list(old.shape) == list(shape):
+        return
+    new = torch.zeros(tuple(shape), dtype=old.dtype, device=old.device)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad)
+    else:
+        module._buffers[attr] = new
+
+
+def rebuild(original: nn.Module, shapes: Mapping[str, Any]) -> nn.Module:
+    """The slim architecture from a copy of the user's model and :func:`compact_shapes`.
+
+    Tensors whose shape changed are zero-filled: load the compacted state_dict into the result.
+    """
+    if not isinstance(shapes, Mapping) or shapes.get("format") != SHAPES_FORMAT:
+        raise ValueError(f"not a prunekit shapes record: expected format {SHAPES_FORMAT!r}")
+    model = copy.deepcopy(original)
+    _strip(model)
+    modules = dict(model.named_modules())
+    for name, spec in shapes["modules"].items():
+        m = modules.get(name)
+        if m is None or type(m).__name__ != spec["type"]:
+            found = type(m).__name__ if m is not None else "nothing"
+            raise ValueError(f"shapes describe module {name!r} as {spec['type']}, the model has {found} "
+                             "there: rebuild needs the architecture the model was compacted from")
+        for attr, shape in spec["tensors"].items():
+            _resize(m, attr, shape, f"module {name!r}")
+        for attr, value in spec.get("attrs", {}).items():
+            setattr(m, attr, tuple(value) if isinstance(getattr(m, attr, None), tuple) else value)
+    return model

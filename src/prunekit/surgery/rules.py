@@ -1,0 +1,434 @@
+"""Built-in propagation rules: how each op moves, creates or couples channel groups.
+
+A rule gets the :class:`~prunekit.surgery.graph.Propagation` and the fx node and
+returns the output's :class:`~prunekit.surgery.graph.Tag` (or None: no prunable
+channels). Ops without a rule block every group that reaches them.
+
+Channel dim conventions: Conv/BatchNorm put channels on dim 1, Linear/LayerNorm
+on the last dim. Elementwise ops keep the tag where it is (checked against the
+recorded shapes, so e.g. a pad that adds channels is caught).
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .graph import (FUNCTION_RULES, METHOD_RULES, Propagation, Seg, Tag, describe_node,
+                    register_module_rule)
+
+
+def _p(module_name: str, attr: str) -> str:
+    return f"{module_name}.{attr}" if module_name else attr
+
+
+def _arg(node: fx.Node, i: int, key: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(key, default)
+
+
+# ----------------------------------------------------------------------------- modules
+
+def _produce(prop: Propagation, name: str, module: nn.Module, channels: int, dim: int) -> Tag:
+    """A new group for the output channels of a Linear/Conv: weight rows and bias entries."""
+    g = prop.new_group(channels)
+    prop.add(g, _p(name, "weight"), 0, "producer")
+    if getattr(module, "bias", None) is not None:
+        prop.add(g, _p(name, "bias"), 0, "producer")
+    return Tag(dim, (Seg(g),))
+
+
+def _consume(prop: Propagation, t: Optional[Tag], weight: str, wdim: int) -> None:
+    for s in (t.segs if t is not None else ()):
+        prop.add(s.group, weight, wdim, "consumer", s)
+
+
+@register_module_rule(nn.Linear)
+def _linear(prop: Propagation, node: fx.Node, name: str, module: nn.Linear) -> Tag:
+    x = node.args[0]
+    t, last = prop.tag(x), len(prop.shape(x)) - 1
+    if t is not None and t.dim != last:
+        # a Linear over another dim would leave two channel dims in its output
+        prop.block(t, f"{describe_node(prop, node)} is applied over dim {last}, not over the channels")
+    elif t is not None:
+        _consume(prop, t, _p(name, "weight"), 1)
+    return _produce(prop, name, module, module.out_features, last)
+
+
+def _channelwise(prop: Propagation, t: Tag, name: str, attrs: Sequence[Tuple[str, str]]) -> None:
+    """Per-channel tensors (BN statistics, depthwise filters): each segment is a member."""
+    for s in t.segs:
+        for attr, kind in attrs:
+            prop.add(s.group, _p(name, attr), 0, "channelwise", s, kind)
+
+
+@register_module_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _conv(prop: Propagation, node: fx.Node, name: str, module: nn.Conv2d) -> Optional[Tag]:
+    t = prop.tag(node.args[0])
+    if t is not None and t.dim != 1:
+        prop.block(t, f"{describe_node(prop, node)} reads channels from dim 1, they are on dim {t.dim}")
+        t = None
+    g = module.groups
+    if g == 1:
+        _consume(prop, t, _p(name, "weight"), 1)
+        return _produce(prop, name, module, module.out_channels, 1)
+    if g == module.in_channels == module.out_channels:
+        # depthwise: output channel c is input channel c filtered; both go together
+        attrs = [("weight", "param")] + ([("bias", "param")] if module.bias is not None else [])
+        if t is None:
+            return None
+        _channelwise(prop, t, name, attrs)
+        return prop.passthrough(node, node.args[0])
+    why = f"grouped convolution {name} (groups={g}) cannot lose single channels yet"
+    prop.block(t, why)
+    out = _produce(prop, name, module, module.out_channels, 1)
+    prop.block(out, why)
+    return out
+
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@register_module_rule(*_BN)
+def _batchnorm(prop: Propagation, node: fx.Node, name: str, module: nn.BatchNorm2d) -> Optional[Tag]:
+    t = prop.tag(node.args[0])
+    if t is None:
+        return None
+    if t.dim != 1:
+        prop.block(t, f"{describe_node(prop, node)} normalises dim 1, the channels are on dim {t.dim}")
+        return None
+    attrs = [(a, "param") for a in ("weight", "bias") if getattr(module, a) is not None]
+    attrs += [(a, "buffer") for a in ("running_mean", "running_var") if getattr(module, a) is not None]
+    _channelwise(prop, t, name, attrs)
+    return prop.passthrough(node, node.args[0])
+
+
+@register_module_rule(nn.LayerNorm)
+def _layernorm(prop: Propagation, node: fx.Node, name: str, module: nn.LayerNorm) -> Optional[Tag]:
+    x = node.args[0]
+    t, nd = prop.tag(x), len(prop.shape(x) or ())
+    if t is None:
+        return None
+    normalised = range(nd - len(module.normalized_shape), nd)
+    if t.dim not in normalised:
+        return prop.passthrough(node, x)
+    if len(module.normalized_shape) != 1:
+        prop.block(t, f"{describe_node(prop, node)} normalises several dims including the channels")
+        return None
+    attrs = [(a, "param") for a in ("weight", "bias") if getattr(module, a, None) is not None]
+    if not attrs:  # nothing would carry the new size to normalized_shape
+        prop.block(t, f"{describe_node(prop, node)} has no affine parameters to slice")
+        return None
+    _channelwise(prop, t, name, attrs)
+    for s in t.segs:
+        prop.group(s.group).exact = False
+    return prop.passthrough(node, x)
+
+
+@register_module_rule(nn.PReLU)
+def _prelu(prop: Propagation, node: fx.Node, name: str, module: nn.PReLU) -> Optional[Tag]:
+    t = prop.tag(node.args[0])
+    if t is not None and module.num_parameters > 1:
+        if t.dim != 1:
+            prop.block(t, f"{describe_node(prop, node)} has per-channel slopes on dim 1")
+            return None
+        _channelwise(prop, t, name, [("weight", "param")])
+    return prop.passthrough(node, node.args[0])
+
+
+@register_module_rule(nn.Flatten)
+def _flatten_module(prop: Propagation, node: fx.Node, name: str, module: nn.Flatten) -> Optional[Tag]:
+    return _flatten(prop, node, node.args[0], module.start_dim, module.end_dim)
+
+
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
+)
+
+
+@register_module_rule(*_ELEMENTWISE_MODULES)
+def _elementwise_module(prop: Propagation, node: fx.Node, name: str, module: nn.Module) -> Optional[Tag]:
+    if getattr(module, "return_indices", False):
+        prop.block(prop.tag(node.args[0]), f"{describe_node(prop, node)} returns indices")
+        return None
+    return prop.passthrough(node, node.args[0])
+
+
+# ----------------------------------------------------------------------------- reshapes
+
+def _merge(prop: Propagation, node: fx.Node, t: Tag, shape: Sequence[int], start: int, end: int) -> Optional[Tag]:
+    """Tag after merging dims ``start..end`` (inclusive) of a value of ``shape`` into one."""
+    k = t.dim
+    if not start <= k <= end:
+        return Tag(k if k < start else k - (end - start), t.segs)
+    if start == 0:
+        prop.block(t, f"{describe_node(prop, node)} merges the channels with the batch dim")
+        return None
+    inner_x = math.prod(shape[k + 1:end + 1])   # each channel position becomes inner_x consecutive ones
+    outer_x = math.prod(shape[start:k])         # and repeats every shape[k] * inner_x positions
+    segs = []
+    for s in t.segs:
+        if outer_x > 1 and s.outer > 1:
+            prop.block(t, f"{describe_node(prop, node)} flattens channels that were already flattened")
+            return None
+        outer, stride = (outer_x, shape[k] * inner_x) if outer_x > 1 else (s.outer, s.outer_stride * inner_x)
+        segs.append(Seg(s.group, s.base * inner_x, s.inner * inner_x, outer, stride))
+    return Tag(start, tuple(segs))
+
+
+def _flatten(prop: Propagation, node: fx.Node, x: Any, start: int = 0, end: int = -1) -> Optional[Tag]:
+    t, shape = prop.tag(x), prop.shape(x)
+    if t is None:
+        return None
+    nd = len(shape)
+    return _merge(prop, node, t, shape, start % nd if nd else 0, end % nd if nd else 0)
+
+
+def _common_ends(a: Sequence[int], b: Sequence[int]) -> Tuple[int, int]:
+    """Lengths of the common prefix and (non-overlapping) common suffix of two shapes."""
+    p = 0
+    while p < min(len(a), len(b)) and a[p] == b[p]:
+        p += 1
+    q = 0
+    while q < min(len(a), len(b)) - p and a[len(a) - 1 - q] == b[len(b) - 1 - q]:
+        q += 1
+    return p, q
+
+
+def _size_args(node: fx.Node) -> List[Any]:
+    sizes = list(node.args[1:])
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = list(sizes[0])
+    return sizes or list(node.kwargs.get("shape", node.kwargs.get("size", ())))
+
+
+def _reshape(prop: Propagation, node: fx.Node) -> Optional[Tag]:
+    """view/reshape: understood when it only merges dims (a flatten) or adds/drops size-1 dims."""
+    x = node.args[0]
+    t, sin, sout = prop.tag(x), prop.shape(x), prop.shape(node)
+    if t is None:
+        return None
+    p, q = _common_ends(sin, sout)
+    mid_out = sout[p:len(sout) - q]
+    if t.dim < p:
+        new = Tag(t.dim, t.segs)
+    elif t.dim >= len(sin) - q:
+        new = Tag(t.dim + len(sout) - len(sin), t.segs)
+    elif len(mid_out) == 1:
+        new = _merge(prop, node, t, sin, p, len(sin) - q - 1)
+    else:
+        prop.block(t, f"{describe_node(prop, node)} reshapes {tuple(sin)} -> {tuple(sout)}, "
+                      "mixing the channels with other dims")
+        return None
+    sizes = _size_args(node)
+    if new is not None and len(sizes) == len(sout) and isinstance(sizes[new.dim], int) and sizes[new.dim] != -1:
+        # a literal size would be wrong once channels are removed
+        prop.block(t, f"{describe_node(prop, node)} hard-codes the channel size {sizes[new.dim]} "
+                      "(use -1 or x.size())")
+        return None
+    return new
+
+
+def _squeeze_like(prop: Propagation, node: fx.Node) -> Optional[Tag]:
+    """squeeze/unsqueeze only add or drop size-1 dims: the shapes say where the channels went."""
+    x = node.args[0]
+    t, sin, sout = prop.tag(x), prop.shape(x), prop.shape(node)
+    if t is None:
+        return None
+    before = sum(1 for d in sin[:t.dim] if d != 1)
+    idx = [i for i, d in enumerate(sout) if d != 1]
+    if sin[t.dim] == 1 or before >= len(idx):
+        prop.block(t, f"{describe_node(prop, node)} cannot be followed")
+        return None
+    # channels are the (before)-th non-singleton dim; which size-1 dims moved does not matter
+    return Tag(idx[before], t.segs)
+
+
+def _permute(prop: Propagation, node: fx.Node) -> Optional[Tag]:
+    x = node.args[0]
+    t = prop.tag(x)
+    if t is None:
+        return None
+    dims = _size_args(node) or list(node.kwargs.get("dims", ()))
+    nd = len(prop.shape(x))
+    dims = [int(d) % nd for d in dims]
+    return Tag(dims.index(t.dim), t.segs)
+
+
+def _transpose(prop: Propagation, node: fx.Node) -> Optional[Tag]:
+    x = node.args[0]
+    t = prop.tag(x)
+    if t is None:
+        return None
+    nd = len(prop.shape(x))
+    a, b = int(_arg(node, 1, "dim0")) % nd, int(_arg(node, 2, "dim1")) % nd
+    return Tag({a: b, b: a}.get(t.dim, t.dim), t.segs)
+
+
+# ----------------------------------------------------------------------------- combining values
+
+def _binary(prop: Propagation, node: fx.Node, divide: bool = False) -> Optional[Tag]:
+    """add/sub/mul/div: tagged operands share channels (residuals, SE gates) and are united.
+
+    A scalar, or a tensor broadcast over the channels, leaves the tag alone. A full-size
+    untagged operand would keep all its channels while the other side loses some.
+    """
+    operands = [a for a in (node.args[:2] if len(node.args) >= 2 else (node.args[0], node.kwargs.get("other")))]
+    tagged = [(a, prop.tag(a)) for a in operands if prop.tag(a) is not None]
+    if not tagged:
+        return None
+    rel = {t.dim - len(prop.shape(a)) for a, t in tagged}   # channel dim counted from the right
+    desc = describe_node(prop, node)
+    if len(rel) > 1:
+        return _block_all(prop, tagged, f"{desc} combines values whose channels lie on different dims")
+    r = rel.pop()
+    for a in operands:
+        s = prop.shape(a)
+        if s is not None and prop.tag(a) is None and len(s) >= -r and s[r] != 1:
+            return _block_all(prop, tagged, f"{desc} combines the channels with '{a.name}', "
+                                            f"which keeps all its {s[r]} channels")
+    if divide and prop.tag(operands[1]) is not None:
+        return _block_all(prop, tagged, f"{desc} divides by channels that would be zero when masked")
+    first = tagged[0][1]
+    for _, t in tagged[1:]:
+        if not prop.same_layout(first, t):
+            return _block_all(prop, tagged, f"{desc} combines channels laid out differently")
+        prop.unite(first, t)
+    return Tag(len(prop.shape(node)) + r, first.segs)
+
+
+def _block_all(prop: Propagation, tagged, reason: str) -> None:
+    for _, t in tagged:
+        prop.block(t, reason)
+    return None
+
+
+def _cat(prop: Propagation, node: fx.Node) -> Optional[Tag]:
+    """torch.cat along the channels: the result's channels are the inputs' groups, offset."""
+    tensors = list(_arg(node, 0, "tensors"))
+    tags = [prop.tag(x) for x in tensors]
+    if all(t is None for t in tags):
+        return None
+    nd = len(prop.shape(node))
+    dim = int(_arg(node, 1, "dim", 0)) % nd
+    tagged = [(x, t) for x, t in zip(tensors, tags) if t is not None]
+    if any(t.dim != dim for t in tags if t is not None):
+        # along another dim the inputs are stacked: every input must carry the same channels
+        first = tagged[0][1]
+        if len(tagged) != len(tensors) or not all(t.dim == first.dim and prop.same_layout(first, t)
+                                                  for _, t in tagged):
+            return _block_all(prop, tagged, f"{describe_node(prop, node)} joins values with different channels")
+        for _, t in tagged[1:]:
+            prop.unite(first, t)
+        return first
+    segs, offset = [], 0
+    for x, t in zip(tensors, tags):
+        if t is not None:
+            segs += t.shifted(offset).segs
+        offset += prop.shape(x)[dim]
+    return Tag(dim, tuple(segs))
+
+
+def _reduce(prop: Propagation, node: fx.Node) -> Optional[Tag]:
+    """mean/sum/amax/amin over dims other than the channels (global pooling, SE squeeze)."""
+    x = node.args[0]
+    t = prop.tag(x)
+    if t is None:
+        return None
+    dims = _arg(node, 1, "dim")
+    keep = bool(_arg(node, 2, "keepdim", False))
+    nd = len(prop.shape(x))
+    if dims is None or (isinstance(dims, (tuple, list)) and len(dims) == 0):
+        return _block_all(prop, [(x, t)], f"{describe_node(prop, node)} reduces over the channels")
+    dims = [int(d) % nd for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+    if t.dim in dims:
+        return _block_all(prop, [(x, t)], f"{describe_node(prop, node)} reduces over the channels")
+    new = t.dim if keep else t.dim - sum(d < t.dim for d in dims)
+    return Tag(new, t.segs)
+
+
+def _getitem(prop: Propagation, node: fx.Node) -> Optional[Tag]:
+    """x[:, :, None, None], x[..., 0]: basic indexing that leaves the channel dim whole is followed."""
+    src, index = node.args
+    t = prop.tag(src)
+    if t is None:
+        return None  # e.g. an item of a tuple returned by an unknown module: no known channels
+    index = index if isinstance(index, tuple) else (index,)
+    nd = len(prop.shape(src))
+    in_dim = out_dim = 0
+    for item in index:
+        if item is Ellipsis:
+            skip = nd - sum(1 for i in index if i is not None and i is not Ellipsis)
+            if in_dim <= t.dim < in_dim + skip:
+                return Tag(out_dim + t.dim - in_dim, t.segs)
+            in_dim, out_dim = in_dim + skip, out_dim + skip
+        elif item is None:
+            out_dim += 1
+        elif in_dim == t.dim:
+            if item == slice(None):
+                return Tag(out_dim, t.segs)
+            break
+        elif isinstance(item, (int, slice)) and not isinstance(item, bool):
+            in_dim, out_dim = in_dim + 1, out_dim + (0 if isinstance(item, int) else 1)
+        else:
+            break
+    else:
+        return Tag(out_dim + t.dim - in_dim, t.segs)  # the channels are after the last index
+    prop.block(t, f"{describe_node(prop, node)} indexes into the channels")
+    return None
+
+
+def _passthrough(prop: Propagation, node: fx.Node) -> Optional[Tag]:
+    return prop.passthrough(node, node.args[0] if node.args else node.kwargs.get("input"))
+
+
+def _metadata(prop: Propagation, node: fx.Node) -> None:
+    """x.size(), x.shape, x.dim(): read shapes, not channels."""
+    if node.op == "call_function" and node.args[1] not in ("shape", "dtype", "device", "ndim", "is_cuda"):
+        prop.unknown(node)
+    return None
+
+
+def _register(rule, functions=(), methods=()) -> None:
+    for f in functions:
+        FUNCTION_RULES[f] = rule
+    for m in methods:
+        METHOD_RULES[m] = rule
+
+
+_register(_passthrough, functions=(
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.abs, torch.neg, torch.clamp,
+    F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh,
+    F.elu, F.leaky_relu, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d,
+    F.dropout3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d,
+    F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate,
+), methods=("relu", "relu_", "sigmoid", "tanh", "abs", "neg", "clamp", "contiguous", "clone",
+            "detach", "float", "half", "double", "to", "type_as"))
+_register(lambda p, n: _binary(p, n), functions=(
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+    torch.add, torch.sub, torch.mul), methods=("add", "add_", "sub", "sub_", "mul", "mul_"))
+_register(lambda p, n: _binary(p, n, divide=True), functions=(operator.truediv, operator.itruediv, torch.div),
+          methods=("div", "div_"))
+_register(_cat, functions=(torch.cat, torch.concat))
+_register(lambda p, n: _flatten(p, n, n.args[0], _arg(n, 1, "start_dim", 0), _arg(n, 2, "end_dim", -1)),
+          functions=(torch.flatten,), methods=("flatten",))
+_register(_reshape, functions=(torch.reshape,), methods=("view", "reshape"))
+_register(_squeeze_like, functions=(torch.squeeze, torch.unsqueeze), methods=("squeeze", "unsqueeze"))
+_register(_permute, functions=(torch.permute,), methods=("permute",))
+_register(_transpose, functions=(torch.transpose,), methods=("transpose",))
+_register(_reduce, functions=(torch.mean, torch.sum, torch.amax, torch.amin),
+          methods=("mean", "sum", "amax", "amin"))
+_register(_getitem, functions=(operator.getitem,))
+_register(_metadata, functions=(getattr,), methods=("size", "dim", "numel"))
