@@ -1,52 +1,28 @@
 """benchmarks/global_threshold.py --quick: JSON lines only on stdout, per /work/shared/BENCHMARKS.md."""
-import json
-import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from benchjson import check_convention, json_records, run_quick
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "global_threshold.py"
-REQUIRED = ("bench", "case", "metric", "value", "unit")
 UNITS = {"time_s": "s", "extra_rss_frac": "frac", "peak_rss_mb": "MB", "size_bytes": "bytes"}
 PEER = "torch.nn.utils.prune"
 
 
 @pytest.fixture(scope="module")
 def run():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return run_quick(SCRIPT.name)
 
 
 @pytest.fixture(scope="module")
 def records(run):
-    lines = run.stdout.splitlines()
-    assert lines, "no output on stdout"
-    out = []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            pytest.fail(f"stdout line is not JSON: {line!r}")
-        assert isinstance(rec, dict), line
-        out.append(rec)
-    return out
+    return json_records(run.stdout)
 
 
 def test_every_line_follows_the_convention(records):
     for rec in records:
-        for key in REQUIRED:
-            assert key in rec, (key, rec)
-        assert rec["bench"] == "global_threshold"
-        assert isinstance(rec["case"], str) and rec["case"]
-        assert isinstance(rec["value"], (int, float)) and not isinstance(rec["value"], bool)
-        assert math.isfinite(rec["value"])
-        if rec["metric"] in UNITS:
-            assert rec["unit"] == UNITS[rec["metric"]], rec
+        check_convention(rec, "global_threshold", UNITS)
         if "peer" in rec:
             assert "peer_value" in rec and "ratio" in rec, rec
         for key in ("n", "threads", "seed"):

@@ -1,64 +1,39 @@
 """benchmarks/lenet_mnist.py --quick: JSON lines only on stdout, per /work/shared/BENCHMARKS.md."""
-import json
-import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from benchjson import check_convention, json_records, run_quick
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "lenet_mnist.py"
-REQUIRED = ("bench", "case", "metric", "value", "unit")
 UNITS = {"accuracy": "frac", "accuracy_drop_pp": "pp", "sparsity": "frac", "nonzeros": "count",
          "compression_ratio": "x", "compression_ratio_pruned": "x", "time_s": "s"}
 METHODS = {"oneshot_l1", "global_l1", "structured_l1", "random", "iterative", "gradual_cubic"}
 POINT = re.compile(r"^lenet300/(?P<method>[a-z0-9_]+)/sparsity=(?P<s>0\.\d+)/seed=(?P<seed>\d+)$")
 MEDIAN = re.compile(r"^lenet300/(?P<method>[a-z0-9_]+)/sparsity=(?P<s>0\.\d+)/median$")
 DENSE = re.compile(r"^lenet300/dense/(seed=(?P<seed>\d+)|median)$")
+CONTROL = re.compile(r"^lenet300/dense_retrained/(seed=\d+|median)$")
 
 
 @pytest.fixture(scope="module")
 def run():
-    # env copied so that the test's private PRUNEKIT_CACHE_DIR (conftest) applies to the child
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return run_quick(SCRIPT.name)
 
 
 @pytest.fixture(scope="module")
 def records(run):
-    lines = run.stdout.splitlines()
-    assert lines, "no output on stdout"
-    out = []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            pytest.fail(f"stdout line is not JSON: {line!r}")
-        assert isinstance(rec, dict), line
-        out.append(rec)
-    return out
+    return json_records(run.stdout)
 
 
 def test_every_line_follows_the_convention(records):
     for rec in records:
-        for key in REQUIRED:
-            assert key in rec, (key, rec)
-        assert rec["bench"] == "lenet_mnist"
-        assert isinstance(rec["case"], str) and rec["case"]
-        assert isinstance(rec["value"], (int, float)) and not isinstance(rec["value"], bool)
-        assert math.isfinite(rec["value"]), rec
-        if rec["metric"] in UNITS:
-            assert rec["unit"] == UNITS[rec["metric"]], rec
+        check_convention(rec, "lenet_mnist", UNITS)
         for key in ("n", "threads", "seed"):
             if key in rec:
                 assert isinstance(rec[key], int) and not isinstance(rec[key], bool), rec
         assert (POINT.match(rec["case"]) or MEDIAN.match(rec["case"]) or DENSE.match(rec["case"])
-                or rec["case"] == "lenet300/total"), rec["case"]
+                or CONTROL.match(rec["case"]) or rec["case"] == "lenet300/total"), rec["case"]
 
 
 def test_required_metrics_and_every_method(records):

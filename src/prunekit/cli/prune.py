@@ -21,13 +21,13 @@ HELP = "prune a model from a YAML recipe and/or flags; save it, its plan, config
 DEFAULTS: Dict[str, Any] = {
     "model": "lenet300", "model_kwargs": {}, "checkpoint": None, "data": "mnist", "seed": 0,
     "batch_size": 128, "limit_train": None, "limit_test": None, "out": "runs/prune",
-    "dense": {"epochs": 10, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "lr_schedule": "cosine"},
+    "dense": {"epochs": 40, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "lr_schedule": "cosine"},
     "method": {"name": "pruned", "kind": "oneshot", "sparsity": 0.9, "criterion": "l1", "scope": "global",
                "pattern": "unstructured", "dim": 0, "norm": 1.0, "nm": [2, 4], "include": None,
                "exclude": None, "include_classifier": False, "min_keep": 0.01},
-    "finetune": {"epochs": 2, "lr": 0.01, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0,
+    "finetune": {"epochs": 2, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4,
                  "lr_schedule": "cosine"},
-    "gradual": {"epochs": 6, "prune_epochs": None, "every": None},  # None: first 2/3 of epochs; ~10 updates/epoch
+    "gradual": {"epochs": 30, "prune_epochs": None, "every": None},  # None: first 40% of epochs; ~10 updates/epoch
     "save": {"compressed": True},
 }
 
