@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import __version__, io, masking
 from .api import global_sparsity, prune, select_targets
 from .data import default_cache_dir, example_batch
-from .finetune import finetune, gradual_prune, iterative_prune
+from .finetune import _progress_enabled, finetune, gradual_prune, iterative_prune
 from .criteria import get_criterion
 from .metrics import evaluate, summarize
 from .models import build_model
@@ -137,7 +137,7 @@ def _oneshot(dense, method, train, test, info, seed, progress, ckpt_dir) -> Tupl
     if pk.get("pattern") == "nm":  # the pattern fixes the sparsity
         n, m = pk.get("nm", (2, 4))
         targets = [None]
-    for target in tqdm(targets, desc=method["name"], disable=progress is False, leave=False):
+    for target in tqdm(targets, desc=method["name"], disable=not _progress_enabled(progress), leave=False):
         model = copy.deepcopy(dense)
         plan = prune(model, target, seed=seed, **pk)
         notes = plan.notes

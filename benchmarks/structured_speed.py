@@ -1,0 +1,379 @@
+"""Does removing whole channels (surgery) make CNNs faster in proportion to the MACs saved?
+
+For each model (VGG-style CNN with BN, ResNet-18-shaped net, MobileNetV2-style net,
+and a small transformer encoder if the surgery can prune it) and each ratio of
+channels removed, ``prunekit.surgery.plan_groups(..., scope="layer")`` plans the
+pruning and ``prunekit.surgery.compact`` builds the slim dense model. The compacted
+model's eval output is checked against the masked model's (``masking.apply`` of the
+same plan on a copy; stderr warning when they differ by more than 1e-4).
+
+JSON lines (../shared/BENCHMARKS.md), ``case`` = ``<model>/dense`` or ``<model>/ratio=<r>``:
+
+Transformers: ``transformer`` (nn.TransformerEncoder) is opaque to the surgery and is skipped with a
+stderr note; ``transformer_ffn`` (the same shape written out) has only its FFN hidden channels pruned
+(attention and the residual width are kept), so its MACs fall much less than the ratio suggests.
+``prunekit.metrics.count_macs`` counts no MACs for nn.MultiheadAttention (torch 2.13); this script
+adds them from the inputs' shapes (stderr warning) so that the MACs reduction is not overstated.
+
+- ``macs``, ``params`` (unit "count"); pruned ones with peer ``dense`` (ratio = dense / pruned)
+- ``latency_ms`` with ``batch``: the dense model's, and the pruned model's with peer ``dense``
+  (ratio = dense / pruned); dense and all pruned models are timed alternating, run by run,
+  in the same process, after a warm-up; the value is the median of ``n`` rounds, each round's
+  value the median of ``repeats`` forwards
+- ``speedup`` (dense latency / pruned latency, unit "x") with ``batch``
+- ``latency_per_macs`` (speedup / (dense MACs / pruned MACs), unit "frac") with ``batch``:
+  1.0 means the latency fell exactly as much as the MACs did
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import sys
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+from prunekit import masking  # noqa: E402
+from prunekit import surgery  # noqa: E402
+from prunekit.metrics import count_macs, count_parameters, measure_latency  # noqa: E402
+from prunekit.models import VGGSmall  # noqa: E402
+
+BENCH = "structured_speed"
+TOL = 1e-4
+
+
+# ----------------------------------------------------------------------------- models
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18: 3x3 stem, basic blocks [2, 2, 2, 2], widths 64-512."""
+
+    def __init__(self, num_classes: int = 10, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        layers, cin = [], widths[0]
+        for i, (w, nb) in enumerate(zip(widths, blocks)):
+            stage = []
+            for j in range(nb):
+                stage.append(BasicBlock(cin, w, stride=2 if (i > 0 and j == 0) else 1))
+                cin = w
+            layers.append(nn.Sequential(*stage))
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 linear projection, residual when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        layers: List[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+                   nn.ReLU6(), nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (width 1.0) for 32x32 inputs: stride-1 stem and first strided stage at stride 1."""
+
+    CFG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+           (6, 320, 1, 1))  # (expand, out channels, blocks, first stride)
+
+    def __init__(self, num_classes: int = 10, cfg=CFG, stem: int = 32, last: int = 1280):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU6())
+        blocks, cin = [], stem
+        for t, c, nb, s in cfg:
+            for j in range(nb):
+                blocks.append(InvertedResidual(cin, c, s if j == 0 else 1, t))
+                cin = c
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Conv2d(cin, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(last, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.head(self.blocks(self.stem(x)))))
+
+
+class TinyTransformer(nn.Module):
+    """Token embedding + 2 post-norm encoder layers + mean-pool classifier (input: float tokens)."""
+
+    def __init__(self, d_in: int = 64, d_model: int = 256, heads: int = 4, ff: int = 1024, layers: int = 2,
+                 num_classes: int = 10):
+        super().__init__()
+        self.embed = nn.Linear(d_in, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, heads, ff, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.fc = nn.Linear(d_model, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.encoder(self.embed(x)).mean(1))
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm transformer encoder layer written out (nn.MultiheadAttention + a GELU FFN), so that the
+    surgery sees the FFN's Linear layers; nn.TransformerEncoderLayer is one opaque module to it."""
+
+    def __init__(self, d_model: int = 256, heads: int = 4, ff: int = 1024):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d_model, heads, batch_first=True)
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.linear1, self.linear2 = nn.Linear(d_model, ff), nn.Linear(ff, d_model)
+
+    def forward(self, x):
+        x = self.norm1(x + self.attn(x, x, x, need_weights=False)[0])
+        return self.norm2(x + self.linear2(F.gelu(self.linear1(x))))
+
+
+class FFNTransformer(nn.Module):
+    """Like TinyTransformer, with EncoderLayer: only the FFN hidden channels are prunable."""
+
+    def __init__(self, d_in: int = 64, d_model: int = 256, heads: int = 4, ff: int = 1024, layers: int = 2,
+                 num_classes: int = 10):
+        super().__init__()
+        self.embed = nn.Linear(d_in, d_model)
+        self.layers = nn.Sequential(*[EncoderLayer(d_model, heads, ff) for _ in range(layers)])
+        self.fc = nn.Linear(d_model, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.layers(self.embed(x)).mean(1))
+
+
+def randomize_bn(model: nn.Module, gen: torch.Generator) -> nn.Module:
+    """Trained-looking BatchNorm statistics and affine parameters (fresh ones are 0/1)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return model
+
+
+def _models(quick: bool, seed: int):
+    """(name, model, input shape without batch, round_to)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if quick:
+        yield "vgg_tiny", randomize_bn(VGGSmall(in_channels=3, input_size=16, widths=(8, 16, 32), hidden=32), gen), \
+            (3, 16, 16), None
+        return
+    yield "vgg", randomize_bn(VGGSmall(in_channels=3, input_size=32, widths=(64, 128, 256)), gen), (3, 32, 32), 8
+    torch.manual_seed(seed + 1)
+    yield "resnet18", randomize_bn(ResNet18(), gen), (3, 32, 32), 8
+    torch.manual_seed(seed + 2)
+    yield "mobilenetv2", randomize_bn(MobileNetV2(), gen), (3, 32, 32), 8
+    torch.manual_seed(seed + 3)
+    yield "transformer", TinyTransformer(), (32, 64), 8   # nn.TransformerEncoder: expected to be skipped
+    torch.manual_seed(seed + 4)
+    yield "transformer_ffn", FFNTransformer(), (32, 64), 8  # attention and residual width kept, FFN pruned
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def _prune(model: nn.Module, x: torch.Tensor, amount: float, round_to: Optional[int], seed: int):
+    """(slim model, plan) or (None, reason) when the surgery cannot prune this model."""
+    try:
+        plan = surgery.plan_groups(model, x, amount, criterion="l1", scope="layer", round_to=round_to, seed=seed)
+    except Exception as e:  # noqa: BLE001 -- an unsupported model is reported, not fatal
+        return None, f"plan_groups failed: {type(e).__name__}: {e}"
+    groups = plan.meta.get("groups", [])
+    if not any(g.get("pruned") for g in groups):
+        return None, "plan_groups pruned no channel (every group unprunable):\n  " + "\n  ".join(plan.notes[:10])
+    try:
+        slim = surgery.compact(model, plan, x).eval()
+    except Exception as e:  # noqa: BLE001
+        return None, f"compact failed: {type(e).__name__}: {e}"
+    return slim, plan
+
+
+class _MHA(nn.Module):
+    def __init__(self, attn: nn.MultiheadAttention):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def _mha_counted() -> bool:
+    """Whether prunekit.metrics.count_macs sees nn.MultiheadAttention's work (torch 2.x: it may not)."""
+    m = _MHA(nn.MultiheadAttention(8, 2, batch_first=True)).eval()
+    return count_macs(m, torch.randn(1, 4, 8))["dense"] > 0
+
+
+@torch.no_grad()
+def _macs(model: nn.Module, x: torch.Tensor, mha_counted: bool) -> int:
+    """count_macs' dense MACs, plus the MACs of each nn.MultiheadAttention worked out from its
+    input shapes when count_macs misses them (4 projections + scores + weighted sum)."""
+    total = count_macs(model, x)["dense"]
+    if mha_counted:
+        return total
+    extra = []
+
+    def hook(mod, args, kwargs):
+        q = args[0] if args else kwargs["query"]
+        k = args[1] if len(args) > 1 else kwargs["key"]
+        if not mod.batch_first and q.dim() == 3:
+            q, k = q.transpose(0, 1), k.transpose(0, 1)
+        b, lq, e = (q.shape if q.dim() == 3 else (1, *q.shape))
+        s_len = k.shape[-2]
+        kdim, vdim = mod.kdim, mod.vdim
+        extra.append(b * (lq * e * e + s_len * kdim * e + s_len * vdim * e + lq * e * e + 2 * lq * s_len * e))
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()
+               if isinstance(m, nn.MultiheadAttention)]
+    try:
+        if handles:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total + int(sum(extra))
+
+
+@torch.no_grad()
+def _check_equal(model: nn.Module, slim: nn.Module, plan, x: torch.Tensor, case: str) -> None:
+    masked = masking.apply(copy.deepcopy(model), plan).eval()
+    a, b = masked(x), slim(x)
+    if a.shape != b.shape:
+        C.warn(f"{case}: compacted output shape {tuple(b.shape)} != masked {tuple(a.shape)}")
+        return
+    diff = (a - b).abs().max().item()
+    scale = max(1.0, a.abs().max().item())
+    if not diff <= TOL * scale:
+        C.warn(f"{case}: compacted output differs from the masked model's by {diff:.3g} (> {TOL} x {scale:.3g})")
+    else:
+        C.log(f"  {case}: compacted == masked (max abs diff {diff:.2e})")
+
+
+def _alternating_latency(models, x: torch.Tensor, rounds: int, repeats: int, warmup: int):
+    """Median latency (ms) per model: ``rounds`` rounds, each model in turn per round (A B C A B C ...),
+    each round's value the median of ``repeats`` forwards after ``warmup`` untimed ones.
+
+    Not _common.alternating_medians: its gc.collect() around every run costs ~0.1 s once torch is
+    imported, which dwarfs millisecond forwards; garbage is collected once before the rounds instead.
+    """
+    gc.collect()
+    per_round = {k: [] for k in models}
+    for _ in range(rounds):
+        for key, m in models.items():
+            per_round[key].append(measure_latency(m, x, warmup=warmup, repeats=repeats)["median_ms"])
+    return {k: C.median(v) for k, v in per_round.items()}
+
+
+def _bench_model(name: str, model: nn.Module, shape: Tuple[int, ...], round_to: Optional[int], ratios, batches,
+                 runs, seed: int, threads: int) -> None:
+    model.eval()
+    x1 = torch.randn(1, *shape)
+    slims = {}
+    for r in ratios:
+        slim, plan = _prune(model, x1, r, round_to, seed)
+        if slim is None:
+            C.log(f"NOTE: skipping {name}/ratio={r}: {plan}")
+            continue
+        _check_equal(model, slim, plan, torch.randn(4, *shape), f"{name}/ratio={r}")
+        slims[r] = slim
+    if not slims:
+        C.log(f"NOTE: {name}: the surgery cannot prune this model; no numbers for it")
+        return
+    mha_counted = _mha_counted()
+    if not mha_counted and any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        C.warn(f"{name}: prunekit.metrics.count_macs counts 0 MACs for nn.MultiheadAttention; "
+               "adding them analytically")
+    macs = {"dense": _macs(model, x1, mha_counted)}
+    params = {"dense": count_parameters(model)["total"]}
+    for r, slim in slims.items():
+        macs[r] = _macs(slim, x1, mha_counted)
+        params[r] = count_parameters(slim)["total"]
+    C.emit(BENCH, f"{name}/dense", "macs", macs["dense"], "count", seed=seed)
+    C.emit(BENCH, f"{name}/dense", "params", params["dense"], "count", seed=seed)
+    for r in slims:
+        case = f"{name}/ratio={r}"
+        C.emit(BENCH, case, "macs", macs[r], "count", peer="dense", peer_value=macs["dense"], seed=seed)
+        C.emit(BENCH, case, "params", params[r], "count", peer="dense", peer_value=params["dense"], seed=seed)
+
+    for batch in batches:
+        n, repeats = runs(batch)
+        x = torch.randn(batch, *shape)
+        models = {"dense": model, **{f"ratio={r}": slim for r, slim in slims.items()}}
+        C.log(f"{name} batch={batch}: timing {len(models)} models alternating, {n} rounds x {repeats} forwards")
+        for key, m in models.items():  # warm-up: allocator, oneDNN primitives
+            measure_latency(m, x, warmup=2, repeats=1)
+        med = _alternating_latency(models, x, n, repeats, warmup=1)
+        common = dict(n=n, repeats=repeats, threads=threads, batch=batch, seed=seed)
+        C.emit(BENCH, f"{name}/dense", "latency_ms", med["dense"], "ms", **common)
+        for r in slims:
+            case, lat = f"{name}/ratio={r}", med[f"ratio={r}"]
+            C.emit(BENCH, case, "latency_ms", lat, "ms", peer="dense", peer_value=med["dense"], **common)
+            speedup = med["dense"] / lat
+            C.emit(BENCH, case, "speedup", speedup, "x", **common)
+            C.emit(BENCH, case, "latency_per_macs", speedup / (macs["dense"] / macs[r]), "frac", **common)
+            C.log(f"  {case} batch={batch}: {med['dense']:.3f} -> {lat:.3f} ms, speedup {speedup:.2f}x, "
+                  f"MACs / {macs['dense'] / macs[r]:.2f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny setting for the tests (seconds)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--models", default=None, help="comma-separated subset of model names")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    if args.quick:
+        ratios, batches = (0.5,), (1, 4)
+        def runs(batch): return 5, 3  # noqa: E704  (rounds, forwards per round)
+    else:
+        ratios, batches = (0.25, 0.5, 0.75), (1, 64)
+        def runs(batch): return (15, 5) if batch == 1 else (11, 1)  # noqa: E704  (rounds, forwards per round)
+    wanted = set(args.models.split(",")) if args.models else None
+    for name, model, shape, round_to in _models(args.quick, args.seed):
+        if wanted is not None and name not in wanted:
+            continue
+        C.log(f"== {name}")
+        _bench_model(name, model, shape, round_to, ratios, batches, runs, args.seed, threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""benchmarks/structured_speed.py --quick: JSON lines only on stdout, per /work/shared/BENCHMARKS.md."""
+from benchjson import check_convention, json_records, run_quick
+
+UNITS = {"macs": "count", "params": "count", "latency_ms": "ms", "speedup": "x", "latency_per_macs": "frac"}
+
+
+def test_structured_speed_quick_prints_json_lines():
+    rows = json_records(run_quick("structured_speed.py").stdout)
+    for r in rows:
+        check_convention(r, "structured_speed", UNITS)
+        assert r["metric"] in UNITS, r
+        assert r["value"] > 0, r
+        assert r["case"].endswith("/dense") or "/ratio=" in r["case"], r
+        if r["metric"] in ("latency_ms", "speedup", "latency_per_macs"):
+            assert isinstance(r.get("batch"), int) and r["batch"] >= 1, r
+        if "peer" in r:
+            assert r["peer"] == "dense"
+            assert abs(r["ratio"] - r["peer_value"] / r["value"]) < 1e-9, r
+    assert {r["metric"] for r in rows} == set(UNITS)
+
+    def one(case, metric, batch=None):
+        hits = [r for r in rows if r["case"] == case and r["metric"] == metric and r.get("batch") == batch]
+        assert len(hits) == 1, (case, metric, batch, hits)
+        return hits[0]
+
+    models = {r["case"].split("/")[0] for r in rows}
+    assert models
+    for model in models:
+        dense_macs = one(f"{model}/dense", "macs")["value"]
+        dense_params = one(f"{model}/dense", "params")["value"]
+        pruned = sorted({r["case"] for r in rows if r["case"].startswith(f"{model}/ratio=")})
+        assert pruned, model
+        batches = sorted({r["batch"] for r in rows if r["case"] == f"{model}/dense" and r["metric"] == "latency_ms"})
+        assert batches == [1, 4]
+        for case in pruned:
+            macs = one(case, "macs")
+            assert macs["value"] < dense_macs and macs["peer_value"] == dense_macs
+            assert one(case, "params")["value"] < dense_params
+            for b in batches:
+                dense_lat = one(f"{model}/dense", "latency_ms", b)["value"]
+                lat = one(case, "latency_ms", b)
+                assert lat["peer"] == "dense" and lat["peer_value"] == dense_lat
+                speedup = one(case, "speedup", b)["value"]
+                assert abs(speedup - dense_lat / lat["value"]) < 1e-9
+                lpm = one(case, "latency_per_macs", b)["value"]
+                assert abs(lpm - speedup / (dense_macs / macs["value"])) < 1e-9
