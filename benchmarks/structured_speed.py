@@ -12,8 +12,6 @@ JSON lines (../shared/BENCHMARKS.md), ``case`` = ``<model>/dense`` or ``<model>/
 Transformers: ``transformer`` (nn.TransformerEncoder) is opaque to the surgery and is skipped with a
 stderr note; ``transformer_ffn`` (the same shape written out) has only its FFN hidden channels pruned
 (attention and the residual width are kept), so its MACs fall much less than the ratio suggests.
-``prunekit.metrics.count_macs`` counts no MACs for nn.MultiheadAttention (torch 2.13); this script
-adds them from the inputs' shapes (stderr warning) so that the MACs reduction is not overstated.
 
 - ``macs``, ``params`` (unit "count"); pruned ones with peer ``dense`` (ratio = dense / pruned)
 - ``latency_ms`` with ``batch``: the dense model's, and the pruned model's with peer ``dense``
@@ -225,49 +223,9 @@ def _prune(model: nn.Module, x: torch.Tensor, amount: float, round_to: Optional[
     return slim, plan
 
 
-class _MHA(nn.Module):
-    def __init__(self, attn: nn.MultiheadAttention):
-        super().__init__()
-        self.attn = attn
-
-    def forward(self, x):
-        return self.attn(x, x, x, need_weights=False)[0]
-
-
-def _mha_counted() -> bool:
-    """Whether prunekit.metrics.count_macs sees nn.MultiheadAttention's work (torch 2.x: it may not)."""
-    m = _MHA(nn.MultiheadAttention(8, 2, batch_first=True)).eval()
-    return count_macs(m, torch.randn(1, 4, 8))["dense"] > 0
-
-
 @torch.no_grad()
-def _macs(model: nn.Module, x: torch.Tensor, mha_counted: bool) -> int:
-    """count_macs' dense MACs, plus the MACs of each nn.MultiheadAttention worked out from its
-    input shapes when count_macs misses them (4 projections + scores + weighted sum)."""
-    total = count_macs(model, x)["dense"]
-    if mha_counted:
-        return total
-    extra = []
-
-    def hook(mod, args, kwargs):
-        q = args[0] if args else kwargs["query"]
-        k = args[1] if len(args) > 1 else kwargs["key"]
-        if not mod.batch_first and q.dim() == 3:
-            q, k = q.transpose(0, 1), k.transpose(0, 1)
-        b, lq, e = (q.shape if q.dim() == 3 else (1, *q.shape))
-        s_len = k.shape[-2]
-        kdim, vdim = mod.kdim, mod.vdim
-        extra.append(b * (lq * e * e + s_len * kdim * e + s_len * vdim * e + lq * e * e + 2 * lq * s_len * e))
-
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()
-               if isinstance(m, nn.MultiheadAttention)]
-    try:
-        if handles:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return total + int(sum(extra))
+def _macs(model: nn.Module, x: torch.Tensor) -> int:
+    return count_macs(model, x)["dense"]
 
 
 @torch.no_grad()
@@ -315,14 +273,10 @@ def _bench_model(name: str, model: nn.Module, shape: Tuple[int, ...], round_to: 
     if not slims:
         C.log(f"NOTE: {name}: the surgery cannot prune this model; no numbers for it")
         return
-    mha_counted = _mha_counted()
-    if not mha_counted and any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
-        C.warn(f"{name}: prunekit.metrics.count_macs counts 0 MACs for nn.MultiheadAttention; "
-               "adding them analytically")
-    macs = {"dense": _macs(model, x1, mha_counted)}
+    macs = {"dense": _macs(model, x1)}
     params = {"dense": count_parameters(model)["total"]}
     for r, slim in slims.items():
-        macs[r] = _macs(slim, x1, mha_counted)
+        macs[r] = _macs(slim, x1)
         params[r] = count_parameters(slim)["total"]
     C.emit(BENCH, f"{name}/dense", "macs", macs["dense"], "count", seed=seed)
     C.emit(BENCH, f"{name}/dense", "params", params["dense"], "count", seed=seed)

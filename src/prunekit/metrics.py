@@ -88,8 +88,18 @@ def _density(t: torch.Tensor) -> float:
 def _module_flops(model: nn.Module, example_inputs: Any) -> Dict[str, int]:
     """Dense FLOPs per module name ('' = the whole model), from one no-grad eval forward."""
     counter = FlopCounterMode(display=False)
-    with _eval_mode(model), torch.no_grad(), counter:
-        _call(model, example_inputs)
+    # nn.MultiheadAttention's eval fast path is one fused op the flop counter has no formula for
+    # (it counted 0 MACs); the regular path is the same math in countable mm/bmm ops
+    mha = getattr(torch.backends, "mha", None)
+    fast = mha.get_fastpath_enabled() if mha is not None else None
+    try:
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+        with _eval_mode(model), torch.no_grad(), counter:
+            _call(model, example_inputs)
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fast)
     # FlopCounterMode names modules "<RootClass>.<dotted.path>"; strip the root prefix.
     root = type(model).__name__
     out: Dict[str, int] = {}

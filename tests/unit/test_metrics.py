@@ -187,3 +187,21 @@ def test_format_table():
     assert md[0].startswith("| name") and md[1].startswith("|---") and md[1].endswith(":|")
     assert "0.12" in md[2] and "params" not in md[0]
     assert format_table([]) == ""
+
+
+def test_multihead_attention_macs_are_counted():
+    from prunekit.metrics import count_macs
+
+    n, seq, e = 2, 10, 64
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(e, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x)[0]
+
+    expected = 3 * n * seq * e * e + 2 * n * seq * seq * e + n * seq * e * e  # in-proj, scores + mix, out-proj
+    assert count_macs(Attn().eval(), torch.randn(n, seq, e))["dense"] == expected
+    assert torch.backends.mha.get_fastpath_enabled()  # the fast path is switched back on
