@@ -35,9 +35,10 @@ from .models import build_model
 from .plan import PATTERNS, SCOPES, _check_choice, resolve_amount
 
 log = logging.getLogger("prunekit")
-KINDS = ("oneshot", "gradual", "iterative")
+KINDS = ("oneshot", "gradual", "iterative", "surgery")
 PRUNE_KEYS = ("criterion", "scope", "pattern", "dim", "norm", "nm", "include", "exclude",
-              "include_classifier", "min_keep", "types", "normalize")
+              "include_classifier", "min_keep", "types", "normalize", "aggregate", "round_to", "protect")
+SURGERY_KEYS = ("criterion", "scope", "norm", "aggregate", "min_keep", "round_to", "protect", "normalize")
 FINETUNE_KEYS = ("epochs", "lr", "optimizer", "momentum", "weight_decay", "lr_schedule", "max_steps")
 
 
@@ -178,13 +179,48 @@ def _scheduled(dense, method, train, test, info, seed, progress, ckpt_dir) -> Tu
     return [final], model, state.history
 
 
+def _surgery(dense, method, train, test, info, seed, progress, ckpt_dir):
+    """Coupled channel groups pruned (masks), fine-tuned, then physically removed.
+
+    Each point measures the *compacted* model: fewer parameters and MACs, lower
+    latency. The returned model is the masked one (same outputs), for heatmaps.
+    """
+    from .surgery import compact, plan_groups
+
+    pk = {k: v for k, v in method.get("prune", {}).items() if k in SURGERY_KEYS}
+    x = example_batch(info, 2)
+    dense_params = sum(p.numel() for p in dense.parameters())
+    points, masked, notes = [], None, []
+    for target in tqdm(method["sparsities"], desc=method["name"], disable=not _progress_enabled(progress),
+                       leave=False):
+        masked = copy.deepcopy(dense)
+        plan = plan_groups(masked, x, target, seed=seed, **pk)
+        notes = plan.notes
+        masking.apply(masked, plan)
+        before = evaluate(masked, test)["accuracy"]
+        ft = method.get("finetune") or {}
+        if ft.get("epochs", 0) > 0:
+            seed_everything(seed)
+            finetune(masked, train, progress=progress, desc=f"{method['name']} fine-tune",
+                     checkpoint=_ckpt(ckpt_dir, f"{method['name']}-{target}"), **ft)
+        slim = compact(masked, plan, x)
+        res = measure(slim, test, info)
+        slim_params = sum(p.numel() for p in slim.parameters())
+        res.update(target_sparsity=target, pruned_sparsity=1 - slim_params / dense_params,
+                   compression_ratio=dense_params / slim_params, accuracy_before_finetune=before,
+                   accuracy_masked=evaluate(masked, test)["accuracy"], compacted=True)
+        points.append(res)
+    return points, masked, notes
+
+
 def run_method(dense: nn.Module, method: Dict[str, Any], train, test, info: Dict[str, Any], *, seed: int = 0,
                heat_layers: Sequence[str] = (), progress: Optional[bool] = None,
                checkpoint_dir: Optional[Path] = None):
     """Run one method; returns (report entry, heatmaps {method/layer: (before, after)}, final model)."""
     _check_method(method)
-    if method["kind"] == "oneshot":
-        points, model, notes = _oneshot(dense, method, train, test, info, seed, progress, checkpoint_dir)
+    if method["kind"] in ("oneshot", "surgery"):
+        run = _oneshot if method["kind"] == "oneshot" else _surgery
+        points, model, notes = run(dense, method, train, test, info, seed, progress, checkpoint_dir)
         history = []
     else:
         points, model, history = _scheduled(dense, method, train, test, info, seed, progress, checkpoint_dir)
