@@ -131,6 +131,14 @@ def _ckpt(folder: Optional[Path], name: str) -> Optional[Path]:
     return None if folder is None else Path(folder) / f"{name}.pt"
 
 
+def _finetune_point(model, method, train, seed, progress, checkpoint) -> None:
+    """The method's fine-tuning after a one-shot prune (masks held fixed), if it has any."""
+    ft = method.get("finetune") or {}
+    if ft.get("epochs", 0) > 0:
+        seed_everything(seed)
+        finetune(model, train, progress=progress, desc=f"{method['name']} fine-tune", checkpoint=checkpoint, **ft)
+
+
 def _oneshot(dense, method, train, test, info, seed, progress, ckpt_dir) -> Tuple[List[Dict], nn.Module, List[str]]:
     points, model, notes = [], None, []
     pk = dict(method.get("prune", {}))
@@ -144,11 +152,7 @@ def _oneshot(dense, method, train, test, info, seed, progress, ckpt_dir) -> Tupl
         notes = plan.notes
         names = plan.meta["targets"]
         before = evaluate(model, test)["accuracy"]
-        ft = method.get("finetune") or {}
-        if ft.get("epochs", 0) > 0:
-            seed_everything(seed)
-            finetune(model, train, progress=progress, desc=f"{method['name']} fine-tune",
-                     checkpoint=_ckpt(ckpt_dir, f"{method['name']}-{target}"), **ft)
+        _finetune_point(model, method, train, seed, progress, _ckpt(ckpt_dir, f"{method['name']}-{target}"))
         achieved = global_sparsity(model, names)
         if pk.get("pattern") == "nm":
             target = 1 - n / m
@@ -198,11 +202,7 @@ def _surgery(dense, method, train, test, info, seed, progress, ckpt_dir):
         notes = plan.notes
         masking.apply(masked, plan)
         before = evaluate(masked, test)["accuracy"]
-        ft = method.get("finetune") or {}
-        if ft.get("epochs", 0) > 0:
-            seed_everything(seed)
-            finetune(masked, train, progress=progress, desc=f"{method['name']} fine-tune",
-                     checkpoint=_ckpt(ckpt_dir, f"{method['name']}-{target}"), **ft)
+        _finetune_point(masked, method, train, seed, progress, _ckpt(ckpt_dir, f"{method['name']}-{target}"))
         slim = compact(masked, plan, x)
         res = measure(slim, test, info)
         slim_params = sum(p.numel() for p in slim.parameters())
