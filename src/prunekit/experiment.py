@@ -206,7 +206,10 @@ def _surgery(dense, method, train, test, info, seed, progress, ckpt_dir):
         slim = compact(masked, plan, x)
         res = measure(slim, test, info)
         slim_params = sum(p.numel() for p in slim.parameters())
+        # "sparsity" of a compacted model: the share of the dense model's parameters that are gone,
+        # so that its points sit where they belong on the report's curves
         res.update(target_sparsity=target, pruned_sparsity=1 - slim_params / dense_params,
+                   sparsity=1 - slim_params / dense_params,
                    compression_ratio=dense_params / slim_params, accuracy_before_finetune=before,
                    accuracy_masked=evaluate(masked, test)["accuracy"], compacted=True)
         points.append(res)

@@ -80,7 +80,7 @@ def _pngs(paths):
 def test_all_files_written(report):
     _, paths = report
     expected = {"html", "markdown", "metrics", "tradeoff", "size_latency", "layer_sparsity",
-                "history", "heatmap_oneshot_l1_fc1", "heatmap_gradual_conv1"}
+                "history", "heatmap_oneshot_l1_fc1", "heatmap_gradual_conv1", "accuracy_latency"}
     assert expected <= set(paths)
     for path in paths.values():
         assert path.is_file() and path.stat().st_size > 0
@@ -194,6 +194,7 @@ def test_missing_latency_keeps_size_panel(tmp_path):
     results = _strip(make_results(), ["latency_ms"])
     paths = build_report(results, tmp_path)
     assert paths["size_latency"].is_file()  # size data still plots; latency panel says so
+    assert "accuracy_latency" not in paths  # nothing to put on its x axis
     page = paths["html"].read_text(encoding="utf-8")
     assert "<th>Latency</th>" not in page  # an all-empty column is dropped
     assert "<th>Size (compressed)</th>" in page

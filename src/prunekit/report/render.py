@@ -173,6 +173,11 @@ def _curve_figures(results: Mapping[str, Any], out: Path) -> Figures:
         done.append(("size_latency", F.size_latency_curves(results, out / "size_latency.png"),
                      "Compressed model size (KB) and measured latency (ms) vs sparsity; "
                      "dashed lines are the dense model."))
+    if _has(results, "latency_ms", ["accuracy"]):
+        done.append(("accuracy_latency", F.tradeoff_curve(results, out / "accuracy_latency.png",
+                                                          x="latency_ms", y="accuracy"),
+                     "Top-1 accuracy vs measured latency: only physically smaller (compacted) models "
+                     "move left of the dense model's latency."))
     if any(F._num(l.get("sparsity")) is not None for m in methods for l in m.get("layers") or []):
         bars = [{"label": F._label(m, i), "layers": m.get("layers") or []} for i, m in enumerate(methods)]
         done.append(("layer_sparsity", F.layer_sparsity_bars(bars, out / "layer_sparsity.png"),
