@@ -21,6 +21,20 @@ stderr note; ``transformer_ffn`` (the same shape written out) has only its FFN h
 - ``speedup`` (dense latency / pruned latency, unit "x") with ``batch``
 - ``latency_per_macs`` (speedup / (dense MACs / pruned MACs), unit "frac") with ``batch``:
   1.0 means the latency fell exactly as much as the MACs did
+
+Peer ``torch-pruning`` (optional: only when ``import torch_pruning`` works; otherwise a stderr note and
+no peer lines). For the CNNs, a fresh copy of the same dense model is pruned by Torch-Pruning at the same
+ratio and criterion (``MagnitudeImportance(p=2)`` per layer, ``global_pruning=False``, the final classifier
+ignored, the same ``round_to``), and lines for ``<model>/ratio=<r>`` with ``peer`` torch-pruning are added
+(ratio = torch-pruning / prunekit, lower is better for all three):
+
+- ``macs`` (prunekit's pruned MACs vs Torch-Pruning's)
+- ``latency_ms`` with ``batch`` (the slim models timed alternating with the others above)
+- ``time_s``: time to prune, median of ``n`` alternating runs after a warm-up; prunekit: ``plan_groups`` +
+  ``compact``; Torch-Pruning: building the pruner (its DependencyGraph) + ``pruner.step()`` on a deep copy
+  (the copy is not timed). Accuracy after fine-tuning is not measured here (random init, no data).
+  The criteria agree up to the aggregation over coupled layers: prunekit sums per-layer L2 norms,
+  Torch-Pruning averages per-layer sums of squares; per-layer rankings of a lone layer are the same.
 """
 from __future__ import annotations
 
@@ -43,8 +57,16 @@ from prunekit import surgery  # noqa: E402
 from prunekit.metrics import count_macs, count_parameters, measure_latency  # noqa: E402
 from prunekit.models import VGGSmall  # noqa: E402
 
+try:
+    import torch_pruning as tp  # optional benchmark-only peer
+    TP_ERROR = None
+except Exception as _e:  # noqa: BLE001 -- any import failure just drops the peer
+    tp, TP_ERROR = None, f"{type(_e).__name__}: {_e}"
+
 BENCH = "structured_speed"
 TOL = 1e-4
+TP = "torch-pruning"
+PRUNE_RUNS = 3  # timed runs per method for time_s (after one warm-up run each)
 
 
 # ----------------------------------------------------------------------------- models
@@ -223,6 +245,43 @@ def _prune(model: nn.Module, x: torch.Tensor, amount: float, round_to: Optional[
     return slim, plan
 
 
+def _final_linear(model: nn.Module) -> nn.Module:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+def _tp_prune(model: nn.Module, x: torch.Tensor, amount: float, round_to: Optional[int]) -> nn.Module:
+    """Torch-Pruning, in place on ``model`` (pass a copy): L2 magnitude, per layer, same ratio and round_to."""
+    pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
+                                       pruning_ratio=amount, global_pruning=False,
+                                       ignored_layers=[_final_linear(model)], round_to=round_to)
+    pruner.step()
+    return model.eval()
+
+
+def _tp_slims(name: str, model: nn.Module, x: torch.Tensor, ratios, round_to: Optional[int]):
+    """{ratio: Torch-Pruning slim model}; empty when the peer is absent, not a CNN, or fails."""
+    if tp is None or name.startswith("transformer"):
+        return {}
+    out = {}
+    for r in ratios:
+        try:
+            out[r] = _tp_prune(copy.deepcopy(model), x, r, round_to)
+        except Exception as e:  # noqa: BLE001 -- a peer failure is reported, not fatal
+            C.log(f"NOTE: {TP} failed on {name}/ratio={r}: {type(e).__name__}: {e}")
+    return out
+
+
+def _emit_prune_times(name, model, x, ratios, round_to, seed, n):
+    """time_s to prune: prunekit (plan_groups + compact) vs Torch-Pruning (pruner + step), alternating."""
+    for r in ratios:
+        methods = {"prunekit": (None, lambda _, r=r: _prune(model, x, r, round_to, seed)),
+                   TP: (lambda: copy.deepcopy(model), lambda m, r=r: _tp_prune(m, x, r, round_to))}
+        t = C.alternating_medians(methods, n=n, warmup=1, progress=False)
+        pk, peer = C.median(t["prunekit"]), C.median(t[TP])
+        C.emit(BENCH, f"{name}/ratio={r}", "time_s", pk, "s", peer=TP, peer_value=peer, n=n, seed=seed)
+        C.log(f"  {name}/ratio={r}: time to prune {pk:.3f} s (prunekit) vs {peer:.3f} s ({TP})")
+
+
 @torch.no_grad()
 def _macs(model: nn.Module, x: torch.Tensor) -> int:
     return count_macs(model, x)["dense"]
@@ -284,11 +343,17 @@ def _bench_model(name: str, model: nn.Module, shape: Tuple[int, ...], round_to: 
         case = f"{name}/ratio={r}"
         C.emit(BENCH, case, "macs", macs[r], "count", peer="dense", peer_value=macs["dense"], seed=seed)
         C.emit(BENCH, case, "params", params[r], "count", peer="dense", peer_value=params["dense"], seed=seed)
+    tps = _tp_slims(name, model, x1, slims, round_to)
+    for r, m in tps.items():
+        C.emit(BENCH, f"{name}/ratio={r}", "macs", macs[r], "count", peer=TP, peer_value=_macs(m, x1), seed=seed)
+    if tps:
+        _emit_prune_times(name, model, x1, list(tps), round_to, seed, n=PRUNE_RUNS)
 
     for batch in batches:
         n, repeats = runs(batch)
         x = torch.randn(batch, *shape)
-        models = {"dense": model, **{f"ratio={r}": slim for r, slim in slims.items()}}
+        models = {"dense": model, **{f"ratio={r}": slim for r, slim in slims.items()},
+                  **{f"{TP} ratio={r}": m for r, m in tps.items()}}
         C.log(f"{name} batch={batch}: timing {len(models)} models alternating, {n} rounds x {repeats} forwards")
         for key, m in models.items():  # warm-up: allocator, oneDNN primitives
             measure_latency(m, x, warmup=2, repeats=1)
@@ -303,6 +368,9 @@ def _bench_model(name: str, model: nn.Module, shape: Tuple[int, ...], round_to: 
             C.emit(BENCH, case, "latency_per_macs", speedup / (macs["dense"] / macs[r]), "frac", **common)
             C.log(f"  {case} batch={batch}: {med['dense']:.3f} -> {lat:.3f} ms, speedup {speedup:.2f}x, "
                   f"MACs / {macs['dense'] / macs[r]:.2f}")
+        for r in tps:
+            C.emit(BENCH, f"{name}/ratio={r}", "latency_ms", med[f"ratio={r}"], "ms", peer=TP,
+                   peer_value=med[f"{TP} ratio={r}"], **common)
 
 
 def main(argv=None) -> int:
@@ -321,6 +389,8 @@ def main(argv=None) -> int:
         ratios, batches = (0.25, 0.5, 0.75), (1, 64)
         def runs(batch): return (15, 5) if batch == 1 else (11, 1)  # noqa: E704  (rounds, forwards per round)
     wanted = set(args.models.split(",")) if args.models else None
+    if tp is None:
+        C.log(f"NOTE: torch_pruning not importable ({TP_ERROR}); skipping the {TP} peer")
     for name, model, shape, round_to in _models(args.quick, args.seed):
         if wanted is not None and name not in wanted:
             continue

@@ -2,10 +2,15 @@
 from benchjson import check_convention, json_records, run_quick
 
 UNITS = {"macs": "count", "params": "count", "latency_ms": "ms", "speedup": "x", "latency_per_macs": "frac"}
+PEER_UNITS = {**UNITS, "time_s": "s"}  # time_s only with the optional torch-pruning peer
+TP = "torch-pruning"
 
 
 def test_structured_speed_quick_prints_json_lines():
     rows = json_records(run_quick("structured_speed.py").stdout)
+    tp_rows = [r for r in rows if r.get("peer") == TP]
+    rows = [r for r in rows if r.get("peer") != TP]
+    check_tp_peer(tp_rows, rows)
     for r in rows:
         check_convention(r, "structured_speed", UNITS)
         assert r["metric"] in UNITS, r
@@ -44,3 +49,23 @@ def test_structured_speed_quick_prints_json_lines():
                 assert abs(speedup - dense_lat / lat["value"]) < 1e-9
                 lpm = one(case, "latency_per_macs", b)["value"]
                 assert abs(lpm - speedup / (dense_macs / macs["value"])) < 1e-9
+
+
+def check_tp_peer(tp_rows, rows):
+    """Optional torch-pruning lines (present only when torch_pruning imports): one per metric, case and batch."""
+    if not tp_rows:
+        return
+    keys = set()
+    for r in tp_rows:
+        check_convention(r, "structured_speed", PEER_UNITS)
+        assert r["metric"] in ("macs", "latency_ms", "time_s"), r
+        assert r["value"] > 0 and r["peer_value"] > 0, r
+        assert abs(r["ratio"] - r["peer_value"] / r["value"]) < 1e-9, r
+        assert "/ratio=" in r["case"], r
+        key = (r["case"], r["metric"], r.get("batch"))
+        assert key not in keys, key
+        keys.add(key)
+        if r["metric"] != "time_s":  # same value as the prunekit line against the dense peer
+            own = [o for o in rows if (o["case"], o["metric"], o.get("batch")) == key]
+            assert len(own) == 1 and own[0]["value"] == r["value"], (r, own)
+    assert {r["metric"] for r in tp_rows} == {"macs", "latency_ms", "time_s"}
