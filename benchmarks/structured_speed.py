@@ -43,7 +43,7 @@ import copy
 import gc
 import os
 import sys
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,7 @@ import _common as C  # noqa: E402
 from prunekit import masking  # noqa: E402
 from prunekit import surgery  # noqa: E402
 from prunekit.metrics import count_macs, count_parameters, measure_latency  # noqa: E402
-from prunekit.models import VGGSmall  # noqa: E402
+from prunekit.models import MobileNetV2CIFAR, ResNetCIFAR, VGGSmall  # noqa: E402
 
 try:
     import torch_pruning as tp  # optional benchmark-only peer
@@ -70,87 +70,6 @@ PRUNE_RUNS = 3  # timed runs per method for time_s (after one warm-up run each)
 
 
 # ----------------------------------------------------------------------------- models
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
-
-
-class ResNet18(nn.Module):
-    """CIFAR-style ResNet-18: 3x3 stem, basic blocks [2, 2, 2, 2], widths 64-512."""
-
-    def __init__(self, num_classes: int = 10, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        layers, cin = [], widths[0]
-        for i, (w, nb) in enumerate(zip(widths, blocks)):
-            stage = []
-            for j in range(nb):
-                stage.append(BasicBlock(cin, w, stride=2 if (i > 0 and j == 0) else 1))
-                cin = w
-            layers.append(nn.Sequential(*stage))
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        x = self.layers(F.relu(self.bn1(self.conv1(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-class InvertedResidual(nn.Module):
-    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 linear projection, residual when shapes allow."""
-
-    def __init__(self, cin: int, cout: int, stride: int, expand: int):
-        super().__init__()
-        hidden = cin * expand
-        self.use_res = stride == 1 and cin == cout
-        layers: List[nn.Module] = []
-        if expand != 1:
-            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
-        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
-                   nn.ReLU6(), nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
-        self.conv = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return x + self.conv(x) if self.use_res else self.conv(x)
-
-
-class MobileNetV2(nn.Module):
-    """MobileNetV2 (width 1.0) for 32x32 inputs: stride-1 stem and first strided stage at stride 1."""
-
-    CFG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-           (6, 320, 1, 1))  # (expand, out channels, blocks, first stride)
-
-    def __init__(self, num_classes: int = 10, cfg=CFG, stem: int = 32, last: int = 1280):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU6())
-        blocks, cin = [], stem
-        for t, c, nb, s in cfg:
-            for j in range(nb):
-                blocks.append(InvertedResidual(cin, c, s if j == 0 else 1, t))
-                cin = c
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.Conv2d(cin, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6())
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(last, num_classes))
-
-    def forward(self, x):
-        return self.classifier(self.pool(self.head(self.blocks(self.stem(x)))))
-
 
 class TinyTransformer(nn.Module):
     """Token embedding + 2 post-norm encoder layers + mean-pool classifier (input: float tokens)."""
@@ -218,9 +137,9 @@ def _models(quick: bool, seed: int):
         return
     yield "vgg", randomize_bn(VGGSmall(in_channels=3, input_size=32, widths=(64, 128, 256)), gen), (3, 32, 32), 8
     torch.manual_seed(seed + 1)
-    yield "resnet18", randomize_bn(ResNet18(), gen), (3, 32, 32), 8
+    yield "resnet18", randomize_bn(ResNetCIFAR(), gen), (3, 32, 32), 8
     torch.manual_seed(seed + 2)
-    yield "mobilenetv2", randomize_bn(MobileNetV2(), gen), (3, 32, 32), 8
+    yield "mobilenetv2", randomize_bn(MobileNetV2CIFAR(), gen), (3, 32, 32), 8
     torch.manual_seed(seed + 3)
     yield "transformer", TinyTransformer(), (32, 64), 8   # nn.TransformerEncoder: expected to be skipped
     torch.manual_seed(seed + 4)

@@ -17,6 +17,7 @@ import math
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from prunekit.registry import Registry
@@ -133,6 +134,91 @@ class VGGSmall(nn.Module):
 
 
 # --------------------------------------------------------------------------- build by name
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+@MODELS.register("resnet18_cifar")
+class ResNetCIFAR(nn.Module):
+    """CIFAR-style ResNet (default ResNet-18): 3x3 stem, basic blocks [2, 2, 2, 2], widths 64-512."""
+
+    def __init__(self, num_classes: int = 10, widths: Sequence[int] = (64, 128, 256, 512),
+                 blocks: Sequence[int] = (2, 2, 2, 2), in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        layers, cin = [], widths[0]
+        for i, (w, nb) in enumerate(zip(widths, blocks)):
+            stage = []
+            for j in range(nb):
+                stage.append(BasicBlock(cin, w, stride=2 if (i > 0 and j == 0) else 1))
+                cin = w
+            layers.append(nn.Sequential(*stage))
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 linear projection, residual when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        layers: List[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+                   nn.ReLU6(), nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+@MODELS.register("mobilenetv2_cifar")
+class MobileNetV2CIFAR(nn.Module):
+    """MobileNetV2 (width 1.0) for 32x32 inputs: stride-1 stem and first strided stage at stride 1."""
+
+    CFG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+           (6, 320, 1, 1))  # (expand, out channels, blocks, first stride)
+
+    def __init__(self, num_classes: int = 10, cfg=CFG, stem: int = 32, last: int = 1280, in_channels: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem),
+                                  nn.ReLU6())
+        blocks, cin = [], stem
+        for t, c, nb, s in cfg:
+            for j in range(nb):
+                blocks.append(InvertedResidual(cin, c, s if j == 0 else 1, t))
+                cin = c
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Conv2d(cin, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(last, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.head(self.blocks(self.stem(x)))))
+
+
 def _json_safe(value: Any, where: str) -> Any:
     """Return ``value`` as it would come back from JSON (tuples -> lists); raise if it cannot."""
     if value is None or isinstance(value, (bool, int, str)):

@@ -127,3 +127,15 @@ def test_unknown_model_lists_known():
     msg = str(exc.value)
     for name in ("lenet300", "lenet5", "vgg_small", "mlp"):
         assert name in msg
+
+
+@pytest.mark.parametrize("name,kwargs", [("resnet18_cifar", {"widths": [8, 16, 32, 64]}),
+                                         ("mobilenetv2_cifar", {"stem": 8, "last": 64})])
+def test_cifar_reference_nets(name, kwargs):
+    from prunekit.models import build_model, model_spec
+
+    model = build_model(name, num_classes=7, **kwargs).eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert model_spec(model)["name"] == name
+    gray = build_model(name, num_classes=10, in_channels=1, **kwargs).eval()
+    assert gray(torch.randn(1, 1, 32, 32)).shape == (1, 10)
