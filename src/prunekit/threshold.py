@@ -31,7 +31,7 @@ from .compress import pack_bits
 
 _BINS = 4096
 _CHUNK = 1 << 20          # elements per chunk (a multiple of 8): temporaries of a few MB
-_MAX_GATHER = 1 << 20     # values of one bracket we are willing to hold at once (8 MB)
+_MAX_GATHER = 1 << 20     # values of one bracket we are willing to hold at once (4 MB as float32)
 _SAMPLE = 1 << 19         # scores sampled to bracket the k-th value (keeps the bracket ~0.5% of all)
 
 

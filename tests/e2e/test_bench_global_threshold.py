@@ -2,7 +2,7 @@
 from pathlib import Path
 
 import pytest
-from benchjson import check_convention, json_records, run_quick
+from benchjson import check_convention, run_quick
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "global_threshold.py"
@@ -13,11 +13,6 @@ PEER = "torch.nn.utils.prune"
 @pytest.fixture(scope="module")
 def run():
     return run_quick(SCRIPT.name)
-
-
-@pytest.fixture(scope="module")
-def records(run):
-    return json_records(run.stdout)
 
 
 def test_every_line_follows_the_convention(records):

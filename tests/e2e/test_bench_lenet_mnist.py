@@ -3,7 +3,7 @@ import re
 from pathlib import Path
 
 import pytest
-from benchjson import check_convention, json_records, run_quick
+from benchjson import check_convention, run_quick
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "lenet_mnist.py"
@@ -19,11 +19,6 @@ CONTROL = re.compile(r"^lenet300/dense_retrained/(seed=\d+|median)$")
 @pytest.fixture(scope="module")
 def run():
     return run_quick(SCRIPT.name)
-
-
-@pytest.fixture(scope="module")
-def records(run):
-    return json_records(run.stdout)
 
 
 def test_every_line_follows_the_convention(records):
