@@ -6,13 +6,23 @@ Each subcommand lives in its own module with ``add_arguments(parser)`` and
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from typing import List, Optional
 
-from . import demo, env, evaluate, prune, report
+# command name -> module under prunekit.cli (one line each, imported when the parser is built)
+COMMANDS = {
+    "demo": "demo",
+    "prune": "prune",
+    "eval": "evaluate",
+    "report": "report",
+    "env": "env",
+}
 
-COMMANDS = {"demo": demo, "prune": prune, "eval": evaluate, "report": report, "env": env}
+
+def _command(name: str):
+    return importlib.import_module(f"{__package__}.{COMMANDS[name]}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (to stderr)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, module in COMMANDS.items():
+    for name in COMMANDS:
+        module = _command(name)
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
     return parser
@@ -32,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return COMMANDS[args.command].run(args)
+        return _command(args.command).run(args)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         # user errors: one clear line, not a traceback (use -v to see where it came from)
         if args.verbose:
