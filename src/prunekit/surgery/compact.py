@@ -36,17 +36,27 @@ Cuts = Dict[str, Dict[int, torch.Tensor]]   # tensor attribute -> {dim: indices 
 SHAPES_FORMAT = "prunekit.shapes/1"
 
 
-def register_layer_handler(*types: type, attrs: Sequence[str] = ()) -> Callable:
+def register_layer_handler(*types: Any, attrs: Sequence[str] = (), refresh: bool = False) -> Callable:
     """Decorator: ``handler(module, cuts)`` slices modules of these types (and subclasses).
 
     ``attrs`` are the module attributes that describe its shape (saved by compact_shapes).
+    ``refresh=True``: the handler is also called, with empty cuts, on every such module
+    after all tensors were sliced, to update attributes derived from its children
+    (an attention block's ``num_heads`` follows its projections). Types may be given as
+    ``"module.QualName"`` strings (optional libraries are not imported to register them).
     """
     def deco(fn):
         fn.attrs = tuple(attrs)
+        fn.refresh = refresh
         for t in types:
-            LAYER_HANDLERS.register(type_key(t), overwrite=True)(fn)
+            LAYER_HANDLERS.register(t if isinstance(t, str) else type_key(t), overwrite=True)(fn)
         return fn
     return deco
+
+
+# slim replacement classes: when compaction must change a module's class (see surgery.attention),
+# the slim class's name maps to it so that rebuild can make the same change on a fresh model
+SLIM_CLASSES: Dict[str, type] = {}
 
 
 def handler_for(module: nn.Module) -> Optional[Callable]:
@@ -248,10 +258,19 @@ def compact(model: nn.Module, plan: Plan, example_inputs=None) -> nn.Module:
     for mod_name, mcuts in cuts.items():
         module = slim_modules[mod_name]
         handler_for(module)(module, mcuts)
+    _refresh(slim, skip=cuts)
     if example_inputs is not None:
         check_runs(slim, example_inputs, original=model)
     slim._prunekit_compacted = True  # prunekit.save records the slim shapes for load to rebuild
     return slim
+
+
+def _refresh(model: nn.Module, skip: Mapping[str, Any] = ()) -> None:
+    """Let refresh handlers recompute attributes that depend on their (sliced) children."""
+    for name, m in model.named_modules():
+        h = handler_for(m)
+        if h is not None and getattr(h, "refresh", False) and name not in skip:
+            h(m, {})
 
 
 # ----------------------------------------------------------------------------- shapes and rebuild
@@ -266,9 +285,9 @@ def compact_shapes(model: nn.Module) -> Dict[str, Any]:
     for name, m in model.named_modules():
         tensors = OrderedDict((k, list(v.shape)) for k, v in list(m._parameters.items()) + list(m._buffers.items())
                               if v is not None and not k.endswith((masking.MASK_SUFFIX, masking.ORIG_SUFFIX)))
-        if not tensors:
-            continue
         attrs = getattr(handler_for(m), "attrs", ())
+        if not tensors and not attrs:
+            continue
         out[name] = {"type": type(m).__name__, "tensors": tensors,
                      "attrs": {a: _json_value(getattr(m, a)) for a in attrs if hasattr(m, a)}}
     return {"format": SHAPES_FORMAT, "modules": out}
@@ -299,6 +318,9 @@ def rebuild(original: nn.Module, shapes: Mapping[str, Any]) -> nn.Module:
     modules = dict(model.named_modules())
     for name, spec in shapes["modules"].items():
         m = modules.get(name)
+        slim_cls = SLIM_CLASSES.get(spec["type"])
+        if m is not None and slim_cls is not None and isinstance(m, slim_cls.__mro__[1]):
+            m.__class__ = slim_cls   # the class compaction switched to (same tensors, new forward)
         if m is None or type(m).__name__ != spec["type"]:
             found = type(m).__name__ if m is not None else "nothing"
             raise ValueError(f"shapes describe module {name!r} as {spec['type']}, the model has {found} "

@@ -208,7 +208,7 @@ def plan_groups(model: nn.Module, example_inputs, amount: Amount, *, criterion="
                  "protect": [protect] if isinstance(protect, str) else list(protect), "seed": seed,
                  "normalize": normalize, "exact": exact,
                  "groups": _groups_meta(graph, pruned)}
-    plan.notes = _notes(graph, pruned, floor_hits, min_keep)
+    plan.notes = list(graph.notes) + _notes(graph, pruned, floor_hits, min_keep)
     if given_back:
         plan.notes.append(f"round_to={round_to} kept {given_back} channels more than the amount asked")
     return plan

@@ -38,6 +38,9 @@ ROLES = ("producer", "consumer", "channelwise")
 # Rules that say how a value's channel tag flows through an op. Module rules are
 # keyed by the exact type (see type_key): a subclass may compute something else.
 MODULE_RULES = Registry("graph rule")
+# Block rules declare the groups *inside* a known block (a BERT layer, nn.TransformerEncoderLayer)
+# from its structure alone; they are the fallback for models torch.fx cannot trace.
+BLOCK_RULES = Registry("block rule")
 FUNCTION_RULES: Dict[Any, Callable] = {}   # torch / operator functions -> rule
 METHOD_RULES: Dict[str, Callable] = {}     # tensor method names -> rule
 
@@ -46,14 +49,16 @@ def type_key(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def register_module_rule(*types: type) -> Callable:
+def register_module_rule(*types: Any) -> Callable:
     """Decorator: ``rule(prop, node, name, module) -> Optional[Tag]`` for leaf modules of these types.
 
-    Modules with a rule are traced as leaves (fx does not look inside them).
+    Modules with a rule are traced as leaves (fx does not look inside them). A type may
+    also be given as its ``"module.QualName"`` string, so that rules for optional
+    libraries (timm, transformers) are registered without importing them.
     """
     def deco(fn):
         for t in types:
-            MODULE_RULES.register(type_key(t), overwrite=True)(fn)
+            MODULE_RULES.register(t if isinstance(t, str) else type_key(t), overwrite=True)(fn)
         return fn
     return deco
 
@@ -64,6 +69,17 @@ def register_function_rule(*targets: Any) -> Callable:
     def deco(fn):
         for t in targets:
             (METHOD_RULES if isinstance(t, str) else FUNCTION_RULES)[t] = fn
+        return fn
+    return deco
+
+
+def register_block_rule(*types: Any) -> Callable:
+    """Decorator: ``rule(prop, name, module)`` declares (with ``prop.new_group``/``prop.add``) the
+    channel groups that live entirely inside a block of these types: slices whose removal
+    changes no shape outside the block. Used when fx cannot trace the model."""
+    def deco(fn):
+        for t in types:
+            BLOCK_RULES.register(t if isinstance(t, str) else type_key(t), overwrite=True)(fn)
         return fn
     return deco
 
@@ -152,6 +168,7 @@ class ChannelGraph:
     """The channel groups of one model (JSON-safe via ``to_dict``)."""
 
     groups: List[Group]
+    notes: List[str] = field(default_factory=list)   # e.g. why the block fallback was used
 
     def prunable(self) -> List[Group]:
         return [g for g in self.groups if g.prunable]
@@ -160,11 +177,12 @@ class ChannelGraph:
         return [g for g in self.groups if any(m.name == name and m.dim == dim for m in g.members)]
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"format": "prunekit.groups/1", "groups": [g.to_dict() for g in self.groups]}
+        return {"format": "prunekit.groups/1", "groups": [g.to_dict() for g in self.groups],
+                "notes": list(self.notes)}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "ChannelGraph":
-        return cls([Group.from_dict(g) for g in d["groups"]])
+        return cls([Group.from_dict(g) for g in d["groups"]], list(d.get("notes", [])))
 
     def describe(self) -> str:
         lines = []
@@ -231,11 +249,13 @@ class Propagation:
     values must share channels, ``block`` when a group cannot be pruned.
     """
 
-    def __init__(self, gm: fx.GraphModule, shapes: Dict[fx.Node, Optional[Tuple[int, ...]]]):
+    def __init__(self, gm: Optional[fx.GraphModule], shapes: Dict[fx.Node, Optional[Tuple[int, ...]]]):
         self.gm = gm
-        self.modules = dict(gm.named_modules())
+        self.modules = dict(gm.named_modules()) if gm is not None else {}
         self.shapes = shapes
         self.tags: Dict[fx.Node, Optional[Tag]] = {}
+        # ops returning a tuple (nn.MultiheadAttention, HF attention): item index -> tag, read by getitem
+        self.tuple_tags: Dict[fx.Node, Dict[int, Tag]] = {}
         self.groups: List[Group] = []
         self._parent: List[int] = []
         self.direct_uses: Dict[str, str] = {}  # tensor name -> node that reads it outside a module
@@ -287,7 +307,15 @@ class Propagation:
 
     def block_inputs(self, node: fx.Node, reason: str) -> None:
         for arg in node.all_input_nodes:
-            self.block(self.tags.get(arg), reason)
+            for t in self.tags_of(arg):
+                self.block(t, reason)
+
+    def tags_of(self, arg: Any) -> List[Tag]:
+        """Every tag a value carries: its own, or those of the items of a tuple it holds."""
+        if not isinstance(arg, fx.Node):
+            return []
+        own = [self.tags[arg]] if self.tags.get(arg) is not None else []
+        return own + list(self.tuple_tags.get(arg, {}).values())
 
     # -- values
     def tag(self, arg: Any) -> Optional[Tag]:
@@ -328,12 +356,11 @@ class Propagation:
             self.direct_uses.setdefault(str(node.target), node.name)
             return None
         if node.op == "output":
-            for arg in node.all_input_nodes:
-                self.block(self.tags.get(arg), "reaches the model output")
+            self.block_inputs(node, "reaches the model output")
             return None
         rule = self.rule_for(node)
         if rule is None:
-            if any(self.tags.get(a) is not None for a in node.all_input_nodes):
+            if any(self.tags_of(a) for a in node.all_input_nodes):
                 self.unknown(node)
             return None
         return rule(self, node)
@@ -343,7 +370,7 @@ class Propagation:
             module = self.modules[node.target]
             key = type_key(type(module))
             if key not in MODULE_RULES:
-                return None
+                return self._block_rule(key, module) if key in BLOCK_RULES else None
             fn = MODULE_RULES.get(key)
             return lambda prop, n: fn(prop, n, str(n.target), module)
         if node.op == "call_method":
@@ -352,6 +379,15 @@ class Propagation:
             return FUNCTION_RULES.get(node.target)
         except TypeError:  # unhashable target
             return None
+
+    @staticmethod
+    def _block_rule(key: str, module: nn.Module) -> Callable:
+        """A known block traced as a leaf: its inside groups, and its width kept whole."""
+        def rule(prop: "Propagation", node: fx.Node) -> None:
+            prop.block_inputs(node, f"{describe_node(prop, node)} keeps its input width")
+            BLOCK_RULES.get(key)(prop, str(node.target), module)
+            return None
+        return rule
 
     def run(self) -> None:
         for node in self.gm.graph.nodes:
@@ -370,7 +406,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if any(fnmatch.fnmatchcase(qualname, p) for p in self._leaf_patterns):
             return True
-        if type_key(type(m)) in MODULE_RULES:
+        if type_key(type(m)) in MODULE_RULES or type_key(type(m)) in BLOCK_RULES:
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -511,8 +547,26 @@ def _finish(prop: Propagation, model: nn.Module, exact: bool) -> ChannelGraph:
     return ChannelGraph(out)
 
 
+def block_groups(model: nn.Module, exact: bool = True) -> ChannelGraph:
+    """Groups from block rules only: each known block's internal channels; nothing else is pruned."""
+    prop = Propagation(None, {})
+    matched: List[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(m + ".") for m in matched) or type_key(type(module)) not in BLOCK_RULES:
+            continue
+        BLOCK_RULES.get(type_key(type(module)))(prop, name, module)
+        matched.append(name)
+    graph = _finish(prop, model, exact)
+    graph.notes.append(f"block rules matched {len(matched)} block(s)")
+    return graph
+
+
+def _has_block_rules(model: nn.Module) -> bool:
+    return any(type_key(type(m)) in BLOCK_RULES for m in model.modules())
+
+
 def build_groups(model: nn.Module, example_inputs, *, leaf_modules: Sequence[str] = (),
-                 exact: bool = True) -> ChannelGraph:
+                 exact: bool = True, fallback: bool = True) -> ChannelGraph:
     """Trace ``model`` and return its channel groups.
 
     ``example_inputs`` (a tensor or a tuple of them, batch size >= 2) is run once in
@@ -520,13 +574,27 @@ def build_groups(model: nn.Module, example_inputs, *, leaf_modules: Sequence[str
     patterns of module names fx should not trace into (their channels are then kept).
     ``exact=False`` also allows groups whose removal changes the kept channels'
     values (LayerNorm over the channels): masked and compacted models then differ.
+
+    When fx cannot trace the model (Hugging Face models, for one) and ``fallback`` is
+    true, the groups inside known blocks (see :func:`register_block_rule`: BERT-style
+    layers, nn.TransformerEncoderLayer) are returned instead: attention heads and FFN
+    neurons, whose removal changes no shape outside the block. Without such blocks the
+    :class:`TraceError` names the module where tracing stopped.
     """
-    from . import rules  # noqa: F401  (registers the built-in rules)
+    from . import attention, rules  # noqa: F401  (registers the built-in rules)
 
     if example_inputs is None:
         raise ValueError("build_groups needs example_inputs (e.g. torch.randn(2, 3, 32, 32)) to learn shapes")
 
-    gm = trace(model, leaf_modules)
+    try:
+        gm = trace(model, leaf_modules)
+    except TraceError as e:
+        if not (fallback and _has_block_rules(model)):
+            raise
+        graph = block_groups(model, exact)
+        graph.notes.insert(0, f"fx could not trace the model, so only the insides of known blocks are "
+                              f"pruned ({e})")
+        return graph
     prop = Propagation(gm, record_shapes(gm, example_inputs))
     prop.run()
     return _finish(prop, model, exact)

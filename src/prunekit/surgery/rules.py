@@ -363,6 +363,10 @@ def _getitem(prop: Propagation, node: fx.Node) -> Optional[Tag]:
     src, index = node.args
     t = prop.tag(src)
     if t is None:
+        if src in prop.tuple_tags:
+            if isinstance(index, int):
+                return prop.tuple_tags[src].get(index)   # e.g. the output of nn.MultiheadAttention
+            prop.block_inputs(node, f"{describe_node(prop, node)} slices a tuple holding channels")
         return None  # e.g. an item of a tuple returned by an unknown module: no known channels
     index = index if isinstance(index, tuple) else (index,)
     nd = len(prop.shape(src))
