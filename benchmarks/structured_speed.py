@@ -9,9 +9,14 @@ same plan on a copy; stderr warning when they differ by more than 1e-4).
 
 JSON lines (../shared/BENCHMARKS.md), ``case`` = ``<model>/dense`` or ``<model>/ratio=<r>``:
 
-Transformers: ``transformer`` (nn.TransformerEncoder) is opaque to the surgery and is skipped with a
-stderr note; ``transformer_ffn`` (the same shape written out) has only its FFN hidden channels pruned
-(attention and the residual width are kept), so its MACs fall much less than the ratio suggests.
+Transformers: ``transformer`` (nn.TransformerEncoder: fx cannot trace it, so the block rules prune the
+attention heads and FFN neurons inside each layer) and ``transformer_mha`` (the same shape written out
+around nn.MultiheadAttention, traced; compacted heads run in SlimMultiheadAttention). The residual width
+is kept in both (LayerNorm over it), so MACs fall less than the ratio suggests.
+
+Peer ``hand_written`` (VGG, ResNet-18): the model class built directly at the compacted widths (fresh
+weights), checked to have exactly the compacted model's tensor shapes, timed alternating with the others:
+``latency_ms`` with peer hand_written (ratio = hand-written / prunekit; 1.0 = no overhead from surgery).
 
 - ``macs``, ``params`` (unit "count"); pruned ones with peer ``dense`` (ratio = dense / pruned)
 - ``latency_ms`` with ``batch``: the dense model's, and the pruned model's with peer ``dense``
@@ -101,8 +106,8 @@ class EncoderLayer(nn.Module):
         return self.norm2(x + self.linear2(F.gelu(self.linear1(x))))
 
 
-class FFNTransformer(nn.Module):
-    """Like TinyTransformer, with EncoderLayer: only the FFN hidden channels are prunable."""
+class MHATransformer(nn.Module):
+    """Like TinyTransformer, with EncoderLayer written out: traced, heads and FFN neurons prunable."""
 
     def __init__(self, d_in: int = 64, d_model: int = 256, heads: int = 4, ff: int = 1024, layers: int = 2,
                  num_classes: int = 10):
@@ -141,9 +146,9 @@ def _models(quick: bool, seed: int):
     torch.manual_seed(seed + 2)
     yield "mobilenetv2", randomize_bn(MobileNetV2CIFAR(), gen), (3, 32, 32), 8
     torch.manual_seed(seed + 3)
-    yield "transformer", TinyTransformer(), (32, 64), 8   # nn.TransformerEncoder: expected to be skipped
+    yield "transformer", TinyTransformer(), (32, 64), None      # block rules: heads + FFN neurons
     torch.manual_seed(seed + 4)
-    yield "transformer_ffn", FFNTransformer(), (32, 64), 8  # attention and residual width kept, FFN pruned
+    yield "transformer_mha", MHATransformer(), (32, 64), None   # traced: heads + FFN neurons
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -162,6 +167,36 @@ def _prune(model: nn.Module, x: torch.Tensor, amount: float, round_to: Optional[
     except Exception as e:  # noqa: BLE001
         return None, f"compact failed: {type(e).__name__}: {e}"
     return slim, plan
+
+
+def _conv_widths(slim: nn.Module):
+    return [m.out_channels for m in slim.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _hand_written(name: str, model: nn.Module, slim: nn.Module) -> Optional[nn.Module]:
+    """The model class built at the slim widths, or None where its constructor cannot express them."""
+    widths = _conv_widths(slim)
+    try:
+        if isinstance(model, VGGSmall):
+            hidden = [m.out_features for m in slim.modules() if isinstance(m, nn.Linear)][0]
+            per_stage = widths[1::2]
+            fresh = VGGSmall(in_channels=model.features[0].in_channels, input_size=2 ** len(per_stage),
+                             widths=per_stage, hidden=hidden, num_classes=_final_linear(model).out_features)
+        elif isinstance(model, ResNetCIFAR):
+            stages = [slim.conv1.out_channels] + [layer[0].conv2.out_channels
+                                                  for layer in (slim.layer2, slim.layer3, slim.layer4)]
+            fresh = ResNetCIFAR(num_classes=_final_linear(model).out_features, widths=stages)
+        else:
+            return None
+    except Exception as e:  # noqa: BLE001 -- the baseline is optional
+        C.log(f"NOTE: {name}: no hand-written baseline ({type(e).__name__}: {e})")
+        return None
+    same = {k: tuple(v.shape) for k, v in fresh.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in slim.state_dict().items()}
+    if not same:
+        C.log(f"NOTE: {name}: the compacted widths are not uniform per stage; no hand-written baseline")
+        return None
+    return fresh.eval()
 
 
 def _final_linear(model: nn.Module) -> nn.Module:
@@ -267,12 +302,14 @@ def _bench_model(name: str, model: nn.Module, shape: Tuple[int, ...], round_to: 
         C.emit(BENCH, f"{name}/ratio={r}", "macs", macs[r], "count", peer=TP, peer_value=_macs(m, x1), seed=seed)
     if tps:
         _emit_prune_times(name, model, x1, list(tps), round_to, seed, n=PRUNE_RUNS)
+    hands = {r: h for r, slim in slims.items() if (h := _hand_written(name, model, slim)) is not None}
 
     for batch in batches:
         n, repeats = runs(batch)
         x = torch.randn(batch, *shape)
         models = {"dense": model, **{f"ratio={r}": slim for r, slim in slims.items()},
-                  **{f"{TP} ratio={r}": m for r, m in tps.items()}}
+                  **{f"{TP} ratio={r}": m for r, m in tps.items()},
+                  **{f"hand ratio={r}": m for r, m in hands.items()}}
         C.log(f"{name} batch={batch}: timing {len(models)} models alternating, {n} rounds x {repeats} forwards")
         for key, m in models.items():  # warm-up: allocator, oneDNN primitives
             measure_latency(m, x, warmup=2, repeats=1)
@@ -290,6 +327,9 @@ def _bench_model(name: str, model: nn.Module, shape: Tuple[int, ...], round_to: 
         for r in tps:
             C.emit(BENCH, f"{name}/ratio={r}", "latency_ms", med[f"ratio={r}"], "ms", peer=TP,
                    peer_value=med[f"{TP} ratio={r}"], **common)
+        for r in hands:
+            C.emit(BENCH, f"{name}/ratio={r}", "latency_ms", med[f"ratio={r}"], "ms", peer="hand_written",
+                   peer_value=med[f"hand ratio={r}"], **common)
 
 
 def main(argv=None) -> int:

@@ -9,8 +9,10 @@ TP = "torch-pruning"
 def test_structured_speed_quick_prints_json_lines():
     rows = json_records(run_quick("structured_speed.py").stdout)
     tp_rows = [r for r in rows if r.get("peer") == TP]
-    rows = [r for r in rows if r.get("peer") != TP]
+    hand_rows = [r for r in rows if r.get("peer") == "hand_written"]
+    rows = [r for r in rows if r.get("peer") not in (TP, "hand_written")]
     check_tp_peer(tp_rows, rows)
+    check_hand_written(hand_rows, rows)
     for r in rows:
         check_convention(r, "structured_speed", UNITS)
         assert r["metric"] in UNITS, r
@@ -69,3 +71,15 @@ def check_tp_peer(tp_rows, rows):
             own = [o for o in rows if (o["case"], o["metric"], o.get("batch")) == key]
             assert len(own) == 1 and own[0]["value"] == r["value"], (r, own)
     assert {r["metric"] for r in tp_rows} == {"macs", "latency_ms", "time_s"}
+
+
+def check_hand_written(hand_rows, rows):
+    """The VGG baseline built at the compacted widths: one latency line per pruned case and batch."""
+    assert hand_rows, "the quick VGG must get a hand-written baseline"
+    for r in hand_rows:
+        check_convention(r, "structured_speed", UNITS)
+        assert r["metric"] == "latency_ms" and r["peer_value"] > 0
+        same = [x for x in rows if x["case"] == r["case"] and x["metric"] == "latency_ms"
+                and x["batch"] == r["batch"]]
+        assert len(same) == 1 and same[0]["value"] == r["value"]
+        assert abs(r["ratio"] - r["peer_value"] / r["value"]) < 1e-9

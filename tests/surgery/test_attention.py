@@ -256,3 +256,29 @@ def test_hf_bert_heads_and_ffn_neurons_compact():
     sa = slim.encoder.layer[0].attention.self
     assert sa.num_attention_heads == 2 and sa.all_head_size == 16 and sa.query.out_features == 16
     assert slim.encoder.layer[0].intermediate.dense.out_features == 32
+
+
+class EncoderClassifier(nn.Module):
+    """Traceable around an nn.TransformerEncoder, which fx keeps as one opaque leaf."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(12, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.fc(self.encoder(self.embed(x)).mean(1))
+
+
+def test_block_rules_apply_inside_an_opaque_leaf_of_a_traced_model():
+    torch.manual_seed(10)
+    model = EncoderClassifier().eval()
+    x = torch.randn(2, 6, 12)
+    graph = build_groups(model, x)
+    assert not any("fx could not trace" in n for n in graph.notes)    # traced, not the fallback
+    leads = {g.lead().name for g in graph.prunable()}
+    assert {"encoder.layers.0.self_attn.in_proj_weight", "encoder.layers.1.linear1.weight"} <= leads
+    assert not graph.group_of("embed.weight")[0].prunable               # the encoder keeps its width
+    _assert_agree(model, x, amount=0.5, scope="global")

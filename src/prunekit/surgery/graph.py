@@ -370,7 +370,7 @@ class Propagation:
             module = self.modules[node.target]
             key = type_key(type(module))
             if key not in MODULE_RULES:
-                return self._block_rule(key, module) if key in BLOCK_RULES else None
+                return self._block_rule(module) if _has_block_rules(module) else None
             fn = MODULE_RULES.get(key)
             return lambda prop, n: fn(prop, n, str(n.target), module)
         if node.op == "call_method":
@@ -381,11 +381,12 @@ class Propagation:
             return None
 
     @staticmethod
-    def _block_rule(key: str, module: nn.Module) -> Callable:
-        """A known block traced as a leaf: its inside groups, and its width kept whole."""
+    def _block_rule(module: nn.Module) -> Callable:
+        """A leaf that is a known block or holds some (nn.TransformerEncoder): the groups inside
+        those blocks, and the leaf's input width kept whole."""
         def rule(prop: "Propagation", node: fx.Node) -> None:
             prop.block_inputs(node, f"{describe_node(prop, node)} keeps its input width")
-            BLOCK_RULES.get(key)(prop, str(node.target), module)
+            _apply_block_rules(prop, module, prefix=str(node.target))
             return None
         return rule
 
@@ -547,15 +548,21 @@ def _finish(prop: Propagation, model: nn.Module, exact: bool) -> ChannelGraph:
     return ChannelGraph(out)
 
 
-def block_groups(model: nn.Module, exact: bool = True) -> ChannelGraph:
-    """Groups from block rules only: each known block's internal channels; nothing else is pruned."""
-    prop = Propagation(None, {})
+def _apply_block_rules(prop: Propagation, root: nn.Module, prefix: str = "") -> List[str]:
+    """Run the block rule of every outermost known block in ``root``; returns their names."""
     matched: List[str] = []
-    for name, module in model.named_modules():
+    for name, module in root.named_modules(prefix=prefix):
         if any(name.startswith(m + ".") for m in matched) or type_key(type(module)) not in BLOCK_RULES:
             continue
         BLOCK_RULES.get(type_key(type(module)))(prop, name, module)
         matched.append(name)
+    return matched
+
+
+def block_groups(model: nn.Module, exact: bool = True) -> ChannelGraph:
+    """Groups from block rules only: each known block's internal channels; nothing else is pruned."""
+    prop = Propagation(None, {})
+    matched = _apply_block_rules(prop, model)
     graph = _finish(prop, model, exact)
     graph.notes.append(f"block rules matched {len(matched)} block(s)")
     return graph
