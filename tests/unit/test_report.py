@@ -301,3 +301,23 @@ def test_number_formatting():
     for fmt in (fmt_pct, fmt_pp, fmt_int, fmt_ratio, fmt_kb, fmt_ms):
         assert fmt(None) == "—" and fmt(float("nan")) == "—" and fmt("x") == "—"
     assert not math.isnan(F._scaled(0.5, "accuracy"))
+
+
+def test_structured_before_after_table(tmp_path):
+    """Compacted points get their own table: params, MACs and latency before -> after, and the ×."""
+    results = make_results()
+    dense = results["dense"]
+    slim = dict(_point(0.5, 0.75, 0.975, latency=0.025), params=dense["params"] // 4,
+                macs=dense["macs"] // 4, compacted=True)
+    results["methods"].append({"name": "surgery_l1", "label": "surgery L1 (channels removed)",
+                               "points": [slim]})
+    paths = build_report(results, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    section = md.split("Structured pruning: before and after surgery", 1)[1]
+    row = next(line for line in section.splitlines() if line.startswith("| surgery L1"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:] == ["50%", "266,610 → 66,652", "4.0×", "266,200 → 66,550", "4.0×",
+                         "0.050 ms → 0.025 ms", "2.0×", "97.50% (-0.70 pp)"]
+    # no compacted point, no section
+    build_report(make_results(), tmp_path / "plain")
+    assert "before and after surgery" not in (tmp_path / "plain" / "report.md").read_text()

@@ -253,6 +253,47 @@ def _summary(results: Mapping[str, Any]) -> List[Block]:
                   "effective MACs; latency is measured.")]
 
 
+_STRUCT_HEADERS = ["Method", "Point", "Params (before → after)", "Params ×", "MACs (before → after)",
+                   "MACs ×", "Latency (before → after)", "Speedup", "Accuracy (Δ)"]
+
+
+def _arrow(before: Any, after: Any, fmt) -> str:
+    return f"{fmt(before)} → {fmt(after)}"
+
+
+def _times(before: Any, after: Any) -> str:
+    b, a = _num(before), _num(after)
+    return fmt_ratio(b / a) if b is not None and a else MISSING
+
+
+def _structured_rows(results: Mapping[str, Any]) -> List[List[str]]:
+    """One row per point of a compacted (physically smaller) model, against the dense one."""
+    dense = results.get("dense") or {}
+    rows = []
+    for i, method in enumerate(results.get("methods") or []):
+        points = [p for p in method.get("points") or [] if isinstance(p, Mapping) and p.get("compacted")]
+        for p in points:
+            acc, base = _num(p.get("accuracy")), _num(dense.get("accuracy"))
+            delta = f"{fmt_pct(acc)} ({fmt_pp(acc - base)})" if acc is not None and base is not None else MISSING
+            rows.append([F._label(method, i), fmt_pct(p.get("target_sparsity"), 0),
+                         _arrow(dense.get("params"), p.get("params"), fmt_int),
+                         _times(dense.get("params"), p.get("params")),
+                         _arrow(dense.get("macs"), p.get("macs"), fmt_int),
+                         _times(dense.get("macs"), p.get("macs")),
+                         _arrow(dense.get("latency_ms"), p.get("latency_ms"), fmt_ms),
+                         _times(dense.get("latency_ms"), p.get("latency_ms")), delta])
+    return rows
+
+
+def _structured(results: Mapping[str, Any]) -> List[Block]:
+    rows = _structured_rows(results)
+    if not rows:
+        return []
+    return [("h", 2, "Structured pruning: before and after surgery"), _table(_STRUCT_HEADERS, rows),
+            ("p", "These models were compacted: pruned channels are physically removed, so parameters, "
+                  "MACs and the measured latency (batch 1) fall together. × is dense / compacted.")]
+
+
 def _layer_table(layers: Sequence[Mapping[str, Any]]) -> Block:
     rows = [[str(l.get("name", MISSING)), str(l.get("type") or MISSING), fmt_int(l.get("params")),
              fmt_int(l.get("nonzeros")), fmt_pct(l.get("sparsity"), 1),
@@ -300,6 +341,7 @@ def document(results: Mapping[str, Any], figures: Figures) -> List[Block]:
     if results.get("created"):
         blocks.append(("p", f"Created: {results['created']}"))
     blocks += _summary(results)
+    blocks += _structured(results)
     if figures:
         blocks.append(("h", 2, "Figures"))
         blocks += [("figure", key, path, caption) for key, path, caption in figures]
