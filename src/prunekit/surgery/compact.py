@@ -106,18 +106,22 @@ def _linear(module: nn.Linear, cuts: Cuts) -> None:
 
 @register_layer_handler(nn.Conv1d, nn.Conv2d, nn.Conv3d, attrs=("in_channels", "out_channels", "groups"))
 def _conv(module: nn.Conv2d, cuts: Cuts) -> None:
-    depthwise = module.groups == module.in_channels == module.out_channels
-    if module.groups > 1 and not depthwise:
-        raise ValueError(f"grouped convolution (groups={module.groups}) cannot lose single channels yet")
-    if depthwise and 1 in cuts.get("weight", {}):
-        raise ValueError("a depthwise convolution loses channels along dim 0 (with its input), not dim 1")
+    groups = module.groups
+    if groups > 1 and 1 in cuts.get("weight", {}):
+        raise ValueError(f"a grouped convolution (groups={groups}) loses whole conv-groups along dim 0 "
+                         "(with their input channels), not slices of dim 1")
     same_channels(module, cuts, ("weight", "bias"))
+    rows = cuts.get("weight", {}).get(0)
+    if groups > 1 and rows is not None:
+        per = module.out_channels // groups
+        blocks = torch.unique(rows // per)
+        if rows.numel() != blocks.numel() * per:
+            raise ValueError(f"the plan removes part of a conv-group of {module} (groups={groups}); "
+                             "they go whole (make the plan with plan_groups)")
+        groups = int(blocks.numel())
     slice_tensors(module, cuts)
-    module.out_channels = module.weight.shape[0]
-    if depthwise:
-        module.in_channels = module.groups = module.out_channels
-    else:
-        module.in_channels = module.weight.shape[1]
+    module.out_channels, module.groups = module.weight.shape[0], groups
+    module.in_channels = module.weight.shape[1] * groups
 
 
 @register_layer_handler(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, attrs=("num_features",))
@@ -125,6 +129,18 @@ def _batchnorm(module: nn.BatchNorm2d, cuts: Cuts) -> None:
     same_channels(module, cuts, ("weight", "bias", "running_mean", "running_var"))
     slice_tensors(module, cuts)
     module.num_features = next(t.shape[0] for t in (module.weight, module.running_mean) if t is not None)
+
+
+@register_layer_handler(nn.GroupNorm, attrs=("num_groups", "num_channels"))
+def _groupnorm(module: nn.GroupNorm, cuts: Cuts) -> None:
+    per = module.num_channels // module.num_groups
+    same_channels(module, cuts, ("weight", "bias"))
+    keep = cuts.get("weight", {}).get(0)
+    if keep is not None and keep.numel() != torch.unique(keep // per).numel() * per:
+        raise ValueError(f"the plan removes part of a channel group of {module}; groups go whole")
+    slice_tensors(module, cuts)
+    module.num_channels = module.weight.shape[0]
+    module.num_groups = module.num_channels // per
 
 
 @register_layer_handler(nn.LayerNorm, attrs=("normalized_shape",))

@@ -290,6 +290,58 @@ class Propagation:
             self.block_group(ra, f"coupled channel counts differ ({ga.channels} vs {gb.channels})")
         return ra
 
+    # -- regrouping: every member and every tag of a group changes together
+    def _class_of(self, root: int) -> List[int]:
+        return [i for i in range(len(self.groups)) if self.find(i) == root]
+
+    def _regroup(self, g: int, channels: int, member_fn: Callable, seg_fn: Callable) -> None:
+        root = self.find(g)
+        for i in self._class_of(root):   # merged groups' members are copies of the root's: drop them
+            if i != root:
+                self.groups[i].members = []
+        grp = self.groups[root]
+        grp.members = [member_fn(m) for m in grp.members]
+        grp.channels = channels
+
+        def retag(t: Optional[Tag]) -> Optional[Tag]:
+            if t is None:
+                return None
+            return Tag(t.dim, tuple(seg_fn(x) if self.find(x.group) == root else x for x in t.segs))
+        for node, t in list(self.tags.items()):
+            self.tags[node] = retag(t)
+        for items in self.tuple_tags.values():
+            for k, t in list(items.items()):
+                items[k] = retag(t)
+
+    def _all_layouts(self, g: int) -> List[Tuple[int, int, int, int]]:
+        root = self.find(g)
+        segs = [x for t in list(self.tags.values()) + [t for d in self.tuple_tags.values() for t in d.values()]
+                if t is not None for x in t.segs if self.find(x.group) == root]
+        return [m.layout() for m in self.groups[root].members] + [x.layout() for x in segs]
+
+    def coarsen(self, g: int, units: int) -> bool:
+        """Make group ``g``'s channels go in ``units`` blocks of consecutive channels (a grouped conv
+        or GroupNorm works on such blocks); False when its channel count does not divide."""
+        channels = self.group(g).channels
+        if channels == units:
+            return True
+        if units < 1 or channels % units:
+            return False
+        k = channels // units
+        self._regroup(g, units, lambda m: replace(m, inner=m.inner * k), lambda x: replace(x, inner=x.inner * k))
+        return True
+
+    def fold(self, g: int, pieces: int) -> bool:
+        """Channel ``c`` of each of ``pieces`` equal parts of group ``g`` becomes one channel
+        (``chunk`` then an op on every piece); False when a layout already repeats (outer > 1)."""
+        channels = self.group(g).channels
+        if pieces < 1 or channels % pieces or any(lay[2] != 1 for lay in self._all_layouts(g)):
+            return False
+        n = channels // pieces
+        self._regroup(g, n, lambda m: replace(m, outer=pieces, outer_stride=n * m.inner),
+                      lambda x: replace(x, outer=pieces, outer_stride=n * x.inner))
+        return True
+
     def add(self, g: int, name: str, dim: int, role: str, seg: Optional[Seg] = None, kind: str = "param"):
         base, inner, outer, stride = seg.layout() if seg is not None else (0, 1, 1, 0)
         self.group(g).members.append(Member(name, dim, role, kind, base, inner, outer, stride))

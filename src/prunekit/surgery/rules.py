@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import replace
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -85,11 +86,58 @@ def _conv(prop: Propagation, node: fx.Node, name: str, module: nn.Conv2d) -> Opt
             return None
         _channelwise(prop, t, name, attrs)
         return prop.passthrough(node, node.args[0])
-    why = f"grouped convolution {name} (groups={g}) cannot lose single channels yet"
+    return _grouped_conv(prop, node, name, module, t)
+
+
+def _whole_seg(prop: Propagation, x: Any, t: Optional[Tag]) -> Optional[Seg]:
+    """The one segment of ``t`` when it covers the whole channel dim of ``x`` contiguously."""
+    if t is None or len(t.segs) != 1:
+        return None
+    s = t.segs[0]
+    fits = s.base == 0 and s.outer == 1 and s.inner == 1
+    return s if fits and prop.group(s.group).channels == prop.shape(x)[t.dim] else None
+
+
+def _grouped_conv(prop: Propagation, node: fx.Node, name: str, module: nn.Conv2d, t: Optional[Tag]) -> Tag:
+    """groups=G: conv-group ``k`` reads input block ``k`` and writes output block ``k`` only, so one
+    unit is a whole conv-group: its input channels (the producer's) and its output rows go together."""
+    G, cout_g = module.groups, module.out_channels // module.groups
+    x = node.args[0]
+    seg = _whole_seg(prop, x, t)
+    if seg is not None and prop.coarsen(seg.group, G):
+        g = prop.find(seg.group)
+        for attr in ("weight", "bias"):
+            if getattr(module, attr, None) is not None:
+                prop.add(g, _p(name, attr), 0, "channelwise", Seg(g, inner=cout_g))
+        return Tag(1, (Seg(g, inner=cout_g),))
+    why = (f"grouped convolution {name} (groups={G}) loses whole conv-groups only, together with their input "
+           "channels, which cannot be removed here")
     prop.block(t, why)
-    out = _produce(prop, name, module, module.out_channels, 1)
-    prop.block(out, why)
-    return out
+    g = prop.new_group(G)
+    for attr in ("weight", "bias"):
+        if getattr(module, attr, None) is not None:
+            prop.add(g, _p(name, attr), 0, "producer", Seg(g, inner=cout_g))
+    prop.block_group(g, why)
+    return Tag(1, (Seg(g, inner=cout_g),))
+
+
+@register_module_rule(nn.GroupNorm)
+def _groupnorm(prop: Propagation, node: fx.Node, name: str, module: nn.GroupNorm) -> Optional[Tag]:
+    """GroupNorm normalises within blocks of channels: removing whole blocks keeps it exact."""
+    x = node.args[0]
+    t = prop.tag(x)
+    if t is None:
+        return None
+    seg = _whole_seg(prop, x, t) if t.dim == 1 else None
+    if not module.affine:
+        prop.block(t, f"{describe_node(prop, node)} has no affine parameters to record its new width")
+        return None
+    if seg is None or not prop.coarsen(seg.group, module.num_groups):
+        prop.block(t, f"{describe_node(prop, node)}: its channel groups do not line up with prunable units")
+        return None
+    t = prop.tag(x)   # coarsening rewrote the tags
+    _channelwise(prop, t, name, [("weight", "param"), ("bias", "param")])
+    return prop.passthrough(node, x)
 
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -393,6 +441,75 @@ def _getitem(prop: Propagation, node: fx.Node) -> Optional[Tag]:
     return None
 
 
+def _pieces(prop: Propagation, node: fx.Node, t: Tag, dim: int, count: int, drop_dim: bool = False) -> None:
+    """Every item of a split along a non-channel dim carries the channels as they are."""
+    new = Tag(t.dim - (1 if drop_dim and dim < t.dim else 0), t.segs)
+    prop.tuple_tags[node] = {i: new for i in range(count)}
+
+
+def _chunk(prop: Propagation, node: fx.Node) -> None:
+    """x.chunk(n, dim): along the channels, compaction splits the *new* width in n equal parts, so
+    channel c of every piece is made one unit (pieces stay equal); otherwise items keep the tag."""
+    x = node.args[0]
+    t = prop.tag(x)
+    if t is None:
+        return None
+    shape = prop.shape(x)
+    n, dim = int(_arg(node, 1, "chunks")), int(_arg(node, 2, "dim", 0)) % len(shape)
+    if dim != t.dim:
+        return _pieces(prop, node, t, dim, len(range(0, shape[dim], -(-shape[dim] // n))))
+    desc = describe_node(prop, node)
+    if shape[dim] % n:
+        return _block_all(prop, [(x, t)], f"{desc} makes chunks of unequal size")
+    seg = _whole_seg(prop, x, t)
+    if seg is not None and prop.fold(seg.group, n):
+        g = prop.find(seg.group)
+        prop.tuple_tags[node] = {i: Tag(dim, (Seg(g),)) for i in range(n)}
+        return None
+    size = shape[dim] // n
+    pieces: List[List[Seg]] = [[] for _ in range(n)]
+    for sg in t.segs:
+        j = sg.base // size
+        end = sg.base + prop.group(sg.group).channels * sg.inner
+        if sg.outer != 1 or end > (j + 1) * size:
+            return _block_all(prop, [(x, t)], f"{desc} cuts through a group of channels")
+        pieces[j].append(replace(sg, base=sg.base - j * size))
+    tags = [Tag(dim, tuple(p)) for p in pieces]
+    if not all(p and prop.same_layout(tags[0], tg) for p, tg in zip(pieces, tags)):
+        return _block_all(prop, [(x, t)], f"{desc} gives pieces with different channels")
+    for tg in tags[1:]:
+        prop.unite(tags[0], tg)
+    prop.tuple_tags[node] = {i: tags[0] for i in range(n)}
+    return None
+
+
+def _split(prop: Propagation, node: fx.Node) -> None:
+    """torch.split along other dims keeps the channels; along them the sizes are literals: blocked."""
+    x = node.args[0]
+    t = prop.tag(x)
+    if t is None:
+        return None
+    shape = prop.shape(x)
+    sizes, dim = _arg(node, 1, "split_size_or_sections"), int(_arg(node, 2, "dim", 0)) % len(shape)
+    if dim == t.dim:
+        return _block_all(prop, [(x, t)], f"{describe_node(prop, node)} splits the channels into fixed sizes "
+                                          "(use chunk, or keep them)")
+    count = len(sizes) if isinstance(sizes, (list, tuple)) else len(range(0, shape[dim], int(sizes)))
+    return _pieces(prop, node, t, dim, count)
+
+
+def _unbind(prop: Propagation, node: fx.Node) -> None:
+    x = node.args[0]
+    t = prop.tag(x)
+    if t is None:
+        return None
+    shape = prop.shape(x)
+    dim = int(_arg(node, 1, "dim", 0)) % len(shape)
+    if dim == t.dim:
+        return _block_all(prop, [(x, t)], f"{describe_node(prop, node)} unbinds the channels")
+    return _pieces(prop, node, t, dim, shape[dim], drop_dim=True)
+
+
 def _passthrough(prop: Propagation, node: fx.Node) -> Optional[Tag]:
     return prop.passthrough(node, node.args[0] if node.args else node.kwargs.get("input"))
 
@@ -435,4 +552,7 @@ _register(_transpose, functions=(torch.transpose,), methods=("transpose",))
 _register(_reduce, functions=(torch.mean, torch.sum, torch.amax, torch.amin),
           methods=("mean", "sum", "amax", "amin"))
 _register(_getitem, functions=(operator.getitem,))
+_register(_chunk, functions=(torch.chunk,), methods=("chunk",))
+_register(_split, functions=(torch.split,), methods=("split",))
+_register(_unbind, functions=(torch.unbind,), methods=("unbind",))
 _register(_metadata, functions=(getattr,), methods=("size", "dim", "numel"))
