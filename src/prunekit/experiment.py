@@ -187,14 +187,16 @@ def _surgery(dense, method, train, test, info, seed, progress, ckpt_dir):
     """Coupled channel groups pruned (masks), fine-tuned, then physically removed.
 
     Each point measures the *compacted* model: fewer parameters and MACs, lower
-    latency. The returned model is the masked one (same outputs), for heatmaps.
+    latency. Returns the masked model of the last target (same outputs, same shapes as
+    the dense one: for heatmaps) and the compacted one, which carries its plan as
+    ``_prunekit_plan``.
     """
     from .surgery import compact, plan_groups
 
     pk = {k: v for k, v in method.get("prune", {}).items() if k in SURGERY_KEYS}
     x = example_batch(info, 2)
     dense_params = sum(p.numel() for p in dense.parameters())
-    points, masked, notes = [], None, []
+    points, masked, slim, notes = [], None, None, []
     for target in tqdm(method["sparsities"], desc=method["name"], disable=not _progress_enabled(progress),
                        leave=False):
         masked = copy.deepcopy(dense)
@@ -213,7 +215,8 @@ def _surgery(dense, method, train, test, info, seed, progress, ckpt_dir):
                    compression_ratio=dense_params / slim_params, accuracy_before_finetune=before,
                    accuracy_masked=evaluate(masked, test)["accuracy"], compacted=True)
         points.append(res)
-    return points, masked, notes
+        slim._prunekit_plan = plan
+    return points, masked, notes, slim
 
 
 def run_method(dense: nn.Module, method: Dict[str, Any], train, test, info: Dict[str, Any], *, seed: int = 0,
@@ -221,9 +224,12 @@ def run_method(dense: nn.Module, method: Dict[str, Any], train, test, info: Dict
                checkpoint_dir: Optional[Path] = None):
     """Run one method; returns (report entry, heatmaps {method/layer: (before, after)}, final model)."""
     _check_method(method)
-    if method["kind"] in ("oneshot", "surgery"):
-        run = _oneshot if method["kind"] == "oneshot" else _surgery
-        points, model, notes = run(dense, method, train, test, info, seed, progress, checkpoint_dir)
+    result = model = None
+    if method["kind"] == "oneshot":
+        points, model, notes = _oneshot(dense, method, train, test, info, seed, progress, checkpoint_dir)
+        history = []
+    elif method["kind"] == "surgery":   # heatmaps from the masked model, the compacted one is the result
+        points, model, notes, result = _surgery(dense, method, train, test, info, seed, progress, checkpoint_dir)
         history = []
     else:
         points, model, history = _scheduled(dense, method, train, test, info, seed, progress, checkpoint_dir)
@@ -236,7 +242,7 @@ def run_method(dense: nn.Module, method: Dict[str, Any], train, test, info: Dict
     dense_params = dict(dense.named_parameters())
     heat = {f"{method['name']}/{n}": (dense_params[n].detach().clone(), params[n].detach().clone())
             for n in heat_layers if n in params}
-    return entry, heat, model, history
+    return entry, heat, result if result is not None else model, history
 
 
 def _strip(point: Dict[str, Any]) -> Dict[str, Any]:
@@ -250,8 +256,11 @@ def results_skeleton(title: str, config: Dict[str, Any], dense_metrics: Dict[str
 
 
 def masks_digest(model: nn.Module) -> str:
-    """A short hash of all masks: the same seed must give the same digest."""
+    """A short hash of all masks (or of a compacted model's plan): the same seed gives the same digest."""
     h = hashlib.sha256()
+    plan = getattr(model, "_prunekit_plan", None)   # a compacted model: its channels are gone, not masked
+    if plan is not None:
+        h.update(plan.to_json().encode())
     for name, keep in sorted(masking.masks(model).items()):
         h.update(name.encode())
         h.update(keep.numpy().tobytes())

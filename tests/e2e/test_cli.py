@@ -316,3 +316,21 @@ def test_recipe_model_kwargs_are_accepted(tmp_path):
     assert config["model_kwargs"] == {"in_features": 64, "hidden": [16]}
     model = prunekit.load(tmp_path / "run" / "model")
     assert prunekit.global_sparsity(model) == pytest.approx(0.5, abs=1e-2)
+
+
+def test_prune_with_surgery_saves_the_compacted_model_and_its_plan(tmp_path):
+    recipe = {"model": "mlp", "model_kwargs": {"in_features": 64, "hidden": [32, 16]}, "data": "digits",
+              "limit_train": 300, "limit_test": 100, "dense": {"epochs": 1},
+              "method": {"sparsity": 0.5, "kind": "surgery", "scope": "layer"}, "finetune": {"epochs": 1}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    _ok(cli(["prune", "--recipe", "r.yaml", "--out", "run", "--no-progress", "--seed", 3], tmp_path))
+    model = prunekit.load(tmp_path / "run" / "model")
+    widths = [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [16, 8, 10]                      # hidden layers halved, classifier kept
+    assert not prunekit.masks(model)                   # physically smaller, no masks
+    plan = prunekit.Plan.load(tmp_path / "run" / "plan.json")
+    assert plan.meta["applier"] == "surgery" and plan.tensors["classifier.1.weight"].pruned_units == 16
+    final = json.loads((tmp_path / "run" / "results.json").read_text())["methods"][0]["final"]
+    assert final["compacted"] is True and final["params"] == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert model(torch.randn(2, 64)).shape == (2, 10)

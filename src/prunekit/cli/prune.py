@@ -41,7 +41,8 @@ FLAGS = {
     "limit-train": ("limit_train", int, "use only this many training examples"),
     "limit-test": ("limit_test", int, "use only this many test examples"),
     "dense-epochs": ("dense.epochs", int, "epochs to train the dense model (when no checkpoint)"),
-    "schedule": ("method.kind", str, "oneshot, gradual or iterative"),
+    "schedule": ("method.kind", str, "oneshot, gradual, iterative, or surgery (whole channels/neurons "
+                 "physically removed: a smaller, faster dense model)"),
     "sparsity": ("method.sparsity", float, "target sparsity in [0, 1) (a list in the recipe for iterative)"),
     "criterion": ("method.criterion", str, "l1, random, or a registered criterion"),
     "scope": ("method.scope", str, "layer or global"),
@@ -199,7 +200,8 @@ def run(args) -> int:
     model = models[method["name"]]
     io.save(model, out / "model", compressed=config["save"]["compressed"],
             metadata={"final": results["methods"][0]["final"]})
-    current_plan(model).save(out / "plan.json")
+    plan = getattr(model, "_prunekit_plan", None)   # surgery: the structured plan the slim model came from
+    (plan if plan is not None else current_plan(model)).save(out / "plan.json")
     print_summary(results)
     print(f"\npruned model: {out / 'model'}   plan: {out / 'plan.json'}   report: {out / 'report' / 'report.html'}")
     return 0
