@@ -14,7 +14,7 @@ attention heads and FFN neurons inside each layer) and ``transformer_mha`` (the 
 around nn.MultiheadAttention, traced; compacted heads run in SlimMultiheadAttention). The residual width
 is kept in both (LayerNorm over it), so MACs fall less than the ratio suggests.
 
-Peer ``hand_written`` (VGG, ResNet-18): the model class built directly at the compacted widths (fresh
+Peer ``hand_written`` (VGG, ResNet-18; MobileNetV2 where its constructor can express the widths): the model class built directly at the compacted widths (fresh
 weights), checked to have exactly the compacted model's tensor shapes, timed alternating with the others:
 ``latency_ms`` with peer hand_written (ratio = hand-written / prunekit; 1.0 = no overhead from surgery).
 
@@ -186,6 +186,8 @@ def _hand_written(name: str, model: nn.Module, slim: nn.Module) -> Optional[nn.M
             stages = [slim.conv1.out_channels] + [layer[0].conv2.out_channels
                                                   for layer in (slim.layer2, slim.layer3, slim.layer4)]
             fresh = ResNetCIFAR(num_classes=_final_linear(model).out_features, widths=stages)
+        elif isinstance(model, MobileNetV2CIFAR):
+            fresh = _hand_mobilenet(model, slim)
         else:
             return None
     except Exception as e:  # noqa: BLE001 -- the baseline is optional
@@ -197,6 +199,16 @@ def _hand_written(name: str, model: nn.Module, slim: nn.Module) -> Optional[nn.M
         C.log(f"NOTE: {name}: the compacted widths are not uniform per stage; no hand-written baseline")
         return None
     return fresh.eval()
+
+
+def _hand_mobilenet(model: nn.Module, slim: nn.Module) -> nn.Module:
+    """MobileNetV2CIFAR with each stage's width read off the slim model (expansion ratios kept)."""
+    cfg, i = [], 0
+    for t, _, nb, stride in model.CFG:
+        i += nb
+        cfg.append((t, slim.blocks[i - 1].conv[-2].out_channels, nb, stride))
+    return MobileNetV2CIFAR(num_classes=_final_linear(model).out_features, cfg=tuple(cfg),
+                            stem=slim.stem[0].out_channels, last=slim.head[0].out_channels)
 
 
 def _final_linear(model: nn.Module) -> nn.Module:
