@@ -283,20 +283,30 @@ class TensorLoader:
     Slicing whole batches is far cheaper than DataLoader's per-example collation.
     With ``shuffle`` the order comes from a ``torch.Generator`` seeded with
     (seed, epoch), so a run is reproducible and every epoch has a new order.
+
+    The order of an epoch is a pure function of (seed, epoch): :meth:`seek` can
+    start an epoch at any batch without reading the ones before it (resuming a
+    run mid-epoch), and :meth:`shard` gives each of ``world_size`` processes its
+    own strided share of that order (like ``DistributedSampler``).
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
-                 seed: int = 0, drop_last: bool = False):
+                 seed: int = 0, drop_last: bool = False, *, rank: int = 0, world_size: int = 1):
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, "
+                             f"world_size={world_size}")
         self.x, self.y = x, y
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
+        self.rank, self.world_size = int(rank), int(world_size)
         self.epoch = 0  # number of epochs started; folded into the shuffle seed
+        self._start = 0  # batch the next __iter__ starts at (set by seek)
 
     @property
     def num_examples(self) -> int:
@@ -307,26 +317,63 @@ class TensorLoader:
         """For code written against DataLoader (``len(loader.dataset)``)."""
         return torch.utils.data.TensorDataset(self.x, self.y)
 
+    def _rows(self) -> int:
+        """Examples this rank sees per epoch: every rank the same number (the order is padded)."""
+        return math.ceil(len(self.x) / self.world_size)
+
     def __len__(self) -> int:
-        n = len(self.x)
+        n = self._rows()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``__iter__`` use the order of ``epoch`` (e.g. when resuming)."""
-        self.epoch = int(epoch)
+        self.epoch, self._start = int(epoch), 0
+
+    def seek(self, epoch: int, batch: int = 0) -> None:
+        """Make the next ``__iter__`` yield the batches of ``epoch`` from ``batch`` on.
+
+        The skipped batches are never read: the order is recomputed from (seed, epoch).
+        """
+        if not 0 <= batch <= len(self):
+            raise ValueError(f"batch={batch} must be in [0, {len(self)}] (batches per epoch)")
+        self.epoch, self._start = int(epoch), int(batch)
+
+    def shard(self, rank: int, world_size: int) -> "TensorLoader":
+        """This loader's share for process ``rank`` of ``world_size`` (same tensors, no copy)."""
+        return TensorLoader(self.x, self.y, self.batch_size, self.shuffle, self.seed, self.drop_last,
+                            rank=rank, world_size=world_size)
 
     def _order(self, epoch: int) -> Optional[torch.Tensor]:
-        if not self.shuffle:
+        """Row indices of this rank for ``epoch`` in order, or None for plain slicing."""
+        if not self.shuffle and self.world_size == 1:
             return None
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
-        return torch.randperm(len(self.x), generator=g)
+        n = len(self.x)
+        if self.shuffle:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        if self.world_size == 1 or n == 0:
+            return order
+        total = self._rows() * self.world_size
+        # pad by wrapping around, as DistributedSampler does: every rank must run the same
+        # number of steps, or the gradient all-reduce of the longer ones waits forever
+        order = order.repeat(math.ceil(total / n))[:total]
+        return order[self.rank::self.world_size]
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """Row indices this loader yields in ``epoch``, in order (all its batches)."""
+        order = self._order(epoch)
+        order = torch.arange(len(self.x)) if order is None else order
+        return order[: min(self._rows(), len(self) * self.batch_size)]  # drop_last drops the tail
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         order = self._order(self.epoch)
+        start, self._start = self._start, 0
         self.epoch += 1
-        n_batches = len(self)
-        for b in range(n_batches):
-            lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, len(self.x))
+        rows = self._rows()
+        for b in range(start, len(self)):
+            lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, rows)
             if order is None:
                 yield self.x[lo:hi], self.y[lo:hi]
             else:

@@ -7,6 +7,13 @@ optimizer's state for them stays clean.
 
 Gradual and iterative pruning are callbacks: :class:`GradualPruner` prunes to
 ``schedule(step)`` whenever that target rises, then training goes on.
+
+Reliability: with ``checkpoint=path`` the whole training state (model with
+masks, optimizer, step, epoch, position in the epoch, callback state such as
+the pruning schedule's, and every RNG) is written atomically at each epoch end
+and every ``checkpoint_every`` steps; a run restarted with the same arguments
+resumes from it and ends bit-identical to an uninterrupted run.
+Distributed: under ``torchrun`` the loop runs DDP (see :mod:`prunekit.distributed`).
 """
 from __future__ import annotations
 
@@ -14,20 +21,26 @@ import json
 import math
 import os
 import pickle  # only for its exception type: checkpoints are read with weights_only=True
+import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from . import masking
 from .api import global_sparsity, prune
 from .schedules import Schedule, make_schedule
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+CHECKPOINT_FORMAT = "prunekit.finetune"
+CHECKPOINT_VERSION = 2  # 1: epoch-boundary checkpoints (no format/version keys); still readable
 
 
 @dataclass
@@ -39,16 +52,31 @@ class TrainState:
     epoch: int = 0
     loss: float = math.nan
     history: List[Dict[str, Any]] = field(default_factory=list)
+    batch: int = 0  # batches of the current epoch already trained on
+    world_size: int = 1
+    net: Optional[nn.Module] = None  # what the forward pass calls: the model or its DDP wrapper
+    epoch_rng: Optional[Dict[str, Any]] = None  # RNG when the epoch began: replays a generic loader's order
 
 
 class Callback:
-    """Override what you need; every hook gets the live :class:`TrainState`."""
+    """Override what you need; every hook gets the live :class:`TrainState`.
+
+    A callback with state that must survive a resume (a schedule's position...)
+    returns it from :meth:`state_dict` (tensors, numbers, strings, and lists or
+    dicts of them: checkpoints are read with ``weights_only=True``) and takes it
+    back in :meth:`load_state_dict`.
+    """
 
     def on_train_begin(self, state: TrainState) -> None: ...
     def on_step_begin(self, state: TrainState) -> None: ...
     def on_step_end(self, state: TrainState) -> None: ...
     def on_epoch_end(self, state: TrainState) -> None: ...
     def on_train_end(self, state: TrainState) -> None: ...
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None: ...
 
 
 def make_optimizer(name: str, params, *, lr: float, momentum: float = 0.9,
@@ -80,120 +108,380 @@ def _progress_enabled(progress: Optional[bool]) -> bool:
     return os.environ.get("PRUNEKIT_PROGRESS", "1") != "0"
 
 
+def _check_args(epochs: int, lr_schedule: str, checkpoint, checkpoint_every: Optional[int]) -> None:
+    if epochs < 1:
+        raise ValueError(f"epochs={epochs} must be >= 1")
+    lr_factor(lr_schedule, 0, 1)  # validate before touching anything
+    if checkpoint_every is not None:
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every={checkpoint_every!r} must be a number of steps >= 1")
+        if checkpoint is None:
+            raise ValueError("checkpoint_every needs checkpoint=<file> to write to")
+
+
 def finetune(model: nn.Module, loader: Iterable, *, epochs: int = 1, max_steps: Optional[int] = None,
              lr: float = 0.01, optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0,
              lr_schedule: str = "cosine", loss_fn: Optional[Callable] = None,
              callbacks: Sequence[Callback] = (), progress: Optional[bool] = None,
-             desc: str = "fine-tune", checkpoint: Optional[os.PathLike] = None) -> TrainState:
+             desc: str = "fine-tune", checkpoint: Optional[os.PathLike] = None,
+             checkpoint_every: Optional[int] = None, resume: bool = True,
+             distributed: Optional[bool] = None) -> TrainState:
     """Train ``model`` on ``loader`` with masks held fixed; returns the final state.
 
     ``epochs`` passes over ``loader`` (or ``max_steps`` optimizer steps if given,
     whichever comes first). The model's train/eval mode is restored afterwards.
-    With ``checkpoint`` (a file path), the state is written atomically at the
-    end of every epoch, and a run started with an existing checkpoint resumes
-    from it (model with masks, optimizer, step, epoch, RNG).
+
+    ``checkpoint`` (a file): the state is written atomically at every epoch end
+    and, with ``checkpoint_every=N``, every N steps; if the file exists (and
+    ``resume``), training continues from it exactly where it stopped. Resuming
+    mid-epoch skips the batches already used: free for a prunekit TensorLoader
+    (its order is a function of (seed, epoch)); any other loader is replayed from
+    the epoch's start and the used batches discarded (exact for a DataLoader
+    with num_workers=0 or a seeded sampler).
+
+    ``distributed`` (default: when WORLD_SIZE > 1, as under torchrun): DDP with a
+    sharded loader; masks must match on every rank (checked); rank 0 writes
+    the checkpoints.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs={epochs} must be >= 1")
-    lr_factor(lr_schedule, 0, 1)  # validate before touching anything
+    _check_args(epochs, lr_schedule, checkpoint, checkpoint_every)
+    ddp = dist.want_distributed(distributed)
+    if ddp:
+        loader = dist.shard_loader(loader)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad],
                          lr=lr, momentum=momentum, weight_decay=weight_decay)
     total = epochs * len(loader)
     total = min(total, max_steps) if max_steps is not None else total
-    state = TrainState(model, opt, total)
+    state = TrainState(model, opt, total, world_size=dist.get_world_size() if ddp else 1)
+    callbacks = list(callbacks)
     if checkpoint is not None:
-        callbacks = [Checkpointer(checkpoint), *callbacks]
-        callbacks[0].restore(state)
-    enforcer = masking.MaskEnforcer(model)
+        ckpt = Checkpointer(checkpoint, every=checkpoint_every, callbacks=callbacks, loader=loader)
+        if resume:
+            ckpt.restore(state)
+        callbacks.append(ckpt)  # last: a checkpoint holds what every other callback did in the step
+    if ddp:
+        dist.check_masks_equal(model)
     modes = [(m, m.training) for m in model.modules()]  # a frozen BN must stay frozen afterwards
     model.train()
+    state.net = dist.wrap(model) if ddp else model  # after train(): DDP keeps its own mode flag
+    bar = tqdm(total=total, desc=desc, leave=False,
+               disable=not _progress_enabled(progress) or not dist.is_main())
+    step = _Stepper(state, lr, lr_schedule, loss_fn, callbacks)
     try:
-        _run(state, loader, epochs, lr, lr_schedule, loss_fn, callbacks, enforcer,
-             tqdm(total=total, desc=desc, disable=not _progress_enabled(progress), leave=False))
+        _run(state, loader, epochs, step, callbacks, bar)
     finally:
+        state.net = None  # drop the DDP wrapper: its gradient hooks must not outlive the run
         for m, mode in modes:
             m.training = mode
     return state
 
 
-def _run(state, loader, epochs, lr, lr_schedule, loss_fn, callbacks, enforcer, bar) -> None:
+def _run(state: TrainState, loader, epochs: int, step: "_Stepper", callbacks, bar) -> None:
     for cb in callbacks:
         cb.on_train_begin(state)
     bar.update(state.step)  # non-zero when resuming
     with bar:
-        for epoch in range(state.epoch, epochs):
-            state.epoch = epoch
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
-            for x, y in loader:
+        while state.epoch < epochs:  # a finished run's checkpoint says epoch == epochs: nothing to do
+            for x, y in _epoch_batches(loader, state):
                 if state.step >= state.total_steps:
                     break
-                _train_step(state, x, y, lr * lr_factor(lr_schedule, state.step, state.total_steps),
-                            loss_fn, callbacks, enforcer)
+                step(x, y)
                 bar.update(1)
                 if state.step % 20 == 0:
-                    bar.set_postfix(loss=f"{state.loss:.4f}", epoch=epoch)
+                    bar.set_postfix(loss=f"{state.loss:.4f}", epoch=state.epoch)
             for cb in callbacks:
                 cb.on_epoch_end(state)
-            if state.step >= state.total_steps:
-                break
+            if state.step >= state.total_steps or state.epoch + 1 >= epochs:
+                break  # the last epoch keeps its index in state.epoch
+            state.epoch, state.batch = state.epoch + 1, 0
     for cb in callbacks:
         cb.on_train_end(state)
 
 
-def _train_step(state: TrainState, x, y, lr: float, loss_fn, callbacks, enforcer) -> None:
-    for cb in callbacks:
-        cb.on_step_begin(state)
-    enforcer()  # a callback may have pruned more: refresh the cache before the step
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr
-    state.optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(state.model(x), y)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss.item()} at step {state.step}; lower the learning rate")
-    loss.backward()
-    enforcer.zero_grads()
-    state.optimizer.step()
-    enforcer()  # momentum and weight decay may have moved pruned weights: zero them again
-    state.loss = loss.item()
-    state.step += 1
-    for cb in callbacks:
-        cb.on_step_end(state)
+def _set_epoch(loader, epoch: int) -> None:
+    """``set_epoch`` of the loader, or of its (distributed) sampler."""
+    for obj in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None),
+                                                                   "sampler", None)):
+        if callable(getattr(obj, "set_epoch", None)):
+            obj.set_epoch(epoch)
+            return
 
 
+def _epoch_batches(loader, state: TrainState) -> Iterator:
+    """The batches of ``state.epoch`` not yet trained on (``state.batch`` of them are done)."""
+    seek = getattr(loader, "seek", None)
+    if callable(seek):  # TensorLoader: the order is a function of (seed, epoch), skipping is free
+        seek(state.epoch, state.batch)
+        return iter(loader)
+    _set_epoch(loader, state.epoch)
+    if state.batch == 0:
+        state.epoch_rng = rng_state(loader)  # the order of a generic loader may come from the global RNG
+        return iter(loader)
+    # resumed mid-epoch: replay the epoch from the RNG it began with, drop the used batches,
+    # then continue from the RNG the checkpoint was written with
+    now = rng_state()  # not the loader's generator: the replay below leaves it where it must be
+    if state.epoch_rng is not None:
+        set_rng_state(state.epoch_rng, loader)
+    it = iter(loader)
+    for _ in range(state.batch):
+        next(it)
+    set_rng_state(now)
+    return it
+
+
+class _Stepper:
+    """One optimizer step: forward through the (DDP) net, masks enforced around the update."""
+
+    def __init__(self, state: TrainState, lr: float, lr_schedule: str, loss_fn, callbacks):
+        self.state, self.lr, self.lr_schedule, self.loss_fn = state, lr, lr_schedule, loss_fn
+        self.callbacks = callbacks
+        self.enforcer = masking.MaskEnforcer(state.model)
+        self.device = next(state.model.parameters()).device
+
+    def __call__(self, x, y) -> None:
+        state, enforcer = self.state, self.enforcer
+        for cb in self.callbacks:
+            cb.on_step_begin(state)
+        enforcer()  # a callback may have pruned more: refresh the cache before the step
+        for group in state.optimizer.param_groups:
+            group["lr"] = self.lr * lr_factor(self.lr_schedule, state.step, state.total_steps)
+        state.optimizer.zero_grad(set_to_none=True)
+        x, y = (t.to(self.device) if isinstance(t, torch.Tensor) else t for t in (x, y))
+        loss = self.loss_fn(state.net(x), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {state.step}; lower the learning rate")
+        loss.backward()  # under DDP the gradients are all-reduced here, pruned entries included
+        enforcer.zero_grads()
+        state.optimizer.step()
+        enforcer()  # momentum and weight decay may have moved pruned weights: zero them again
+        state.loss = loss.item()
+        state.step += 1
+        state.batch += 1
+        for cb in self.callbacks:
+            cb.on_step_end(state)
+
+
+# ----------------------------------------------------------------------------- RNG state
+def rng_state(loader=None) -> Dict[str, Any]:
+    """torch, CUDA, numpy and Python RNG states (and the loader's generator) as plain tensors."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    out: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                   "gauss": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    gen = getattr(loader, "generator", None)
+    if isinstance(gen, torch.Generator):  # a DataLoader's own shuffling generator
+        out["loader"] = gen.get_state()
+    return out
+
+
+def set_rng_state(state: Dict[str, Any], loader=None) -> None:
+    """Inverse of :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["gauss"]))
+    if "python" in state:
+        py = state["python"]
+        random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    gen = getattr(loader, "generator", None)
+    if "loader" in state and isinstance(gen, torch.Generator):
+        gen.set_state(state["loader"])
+
+
+# ----------------------------------------------------------------------------- checkpoints
 class Checkpointer(Callback):
-    """Writes the training state atomically at every epoch end; ``restore`` resumes from it.
+    """Writes the training state atomically; :meth:`restore` resumes from it.
 
-    The file is a ``torch.save`` of tensors and plain numbers only, read back with
-    ``weights_only=True``: loading it never executes code.
+    Written at every epoch end and, with ``every``, every ``every`` steps. The
+    file is a ``torch.save`` of tensors, numbers and strings only, read back with
+    ``weights_only=True``: loading it never executes code. Under DDP every rank's
+    RNG is gathered and rank 0 alone writes; the others wait at a barrier.
     """
 
-    def __init__(self, path: os.PathLike):
+    # test hook: called between writing the temporary file and renaming it into place
+    _before_rename: Optional[Callable[[Path], None]] = None
+
+    def __init__(self, path: os.PathLike, every: Optional[int] = None, callbacks: Sequence[Callback] = (),
+                 loader=None):
         self.path = Path(path)
+        self.every = every
+        self.callbacks = list(callbacks)  # whose state_dict() goes into the checkpoint
+        self.loader = loader  # its shuffling generator (a DataLoader's ``generator``) is saved too
+
+    def on_step_end(self, state: TrainState) -> None:
+        if self.every and state.step % self.every == 0:
+            self.save(state, epoch_done=False)
 
     def on_epoch_end(self, state: TrainState) -> None:
-        payload = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
-                   "step": state.step, "epoch": state.epoch + 1, "rng": torch.get_rng_state(),
-                   "history": json.dumps(state.history)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, self.path)  # a run killed mid-write leaves the previous checkpoint intact
+        self.save(state, epoch_done=True)
+
+    def _callback_states(self) -> Dict[str, Any]:
+        return {_cb_key(i, cb): cb.state_dict() for i, cb in enumerate(self.callbacks)}
+
+    def save(self, state: TrainState, *, epoch_done: bool) -> None:
+        rngs = dist.all_gather_objects(rng_state(self.loader))  # a collective: every rank gets here together
+        epoch_rngs = None if epoch_done else dist.all_gather_objects(state.epoch_rng)
+        payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                   "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                   "step": state.step, "epoch": state.epoch + 1 if epoch_done else state.epoch,
+                   "batch": 0 if epoch_done else state.batch, "total_steps": state.total_steps,
+                   "world_size": state.world_size, "rng": rngs, "epoch_rng": epoch_rngs,
+                   "callbacks": self._callback_states(), "history": json.dumps(state.history)}
+        if dist.is_main():
+            _atomic_save(payload, self.path, type(self)._before_rename)  # via the class: a plain function
+        dist.barrier()  # nobody runs ahead (or resumes) before the file is complete
 
     def restore(self, state: TrainState) -> bool:
+        """Load the checkpoint into ``state`` (and its model); False if there is none.
+
+        Everything is checked before anything changes: a bad file is a ValueError
+        and the model is left as it was.
+        """
         if not self.path.is_file():
             return False
+        payload = read_checkpoint(self.path)
+        _check_compatible(payload, state, self.path)
+        states = payload.get("callbacks", {})
+        unknown = sorted(set(k for k, v in states.items() if v) - {_cb_key(i, c) for i, c in enumerate(self.callbacks)})
+        if unknown:
+            raise ValueError(f"cannot resume from {self.path}: it holds the state of callback(s) {unknown} "
+                             "that this run does not have (pass the same callbacks as the interrupted run)")
         try:
-            payload = torch.load(self.path, map_location="cpu", weights_only=True)
-            masking.load_state_dict(state.model, payload["model"])
             state.optimizer.load_state_dict(payload["optimizer"])
-        except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:
-            raise ValueError(f"cannot resume from {self.path}: corrupt or from another model ({e})") from e
+            for i, cb in enumerate(self.callbacks):
+                if _cb_key(i, cb) in states:
+                    cb.load_state_dict(states[_cb_key(i, cb)])
+            rank = dist.get_rank()
+            rng, epoch_rng = _rank_entry(payload["rng"], rank), _rank_entry(payload.get("epoch_rng"), rank)
+            set_rng_state(rng, self.loader)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            raise ValueError(f"cannot resume from {self.path}: optimizer, callback or RNG state does not fit "
+                             f"this run ({e})") from e
+        masking.load_state_dict(state.model, payload["model"])  # checked above: cannot fail half-way
         state.step, state.epoch = int(payload["step"]), int(payload["epoch"])
+        state.batch, state.epoch_rng = int(payload.get("batch", 0)), epoch_rng
         state.history = json.loads(payload["history"])
-        torch.set_rng_state(payload["rng"])
         return True
+
+
+def _cb_key(i: int, cb: Callback) -> str:
+    return f"{i}:{type(cb).__name__}"
+
+
+def _rank_entry(value, rank: int):
+    """Version 2 keeps one RNG state per rank; version 1 a single torch RNG tensor."""
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, torch.Tensor):
+        return {"torch": value}
+    return value[rank]
+
+
+def _atomic_save(payload: Dict[str, Any], path: Path, before_rename=None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+    if before_rename is not None:
+        before_rename(tmp)
+    os.replace(tmp, path)  # atomic: a run killed at any point leaves the old or the new file, whole
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+_REQUIRED = ("model", "optimizer", "step", "epoch", "rng", "history")
+_TYPES = {"model": dict, "optimizer": dict, "step": int, "epoch": int, "batch": int, "history": str,
+          "callbacks": dict, "total_steps": int, "world_size": int}
+
+
+def read_checkpoint(path: os.PathLike) -> Dict[str, Any]:
+    """Load a fine-tune checkpoint safely (``weights_only``); ValueError if it is not a valid one."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise ValueError(f"cannot resume from {path}: refusing to load it, it asks to import "
+                             f"{found.group(1)} (not plain data: a crafted or foreign pickle); nothing in "
+                             "it was executed") from e
+        detail = re.search(r"Unsupported operand \d+", str(e))
+        raise ValueError(f"cannot resume from {path}: corrupt checkpoint, not a torch.save file "
+                         f"({detail.group(0) if detail else str(e).splitlines()[0]})") from e
+    except Exception as e:  # torch raises RuntimeError, EOFError, zipfile errors... for broken files
+        first = str(e).splitlines()[0] if str(e) else "empty or cut short"
+        raise ValueError(f"cannot resume from {path}: corrupt or truncated checkpoint "
+                         f"({type(e).__name__}: {first})") from e
+    if not isinstance(payload, dict):
+        raise ValueError(f"cannot resume from {path}: not a prunekit fine-tune checkpoint "
+                         f"(holds a {type(payload).__name__})")
+    if payload.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+        raise ValueError(f"cannot resume from {path}: format {payload.get('format')!r}, "
+                         f"expected {CHECKPOINT_FORMAT!r}")
+    version = payload.get("version", 1)
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise ValueError(f"cannot resume from {path}: written by a newer prunekit "
+                         f"(checkpoint version {version!r}; this one reads up to {CHECKPOINT_VERSION})")
+    missing = [k for k in _REQUIRED if k not in payload]
+    if missing:
+        raise ValueError(f"cannot resume from {path}: not a prunekit fine-tune checkpoint "
+                         f"(missing {', '.join(missing)})")
+    bad = [k for k, kind in _TYPES.items() if k in payload and not isinstance(payload[k], kind)]
+    if bad:
+        raise ValueError(f"cannot resume from {path}: malformed checkpoint (wrong type for {', '.join(bad)})")
+    return payload
+
+
+def _check_compatible(payload: Dict[str, Any], state: TrainState, path: Path) -> None:
+    """The checkpoint's model must fit ``state.model`` and its run must be this run."""
+    problems = model_mismatch(state.model, payload["model"])
+    if problems:
+        raise ValueError(f"cannot resume from {path}: it was written for a different model; "
+                         + "; ".join(problems))
+    for key, ours in (("total_steps", state.total_steps), ("world_size", state.world_size)):
+        theirs = payload.get(key)
+        if theirs is not None and int(theirs) != ours:
+            raise ValueError(f"cannot resume from {path}: it was written with {key}={theirs}, this run has "
+                             f"{key}={ours} (resume with the same epochs, max_steps, loader and processes)")
+
+
+def model_mismatch(model: nn.Module, state_dict: Dict[str, Any]) -> List[str]:
+    """Why ``state_dict`` cannot load into ``model`` (empty when it can): keys and shapes named."""
+    own = model.state_dict()
+    params = dict(model.named_parameters())
+    mask = masking.MASK_SUFFIX
+    is_new_mask = lambda k: k.endswith(mask) and k[: -len(mask)] in params  # noqa: E731
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own and not is_new_mask(k)]
+    out = []
+    if missing:
+        out.append(f"missing in the checkpoint: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+    if unexpected:
+        out.append(f"not in the model: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            out.append(f"{k} is a {type(v).__name__}, not a tensor")
+        elif k in own and tuple(v.shape) != tuple(own[k].shape):
+            out.append(f"{k} has shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
+        elif is_new_mask(k) and (v.dtype != torch.uint8 or v.numel() != math.ceil(params[k[: -len(mask)]].numel() / 8)):
+            out.append(f"{k} is not a mask for {k[: -len(mask)]} of shape {tuple(params[k[: -len(mask)]].shape)}")
+    return out
 
 
 class GradualPruner(Callback):
@@ -218,10 +506,19 @@ class GradualPruner(Callback):
         target = float(self.schedule(state.step))
         if target > self.current + 1e-9:
             plan = prune(state.model, target, **self.prune_kwargs)
+            if state.world_size > 1:  # DDP keeps the weights equal, so the masks must come out equal too
+                dist.check_masks_equal(state.model)
             self.current = target
             names = plan.meta.get("targets")
             self.events.append({"step": state.step, "target": target,
                                 "sparsity": global_sparsity(state.model, names)})
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"current": self.current, "events": [dict(e) for e in self.events]}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.current = float(state["current"])
+        self.events = [dict(e) for e in state["events"]]
 
 
 class EvalCallback(Callback):

@@ -8,6 +8,15 @@ from prunekit.finetune import Callback, GradualPruner, finetune, gradual_prune, 
 from prunekit.schedules import make_schedule
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: a second intra-op thread only adds spin-waiting on a busy machine (4x slower here)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _loader(n=256, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 64, generator=g)
@@ -124,3 +133,228 @@ def test_gradual_must_reach_its_target_before_training_ends(mlp):
     with pytest.raises(ValueError, match=r"prune_epochs=4 must be in \[1, epochs=2\]"):
         gradual_prune(mlp, _loader(), final=0.9, epochs=2, prune_epochs=4)
     assert not prunekit.masking.is_masked(mlp)
+
+
+# ----------------------------------------------------------------------------- mid-epoch checkpoints
+import json  # noqa: E402
+import pickle  # noqa: E402
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from prunekit.finetune import Checkpointer, read_checkpoint  # noqa: E402
+
+
+class _NoisyDataset(torch.utils.data.Dataset):
+    """Augmentation drawing from the torch, numpy and Python RNGs."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn(()) + 0.1 * float(np.random.randn()) + 0.1 * random.random(), self.y[i]
+
+
+def _dropout_mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 10))
+
+
+def _resumable_run(kind, ckpt, seed=0, kill_at=None):
+    """3 epochs of 7 steps, gradual pruning, a checkpoint every 3 steps; the model (None if killed)."""
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    base = _loader(200)
+    gen = torch.Generator().manual_seed(7) if kind == "dataloader+generator" else None
+    loader = base if kind == "tensor" else torch.utils.data.DataLoader(
+        _NoisyDataset(base.x, base.y), batch_size=32, shuffle=True, generator=gen)
+    model = _dropout_mlp(seed)
+    pruner = GradualPruner(make_schedule("cubic", final=0.8, n=3, every=4), scope="global")
+    callbacks = [pruner] + ([_Kill(kill_at)] if kill_at else [])
+    try:
+        finetune(model, loader, epochs=3, lr=0.05, checkpoint=ckpt, checkpoint_every=3, callbacks=callbacks)
+    except KeyboardInterrupt:
+        return None, pruner
+    return model, pruner
+
+
+@pytest.mark.parametrize("kind,kill_at,where", [
+    ("tensor", 11, (9, 1, 2)),  # killed at epoch 1, batch 4; checkpointed at step 9 (every 3)
+    ("dataloader", 11, (9, 1, 2)),
+    ("dataloader+generator", 8, (7, 1, 0)),  # the last checkpoint is an epoch end: step 7 = 0 batches into epoch 1
+])
+def test_mid_epoch_resume_is_bit_identical(kind, kill_at, where, tmp_path):
+    ref, ref_pruner = _resumable_run(kind, tmp_path / "ref.pt")
+    assert _resumable_run(kind, tmp_path / "run.pt", kill_at=kill_at)[0] is None
+    saved = read_checkpoint(tmp_path / "run.pt")
+    assert (saved["step"], saved["epoch"], saved["batch"]) == where
+    resumed, pruner = _resumable_run(kind, tmp_path / "run.pt", seed=99)
+    assert list(ref.state_dict()) == list(resumed.state_dict())
+    for (n, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert pruner.events == ref_pruner.events and len(pruner.events) == 3
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resume_without_the_rng_state_would_differ(tmp_path):
+    # guards the test above: with a different RNG after the resume, dropout draws differ
+    ref, _ = _resumable_run("tensor", tmp_path / "ref.pt")
+    _resumable_run("tensor", tmp_path / "run.pt", kill_at=11)
+    payload = read_checkpoint(tmp_path / "run.pt")
+    payload["rng"][0]["torch"] = torch.Generator().manual_seed(5).get_state()
+    torch.save(payload, tmp_path / "run.pt")
+    resumed, _ = _resumable_run("tensor", tmp_path / "run.pt")
+    assert not all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_checkpoint_every_arguments(mlp, tmp_path):
+    with pytest.raises(ValueError, match="needs checkpoint="):
+        finetune(mlp, _loader(), checkpoint_every=5)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="must be a number of steps >= 1"):
+            finetune(mlp, _loader(), checkpoint=tmp_path / "c.pt", checkpoint_every=bad)
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_resume_false_starts_over(mlp_factory, tmp_path):
+    finetune(mlp_factory(), _loader(), epochs=1, checkpoint=tmp_path / "c.pt")
+    state = finetune(mlp_factory(), _loader(), epochs=1, checkpoint=tmp_path / "c.pt", resume=False)
+    assert state.step == len(_loader())  # trained again, not "already done"
+
+
+def test_kill_between_temp_write_and_rename_keeps_the_previous_checkpoint(mlp_factory, tmp_path, monkeypatch):
+    calls = []
+
+    def die(tmp):
+        calls.append(tmp)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed mid-write")
+    monkeypatch.setattr(Checkpointer, "_before_rename", die)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(mlp_factory(), _loader(), epochs=2, checkpoint=tmp_path / "c.pt", checkpoint_every=3)
+    assert (tmp_path / "c.pt.tmp").is_file() and read_checkpoint(tmp_path / "c.pt.tmp")["step"] == 6
+    assert read_checkpoint(tmp_path / "c.pt")["step"] == 3  # the previous one, whole
+
+
+def test_tensor_loader_seek_skips_without_reading():
+    loader = _loader(100)
+    full = [yb for _, yb in (loader.set_epoch(2), loader)[1]]
+    loader.seek(2, 3)
+    assert [yb.tolist() for _, yb in loader] == [yb.tolist() for yb in full[3:]]
+    assert [len(yb) for _, yb in loader] == [32, 32, 32, 4]  # the next epoch starts at batch 0 again
+    with pytest.raises(ValueError, match=r"batch=5 must be in \[0, 4\]"):
+        loader.seek(0, 5)
+
+
+def test_callback_state_protocol_defaults():
+    assert Callback().state_dict() == {}
+    Callback().load_state_dict({"anything": 1})  # a no-op, not an error
+    pruner = GradualPruner(make_schedule("oneshot", final=0.5))
+    pruner.load_state_dict({"current": 0.5, "events": [{"step": 0, "target": 0.5, "sparsity": 0.5}]})
+    assert pruner.state_dict() == {"current": 0.5, "events": [{"step": 0, "target": 0.5, "sparsity": 0.5}]}
+
+
+# ----------------------------------------------------------------------------- loading robustness
+def _finished_checkpoint(mlp_factory, tmp_path, name="c.pt"):
+    model = mlp_factory()
+    prunekit.prune(model, 0.5)
+    finetune(model, _loader(), epochs=1, checkpoint=tmp_path / name, checkpoint_every=4)
+    return tmp_path / name
+
+
+def _untouched(model, before):
+    after = model.state_dict()
+    return list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_truncated_checkpoint_is_a_clear_error(mlp_factory, tmp_path):
+    path = _finished_checkpoint(mlp_factory, tmp_path)
+    data = path.read_bytes()
+    model = mlp_factory(seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for cut in (len(data) // 2, 10, 0):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="cannot resume from .*corrupt or truncated"):
+            finetune(model, _loader(), checkpoint=path)
+    assert _untouched(model, before)
+
+
+def test_checkpoint_of_another_architecture_names_keys_and_shapes(mlp_factory, tmp_path):
+    path = _finished_checkpoint(mlp_factory, tmp_path)
+    other = nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16), nn.ReLU(),
+                          nn.Linear(16, 10), nn.Linear(10, 10))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="different model") as err:
+        finetune(other, _loader(), checkpoint=path)
+    msg = str(err.value)
+    assert "1.weight has shape (32, 64) in the checkpoint, (48, 64) in the model" in msg
+    assert "missing in the checkpoint: 6.weight, 6.bias" in msg
+    assert _untouched(other, before)  # no mask buffer added, no weight copied
+
+
+def test_checkpoint_of_another_run_length_is_refused(mlp_factory, tmp_path):
+    path = _finished_checkpoint(mlp_factory, tmp_path)
+    with pytest.raises(ValueError, match="total_steps=8, this run has total_steps=16"):
+        finetune(mlp_factory(), _loader(), epochs=2, checkpoint=path)
+    with pytest.raises(ValueError, match=r"callback\(s\) \['0:GradualPruner'\]"):
+        p2 = tmp_path / "g.pt"
+        finetune(mlp_factory(), _loader(), callbacks=[GradualPruner(make_schedule("oneshot", final=0.5))],
+                 checkpoint=p2)
+        finetune(mlp_factory(), _loader(), checkpoint=p2)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):  # unpickling it calls open(marker, "w"): creates the marker file
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("container", ["torch.save", "raw pickle"])
+def test_crafted_pickle_is_refused_and_nothing_runs(mlp, tmp_path, container):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    if container == "torch.save":
+        torch.save({"model": _Payload(marker), "step": 0}, path)
+    else:
+        path.write_bytes(pickle.dumps({"model": _Payload(marker)}, protocol=2))
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    with pytest.raises(ValueError, match="refusing to load it, it asks to import .*open.*nothing in it was executed"):
+        finetune(mlp, _loader(), checkpoint=path)
+    assert not marker.exists() and _untouched(mlp, before)
+    with open(path, "rb") as f:  # proof the payload is live: an unsafe load does run it
+        torch.load(f, weights_only=False) if container == "torch.save" else pickle.load(f)
+    assert marker.exists()
+
+
+def test_other_payloads_are_clear_errors(mlp, tmp_path):
+    path = tmp_path / "x.pt"
+    cases = [([1, 2], "not a prunekit fine-tune checkpoint .holds a list"),
+             ({"model": {}}, "missing optimizer, step, epoch, rng, history"),
+             ({"format": "other", "model": {}}, "format 'other'"),
+             ({"format": "prunekit.finetune", "version": 99}, "written by a newer prunekit"),
+             ({"model": {}, "optimizer": {}, "step": "3", "epoch": 0, "rng": None, "history": "[]", "callbacks": []},
+              r"malformed checkpoint \(wrong type for step, callbacks\)")]
+    for payload, msg in cases:
+        torch.save(payload, path)
+        with pytest.raises(ValueError, match=msg):
+            finetune(mlp, _loader(), checkpoint=path)
+
+
+def test_version_1_checkpoints_still_resume(mlp_factory, tmp_path):
+    path = tmp_path / "c.pt"
+    ref = mlp_factory()
+    finetune(ref, _loader(), epochs=2, checkpoint=path)
+    model = mlp_factory()
+    finetune(model, _loader(), epochs=2, max_steps=len(_loader()), checkpoint=tmp_path / "one.pt")
+    payload = read_checkpoint(tmp_path / "one.pt")
+    old = {k: payload[k] for k in ("model", "optimizer", "step", "epoch", "history")}
+    old["rng"] = payload["rng"][0]["torch"]  # version 1: one torch RNG tensor, epoch boundaries only
+    torch.save(old, path)
+    resumed = mlp_factory(seed=4)
+    state = finetune(resumed, _loader(), epochs=2, checkpoint=path)
+    assert state.step == 2 * len(_loader())
+    assert json.dumps(state.history) == "[]"
