@@ -1,0 +1,171 @@
+"""``prunekit sensitivity``: prune each layer alone at several sparsities, plot, and allocate.
+
+    prunekit sensitivity --model lenet300 --sparsities 0.5,0.8,0.9,0.95,0.98 --target 0.9 --out runs/sens
+
+Takes the model and data of ``prunekit prune`` (the same flags, or ``--recipe``:
+a built-in model trained or reused from the cache, or ``--checkpoint``), and
+writes into ``--out``: ``sensitivity.json`` (every curve), ``sensitivity.png``
+(one curve per layer), ``allocation.json`` (per-layer sparsities meeting
+``--target`` with the least predicted loss, and the metric measured with them,
+with uniform per-layer pruning and with global magnitude at the same target)
+and ``plan.json`` (the allocation as a Plan for ``prunekit.apply``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+from .prune import FLAGS, resolve_config, to_method
+
+HELP = "per-layer sensitivity curves and per-layer sparsities that meet a global target with the least loss"
+
+# the flags of `prunekit prune` that say which model, data and criterion: the rest concern training methods
+SHARED = ("model", "checkpoint", "data", "seed", "batch-size", "limit-train", "limit-test", "dense-epochs",
+          "criterion", "pattern", "dim", "norm", "include", "exclude", "min-keep")
+QUICK = {"limit_train": 1000, "limit_test": 300, "dense_epochs": 1}  # argparse dests
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--recipe", help="a `prunekit prune` YAML recipe (model, data, dense training, method); "
+                                    "flags override its fields")
+    for flag in SHARED:
+        _, typ, help_ = FLAGS[flag]
+        if flag in ("include", "exclude"):
+            p.add_argument(f"--{flag}", action="append", help=help_)
+        else:
+            p.add_argument(f"--{flag}", type=typ, help=help_)
+    p.add_argument("--include-classifier", action="store_true", default=None, help="also analyse the last layer")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set any recipe field, as for `prunekit prune` (value parsed as YAML; repeatable)")
+    p.add_argument("--sparsities", default="0.3,0.5,0.7,0.8,0.9,0.95,0.98",
+                   help="comma-separated sparsities each layer is pruned to alone (default: %(default)s)")
+    p.add_argument("--target", type=float, default=0.9,
+                   help="global sparsity (fraction of the analysed layers' weights) to allocate (default 0.9)")
+    p.add_argument("--metric", default="accuracy", choices=("accuracy", "loss"), help="what the curves measure")
+    p.add_argument("--weights", default="params", choices=("params", "uniform"),
+                   help="params: the target counts weights (default); uniform: the mean of the layer sparsities")
+    p.add_argument("--eval-on", default="test", choices=("test", "train"),
+                   help="which split the curves are measured on (default test; train keeps the test set unseen)")
+    p.add_argument("--eval-batches", type=int, help="evaluate on at most this many batches (test batches hold 1000 images)")
+    p.add_argument("--out", default="runs/sensitivity", help="output folder (default: runs/sensitivity)")
+    p.add_argument("--quick", action="store_true", help="tiny setting for tests: 1000 train / 300 test images, "
+                                                        "1 dense epoch (flags still override)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    # the prune flags not offered here still exist for resolve_config, always unset
+    p.set_defaults(no_compress=False, **{f.replace("-", "_"): None for f in FLAGS if f not in SHARED + ("out",)})
+
+
+def _parse_sparsities(text: str) -> List[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--sparsities {text!r} must be comma-separated fractions, e.g. 0.5,0.9") from None
+    if not values or any(not 0.0 < v < 1.0 for v in values):
+        raise ValueError(f"--sparsities {text!r}: every value must be a fraction in (0, 1)")
+    return sorted(set(values))
+
+
+def _settings(args) -> Dict[str, Any]:
+    """Resolve and check everything before any data is loaded or model trained."""
+    from ..criteria import get_criterion
+    from ..plan import _check_choice
+    from ..sensitivity import PATTERNS
+
+    if args.quick:  # as if these flags were given, unless they were
+        for dest, value in QUICK.items():
+            if getattr(args, dest) is None:
+                setattr(args, dest, value)
+    config = resolve_config(args)
+    prune_kw = to_method(config)["prune"]
+    _check_choice(prune_kw["pattern"], PATTERNS, "pattern")
+    get_criterion(prune_kw["criterion"])
+    if not 0.0 <= args.target < 1.0:
+        raise ValueError(f"--target {args.target} must be a fraction in [0, 1)")
+    if args.eval_batches is not None and args.eval_batches < 1:
+        raise ValueError(f"--eval-batches {args.eval_batches} must be >= 1")
+    return {"config": config, "prune": prune_kw, "sparsities": _parse_sparsities(args.sparsities)}
+
+
+def _dense(config: Dict[str, Any], train, test, info, progress):
+    from .. import io
+    from ..experiment import dense_model
+
+    if config.get("checkpoint"):
+        return io.load(config["checkpoint"])
+    model, _ = dense_model(config["model"], config.get("model_kwargs") or {}, train, test, info,
+                           train_cfg=config["dense"], seed=config["seed"], progress=progress)
+    return model
+
+
+def _measured(model, alloc, prune_kw, target, score) -> Dict[str, float]:
+    """The metric with the allocation, and with the two usual one-number alternatives at the same target."""
+    from ..api import prune
+    from ..sensitivity import apply_allocation
+
+    shape = {k: prune_kw[k] for k in ("pattern", "dim", "norm") if k in prune_kw}
+    layers = {k: prune_kw[k] for k in ("include", "exclude", "include_classifier") if k in prune_kw}
+    seed = prune_kw.get("seed", 0)
+    out = {}
+    m = copy.deepcopy(model)
+    apply_allocation(m, alloc, criterion=prune_kw["criterion"], seed=seed, **shape)
+    out["allocated"] = score(m)
+    for scope in ("layer", "global"):
+        m = copy.deepcopy(model)
+        prune(m, target, criterion=prune_kw["criterion"], scope=scope, min_keep=prune_kw["min_keep"], seed=seed,
+              **shape, **layers)
+        out[f"uniform_{scope}" if scope == "layer" else "global_magnitude"] = score(m)
+    return out
+
+
+def run(args) -> int:
+    from ..api import select_targets
+    from ..data import get_loaders
+    from ..sensitivity import _evaluator, allocation_plan, analyze
+
+    s = _settings(args)
+    config, prune_kw = s["config"], s["prune"]
+    progress = False if args.no_progress else None
+    train, test, info = get_loaders(config["data"], batch_size=config["batch_size"], seed=config["seed"],
+                                    limit_train=config["limit_train"], limit_test=config["limit_test"])
+    model = _dense(config, train, test, info, progress)
+    names = select_targets(model, **{k: prune_kw[k] for k in ("include", "exclude", "include_classifier")
+                                     if k in prune_kw})
+    shape = {k: prune_kw[k] for k in ("dim", "norm") if k in prune_kw}
+    loader = test if args.eval_on == "test" else train
+    result = analyze(model, loader, sparsities=s["sparsities"], criterion=prune_kw["criterion"], names=names,
+                     pattern=prune_kw["pattern"], metric=args.metric, seed=config["seed"],
+                     max_batches=args.eval_batches, progress=progress, **shape)
+    alloc = result.allocate(args.target, min_keep=prune_kw["min_keep"], weights=args.weights)
+    score = _evaluator(loader, args.metric, args.eval_batches)
+    measured = _measured(model, alloc, {**prune_kw, "seed": config["seed"]}, args.target, score)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.save(out / "sensitivity.json")
+    result.plot(out / "sensitivity.png", allocation=alloc)
+    allocation_plan(model, alloc, criterion=prune_kw["criterion"], pattern=prune_kw["pattern"],
+                    seed=config["seed"], **shape).save(out / "plan.json")
+    doc = {"format": "prunekit.allocation/1", "target": args.target, "weights": args.weights,
+           "min_keep": prune_kw["min_keep"], "metric": args.metric, "eval_on": args.eval_on,
+           "achieved": result.achieved(alloc, args.weights), "sparsities": alloc, "baseline": result.baseline,
+           "predicted_drop": result.predicted_drop(alloc), "measured": measured,
+           "criterion": prune_kw["criterion"], "pattern": prune_kw["pattern"], "seed": config["seed"]}
+    tmp = out / "allocation.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
+    tmp.replace(out / "allocation.json")
+    _print(result, alloc, doc, out)
+    return 0
+
+
+def _print(result, alloc, doc, out: Path) -> None:
+    from ..metrics import format_table
+
+    print(f"{result.metric} with each layer pruned alone (baseline {result.baseline:.4f}, "
+          f"{result.meta['criterion']}, {result.meta['pattern']}):")
+    print(format_table(result.rows(alloc)))
+    print(f"\nallocation for target {doc['target']:g} ({doc['weights']}-weighted; achieved {doc['achieved']:.4f}): "
+          f"predicted drop {doc['predicted_drop']:.4f}")
+    print(format_table([{"method": k, result.metric: v, "drop": result.drop(v)} for k, v in doc["measured"].items()]))
+    print(f"\nwritten: {out / 'sensitivity.json'}  {out / 'sensitivity.png'}  {out / 'allocation.json'}  "
+          f"{out / 'plan.json'}")
