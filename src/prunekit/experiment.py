@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__, io, masking
+from . import __version__, distributed, io, masking
 from .api import global_sparsity, prune, select_targets
 from .data import default_cache_dir, example_batch
 from .finetune import _progress_enabled, finetune, gradual_prune, iterative_prune
@@ -39,7 +39,8 @@ KINDS = ("oneshot", "gradual", "iterative", "surgery")
 PRUNE_KEYS = ("criterion", "scope", "pattern", "dim", "norm", "nm", "include", "exclude",
               "include_classifier", "min_keep", "types", "normalize", "aggregate", "round_to", "protect")
 SURGERY_KEYS = ("criterion", "scope", "norm", "aggregate", "min_keep", "round_to", "protect", "normalize")
-FINETUNE_KEYS = ("epochs", "lr", "optimizer", "momentum", "weight_decay", "lr_schedule", "max_steps")
+FINETUNE_KEYS = ("epochs", "lr", "optimizer", "momentum", "weight_decay", "lr_schedule", "max_steps",
+                 "checkpoint_every")
 
 
 def env_info() -> Dict[str, Any]:
@@ -85,8 +86,9 @@ def dense_model(model: str, model_kwargs: Dict[str, Any], train, test, info: Dic
     net = build_model(model, **kwargs)
     finetune(net, train, desc="dense training", progress=progress, checkpoint=_ckpt(checkpoint_dir, "dense"),
              **train_cfg)
-    if cache:
+    if cache and distributed.is_main():   # under torchrun every rank trained the same model
         io.save(net, folder, metadata={"accuracy": evaluate(net, test)["accuracy"]})
+    distributed.barrier()
     return net, False
 
 
@@ -133,7 +135,9 @@ def _ckpt(folder: Optional[Path], name: str) -> Optional[Path]:
 
 def _finetune_point(model, method, train, seed, progress, checkpoint) -> None:
     """The method's fine-tuning after a one-shot prune (masks held fixed), if it has any."""
-    ft = method.get("finetune") or {}
+    ft = dict(method.get("finetune") or {})
+    if checkpoint is None or ft.get("checkpoint_every") is None:
+        ft.pop("checkpoint_every", None)   # mid-epoch checkpoints need a checkpoint file
     if ft.get("epochs", 0) > 0:
         seed_everything(seed)
         finetune(model, train, progress=progress, desc=f"{method['name']} fine-tune", checkpoint=checkpoint, **ft)
@@ -167,6 +171,8 @@ def _scheduled(dense, method, train, test, info, seed, progress, ckpt_dir) -> Tu
     ft = dict(method.get("finetune") or {})
     ft.pop("epochs", None)
     ft["checkpoint"] = _ckpt(ckpt_dir, method["name"])
+    if ft["checkpoint"] is None or ft.get("checkpoint_every") is None:
+        ft.pop("checkpoint_every", None)
     seed_everything(seed)
     if method["kind"] == "gradual":
         g = method.get("gradual", {})

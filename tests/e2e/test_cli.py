@@ -334,3 +334,23 @@ def test_prune_with_surgery_saves_the_compacted_model_and_its_plan(tmp_path):
     assert final["compacted"] is True and final["params"] == sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         assert model(torch.randn(2, 64)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_prune_under_torchrun_with_two_processes(tmp_path):
+    """DDP fine-tuning from the CLI: rank 0 alone writes and prints; masks hold on the saved model."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not next to this python")
+    recipe = {"model": "mlp", "model_kwargs": {"in_features": 64, "hidden": [32]}, "data": "digits",
+              "limit_train": 400, "limit_test": 100, "dense": {"epochs": 1}, "method": {"sparsity": 0.5},
+              "finetune": {"epochs": 1}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "PRUNEKIT_CACHE_DIR": str(tmp_path / "cache"), "PRUNEKIT_PROGRESS": "0"}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "prunekit.cli", "prune",
+                           "--recipe", "r.yaml", "--out", "run", "--no-progress", "--checkpoint-every", "2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("pruned model:") == 1
+    model = prunekit.load(tmp_path / "run" / "model")
+    assert prunekit.global_sparsity(model) == pytest.approx(0.5, abs=1e-2)

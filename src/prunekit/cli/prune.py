@@ -26,7 +26,7 @@ DEFAULTS: Dict[str, Any] = {
                "pattern": "unstructured", "dim": 0, "norm": 1.0, "nm": [2, 4], "include": None,
                "exclude": None, "include_classifier": False, "min_keep": 0.01},
     "finetune": {"epochs": 2, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4,
-                 "lr_schedule": "cosine"},
+                 "lr_schedule": "cosine", "checkpoint_every": None},
     "gradual": {"epochs": 30, "prune_epochs": None, "every": None},  # None: first 40% of epochs; ~10 updates/epoch
     "save": {"compressed": True},
 }
@@ -59,6 +59,8 @@ FLAGS = {
     "momentum": ("finetune.momentum", float, "SGD momentum"),
     "weight-decay": ("finetune.weight_decay", float, "weight decay"),
     "lr-schedule": ("finetune.lr_schedule", str, "constant, cosine or linear"),
+    "checkpoint-every": ("finetune.checkpoint_every", int, "also checkpoint every N steps (mid-epoch); "
+                         "continue a killed run with --resume"),
     "gradual-epochs": ("gradual.epochs", int, "gradual: total epochs of training"),
     "prune-epochs": ("gradual.prune_epochs", int, "gradual: epochs over which sparsity rises"),
     "out": ("out", str, "output folder"),
@@ -181,8 +183,7 @@ def to_method(config: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def run(args) -> int:
-    from .. import io
-    from ..api import current_plan
+    from .. import distributed as pkdist
     from ..experiment import run_experiment
 
     config = resolve_config(args)
@@ -192,10 +193,25 @@ def run(args) -> int:
            "title": f"prunekit prune: {config['model']} on {config['data']}", "methods": [method]}
     out = Path(config["out"])
     ckpt = out / "checkpoints"
-    if ckpt.is_dir() and not args.resume:
+    pkdist.init_from_env()   # under torchrun: DDP fine-tuning, rank 0 writes
+    if ckpt.is_dir() and not args.resume and pkdist.is_main():
         shutil.rmtree(ckpt)  # checkpoints of another run must never be resumed silently
-    results, heatmaps, models = run_experiment(exp, progress=False if args.no_progress else None,
-                                               checkpoint_dir=ckpt)
+    pkdist.barrier()
+    try:
+        results, heatmaps, models = run_experiment(exp, progress=False if args.no_progress else None,
+                                                   checkpoint_dir=ckpt)
+        if not pkdist.is_main():
+            return 0
+        _write_outputs(out, config, method, results, heatmaps, models)
+    finally:
+        pkdist.cleanup()
+    return 0
+
+
+def _write_outputs(out: Path, config, method, results, heatmaps, models) -> None:
+    from .. import io
+    from ..api import current_plan
+
     write_run(out, results, heatmaps, config)
     model = models[method["name"]]
     io.save(model, out / "model", compressed=config["save"]["compressed"],
@@ -204,4 +220,3 @@ def run(args) -> int:
     (plan if plan is not None else current_plan(model)).save(out / "plan.json")
     print_summary(results)
     print(f"\npruned model: {out / 'model'}   plan: {out / 'plan.json'}   report: {out / 'report' / 'report.html'}")
-    return 0
