@@ -9,13 +9,15 @@ plan can be inspected, saved, or applied to another copy of the model.
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from . import masking
 from .criteria import Criterion, ScoreContext, get_criterion
+from .criteria.calibrate import COLLECTORS, calibrate
+from .criteria.rowwise import select_rows
 from .plan import Amount, Plan, TensorPlan, select
 from .threshold import Elementwise
 
@@ -144,15 +146,30 @@ def plan_pruning(model: nn.Module, amount: Optional[Amount] = None, *, criterion
                  scope: str = "layer", pattern: str = "unstructured", dim: int = 0, norm: float = 1.0,
                  nm: Tuple[int, int] = (2, 4), types=None, include: Patterns = None, exclude: Patterns = None,
                  include_classifier: bool = False, min_keep: Amount = 0.01, seed: int = 0,
-                 stats: Optional[Mapping[str, Dict[str, Any]]] = None, normalize: Optional[bool] = None) -> Plan:
-    """Decide what to prune without touching the model."""
+                 stats: Optional[Mapping[str, Dict[str, Any]]] = None, normalize: Optional[bool] = None,
+                 data: Optional[Iterable] = None, loss_fn: Optional[Callable] = None,
+                 forward_fn: Optional[Callable] = None) -> Plan:
+    """Decide what to prune without touching the model.
+
+    Data-aware criteria (``taylor``, ``wanda``) take ``stats`` from
+    :func:`prunekit.criteria.collect`, or ``data`` (calibration batches; with
+    ``forward_fn``/``loss_fn``, see :mod:`prunekit.criteria.calibrate`), which
+    runs them through the model with its state restored afterwards.
+    ``scope="row"`` prunes the same fraction of every output row (Wanda's rule).
+    """
+    _check_data_args(criterion, scope, pattern, stats, data, loss_fn, forward_fn)
     names = select_targets(model, types=types, include=include, exclude=exclude,
                            include_classifier=include_classifier)
+    if data is not None:
+        stats = calibrate(criterion, model, data, names, forward_fn=forward_fn, loss_fn=loss_fn)
     current = masking.masks(model)
+    current = {n: current[n] for n in names if n in current}
     scores = compute_scores(model, names, criterion, seed=seed, stats=stats)
-    plan = select(scores, amount, scope=scope, pattern=pattern, dim=dim, norm=norm, nm=tuple(nm),
-                  min_keep=min_keep, current={n: current[n] for n in names if n in current},
-                  normalize=normalize)
+    if scope == "row" and pattern != "nm":
+        plan = select_rows(scores, amount, min_keep=min_keep, current=current)
+    else:
+        plan = select(scores, amount, scope="layer" if scope == "row" else scope, pattern=pattern, dim=dim,
+                      norm=norm, nm=tuple(nm), min_keep=min_keep, current=current, normalize=normalize)
     _couple_biases(model, plan)
     plan.meta.update(criterion=criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "custom"),
                      seed=seed, targets=names)
@@ -164,11 +181,37 @@ def prune(model: nn.Module, amount: Optional[Amount] = None, *, keep_original: b
 
     Keyword arguments are those of :func:`plan_pruning`. The model is pruned in
     place with masks (dense speed, see :mod:`prunekit.masking`); on any error
-    it is left unchanged.
+    it is left unchanged. ``criterion="sparsegpt"`` (with ``data=...``) runs
+    :func:`prunekit.sparsegpt.sparsegpt_prune`, which also rewrites the kept weights.
     """
+    if kwargs.get("criterion") == "sparsegpt":  # a pruner that also rewrites the kept weights
+        from .sparsegpt import prune_with_sparsegpt
+        return prune_with_sparsegpt(model, amount, keep_original=keep_original, **kwargs)
     plan = plan_pruning(model, amount, **kwargs)
     masking.apply(model, plan, keep_original=keep_original)
     return plan
+
+
+def _check_data_args(criterion, scope, pattern, stats, data, loss_fn, forward_fn) -> None:
+    """Clear errors for the calibration arguments, before anything runs."""
+    if criterion == "sparsegpt":
+        raise ValueError("sparsegpt rewrites the kept weights, so it cannot only plan: use "
+                         "prunekit.prune(model, amount, criterion='sparsegpt', data=...) or "
+                         "prunekit.sparsegpt.sparsegpt_prune")
+    if scope == "row" and pattern == "structured":
+        raise ValueError("scope='row' works with pattern='unstructured' (or 'nm', which is per row anyway); "
+                         "structured pruning removes whole rows or columns: use scope='layer' or 'global'")
+    if scope not in ("layer", "global", "row"):
+        raise ValueError(f"unknown scope {scope!r}; allowed: layer, global, row")
+    if data is None:
+        if loss_fn is not None or forward_fn is not None:
+            raise ValueError("loss_fn and forward_fn are only used with data=... (calibration batches)")
+        return
+    if stats is not None:
+        raise ValueError("pass either stats (already collected) or data (to collect them), not both")
+    if not isinstance(criterion, str) or criterion not in COLLECTORS:
+        raise ValueError(f"data=... is used by data-aware criteria only ({', '.join(COLLECTORS.names())}, "
+                         f"or prune(..., criterion='sparsegpt')); got criterion={criterion!r}")
 
 
 def global_sparsity(model: nn.Module, names: Optional[Sequence[str]] = None) -> float:

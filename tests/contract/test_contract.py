@@ -24,7 +24,13 @@ SEED = 7
 
 # Criteria that need statistics (data-aware ones) get them here: name -> fn(model, names) -> stats.
 # The built-in ones need nothing; a new data-aware criterion adds an entry.
-CRITERION_STATS = {}
+def _calibrated(kind):
+    """Statistics from a few labelled batches (the tests' _loader), collected by prunekit itself."""
+    from prunekit.criteria import calibrate
+    return lambda model, names: calibrate(kind, model, _loader(n=32), names)
+
+
+CRITERION_STATS = {"taylor": _calibrated("taylor"), "wanda": _calibrated("wanda")}
 
 # pattern name -> kwargs of prunekit.prune
 PATTERNS = {

@@ -75,3 +75,9 @@ def random_scores(param: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
     slices, so the same criterion serves structured pruning.
     """
     return torch.rand(param.shape, generator=ctx.generator(), dtype=torch.float32)
+
+
+# Data-aware criteria: registered on import; their statistics come from collect() / calibrate().
+from .calibrate import COLLECTORS, calibrate, collect, register_collector  # noqa: E402,F401 (re-exports)
+from . import taylor, wanda  # noqa: E402,F401
+from .rowwise import select_rows  # noqa: E402,F401 (re-export)

