@@ -18,11 +18,12 @@ from .schedules import SCHEDULES, make_schedule, register_schedule  # noqa: E402
 from .finetune import Callback, GradualPruner, finetune, gradual_prune, iterative_prune  # noqa: E402
 from .io import load, save  # noqa: E402
 from .lottery import LotteryResult, lottery_ticket  # noqa: E402
+from .export import ExportResult, export_onnx, onnx_latency  # noqa: E402  (onnx imported lazily)
 
 __all__ = [
     "Registry", "CRITERIA", "ScoreContext", "register_criterion", "Plan", "TensorPlan", "select",
     "compute_scores", "global_sparsity", "plan_pruning", "prune", "select_targets", "apply", "enforce",
     "make_permanent", "masks", "remove", "SCHEDULES", "make_schedule", "register_schedule", "Callback",
     "GradualPruner", "finetune", "gradual_prune", "iterative_prune", "load", "save", "__version__",
-    "LotteryResult", "lottery_ticket",
+    "LotteryResult", "lottery_ticket", "ExportResult", "export_onnx", "onnx_latency",
 ]

@@ -18,6 +18,7 @@ COMMANDS = {
     "eval": "evaluate",
     "report": "report",
     "env": "env",
+    "export": "export",
     "sensitivity": "sensitivity",
 }
 
