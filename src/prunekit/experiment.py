@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import datetime
 import hashlib
+import itertools
 import json
 import logging
 import platform
@@ -39,6 +40,7 @@ KINDS = ("oneshot", "gradual", "iterative", "surgery")
 PRUNE_KEYS = ("criterion", "scope", "pattern", "dim", "norm", "nm", "include", "exclude",
               "include_classifier", "min_keep", "types", "normalize", "aggregate", "round_to", "protect")
 SURGERY_KEYS = ("criterion", "scope", "norm", "aggregate", "min_keep", "round_to", "protect", "normalize")
+CALIB_BATCHES = 8   # training batches that data-aware criteria (taylor, wanda, sparsegpt) calibrate on
 FINETUNE_KEYS = ("epochs", "lr", "optimizer", "momentum", "weight_decay", "lr_schedule", "max_steps",
                  "checkpoint_every")
 
@@ -124,8 +126,14 @@ def _check_method(method: Dict[str, Any]) -> None:
     # check values now, not after the dense model has trained for minutes
     for s in method.get("sparsities") or []:
         resolve_amount(s, 1_000_000, what="sparsity")
-    get_criterion(pk.get("criterion", "l1"))
-    _check_choice(pk.get("scope", "layer"), SCOPES, "scope")
+    crit = pk.get("criterion", "l1")
+    if crit == "sparsegpt":   # a pruner, not a score: one-shot unstructured or N:M only
+        if method["kind"] != "oneshot" or pk.get("pattern", "unstructured") == "structured":
+            raise ValueError(f"method {method.get('name')!r}: criterion sparsegpt rewrites weights; it works "
+                             "with kind oneshot and pattern unstructured or nm")
+    else:
+        get_criterion(crit)
+    _check_choice(pk.get("scope", "layer"), SCOPES + ("row",), "scope")   # row: per output row (Wanda)
     _check_choice(pk.get("pattern", "unstructured"), PATTERNS, "pattern")
 
 
@@ -143,9 +151,21 @@ def _finetune_point(model, method, train, seed, progress, checkpoint) -> None:
         finetune(model, train, progress=progress, desc=f"{method['name']} fine-tune", checkpoint=checkpoint, **ft)
 
 
+def _data_aware(criterion: Any) -> bool:
+    from .criteria.calibrate import COLLECTORS
+    return isinstance(criterion, str) and (criterion in COLLECTORS or criterion == "sparsegpt")
+
+
+def _with_calibration(pk: Dict[str, Any], train) -> Dict[str, Any]:
+    """prune() keywords, plus a few training batches for a data-aware criterion (fixed: the first ones)."""
+    if not _data_aware(pk.get("criterion")):
+        return pk
+    return {**pk, "data": list(itertools.islice(iter(train), CALIB_BATCHES))}
+
+
 def _oneshot(dense, method, train, test, info, seed, progress, ckpt_dir) -> Tuple[List[Dict], nn.Module, List[str]]:
     points, model, notes = [], None, []
-    pk = dict(method.get("prune", {}))
+    pk = _with_calibration(dict(method.get("prune", {})), train)
     targets = method.get("sparsities") or [None]
     if pk.get("pattern") == "nm":  # the pattern fixes the sparsity
         n, m = pk.get("nm", (2, 4))
@@ -167,7 +187,7 @@ def _oneshot(dense, method, train, test, info, seed, progress, ckpt_dir) -> Tupl
 
 def _scheduled(dense, method, train, test, info, seed, progress, ckpt_dir) -> Tuple[List[Dict], nn.Module, List[Dict]]:
     model = copy.deepcopy(dense)
-    pk = dict(method.get("prune", {}), seed=seed)
+    pk = _with_calibration(dict(method.get("prune", {}), seed=seed), train)   # re-calibrated at every step
     ft = dict(method.get("finetune") or {})
     ft.pop("epochs", None)
     ft["checkpoint"] = _ckpt(ckpt_dir, method["name"])
@@ -206,6 +226,9 @@ def _surgery(dense, method, train, test, info, seed, progress, ckpt_dir):
     for target in tqdm(method["sparsities"], desc=method["name"], disable=not _progress_enabled(progress),
                        leave=False):
         masked = copy.deepcopy(dense)
+        if _data_aware(pk.get("criterion")):
+            from .criteria.calibrate import calibrate
+            pk["stats"] = calibrate(pk["criterion"], masked, list(itertools.islice(iter(train), CALIB_BATCHES)))
         plan = plan_groups(masked, x, target, seed=seed, **pk)
         notes = plan.notes
         masking.apply(masked, plan)

@@ -3,7 +3,8 @@
 Trains the dense model (or reuses the cached one), then runs and compares
 one-shot L1 per layer, global magnitude, structured L1 (whole neurons, masked),
 structured L1 groups with surgery (the neurons physically removed: a smaller,
-faster dense model), random (the baseline every criterion must beat) and
+faster dense model), the activation-aware Wanda and SparseGPT (calibrated on a
+few training batches), random (the baseline every criterion must beat) and
 gradual cubic pruning with fine-tuning, and writes a report.
 """
 from __future__ import annotations
@@ -30,6 +31,10 @@ METHODS = [
                                                 "dim": 0, "norm": 1}, "finetune": FT},
     {"name": "surgery_l1", "label": "structured L1 groups + surgery (physically smaller)", "kind": "surgery",
      "sparsities": [0.5, 0.75], "prune": {"criterion": "l1", "scope": "global"}, "finetune": FT},
+    {"name": "wanda", "label": "one-shot Wanda |W|·‖X‖ per row (activation-aware)", "kind": "oneshot",
+     "sparsities": UNSTRUCTURED, "prune": {"criterion": "wanda", "scope": "row"}, "finetune": FT},
+    {"name": "sparsegpt", "label": "one-shot SparseGPT (weights reconstructed)", "kind": "oneshot",
+     "sparsities": UNSTRUCTURED, "prune": {"criterion": "sparsegpt"}, "finetune": FT},
     {"name": "random", "label": "random per layer (baseline)", "kind": "oneshot",
      "sparsities": UNSTRUCTURED, "prune": {"criterion": "random", "scope": "layer"}, "finetune": FT},
     {"name": "gradual_cubic", "label": "gradual cubic (Zhu & Gupta), global magnitude", "kind": "gradual",
