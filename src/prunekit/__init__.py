@@ -19,11 +19,13 @@ from .finetune import Callback, GradualPruner, finetune, gradual_prune, iterativ
 from .io import load, save  # noqa: E402
 from .lottery import LotteryResult, lottery_ticket  # noqa: E402
 from .export import ExportResult, export_onnx, onnx_latency  # noqa: E402  (onnx imported lazily)
+from .sparse import SparseConv2d, SparseLinear, measure_break_even, to_dense, to_sparse  # noqa: E402
 
 __all__ = [
     "Registry", "CRITERIA", "ScoreContext", "register_criterion", "Plan", "TensorPlan", "select",
     "compute_scores", "global_sparsity", "plan_pruning", "prune", "select_targets", "apply", "enforce",
     "make_permanent", "masks", "remove", "SCHEDULES", "make_schedule", "register_schedule", "Callback",
     "GradualPruner", "finetune", "gradual_prune", "iterative_prune", "load", "save", "__version__",
-    "LotteryResult", "lottery_ticket", "ExportResult", "export_onnx", "onnx_latency",
+    "LotteryResult", "lottery_ticket", "ExportResult", "export_onnx", "onnx_latency", "SparseConv2d",
+    "SparseLinear", "measure_break_even", "to_dense", "to_sparse",
 ]

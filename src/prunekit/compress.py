@@ -9,7 +9,11 @@ whichever of three formats is smallest for it:
   (``name::values``, same dtype);
 * ``csr``     -- the tensor viewed as ``(shape[0], -1)``: row pointers
   (``name::indptr``), column indices in the smallest integer dtype that fits
-  (``name::indices``) and the values (``name::values``).
+  (``name::indices``) and the values (``name::values``);
+* ``masked``  -- only the kept values (``name::values``), the positions taken from
+  the prunekit mask ``<name>_mask`` stored in the same state_dict (packed bits,
+  see :mod:`prunekit.masking`). A masked model would otherwise store its bits
+  twice (mask + bitmask); chosen only where every pruned entry is zero.
 
 The result is a flat ``{key: tensor}`` dict that ``safetensors`` can save, plus a
 JSON-safe ``meta`` dict describing how to rebuild each tensor. Zeros are decoded as
@@ -27,7 +31,8 @@ import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-FORMATS = ("dense", "bitmask", "csr")
+FORMATS = ("dense", "bitmask", "csr", "masked")
+MASK_SUFFIX = "_mask"  # prunekit.masking.MASK_SUFFIX (masking imports this module, not the reverse)
 #: key of the safetensors file metadata entry that holds the JSON meta
 META_KEY = "prunekit.compress"
 # Estimated bytes each extra tensor adds to the safetensors header and the meta JSON
@@ -103,24 +108,42 @@ def _csr_view(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
 
 
-def _sizes(t: Tensor, nnz: int) -> Dict[str, int]:
-    """Estimated serialized bytes of ``t`` in each format."""
+def _sizes(t: Tensor, nnz: int, kept: Optional[int]) -> Dict[str, int]:
+    """Estimated serialized bytes of ``t`` in each format (``kept``: entries a usable mask keeps)."""
     item, numel = t.element_size(), t.numel()
     rows, cols = _csr_view(t).shape
     idx_item = torch.empty(0, dtype=_index_dtype(max(cols - 1, 0))).element_size()
     ptr_item = torch.empty(0, dtype=_index_dtype(nnz)).element_size()
-    return {
+    sizes = {
         "dense": numel * item,
         "bitmask": (numel + 7) // 8 + nnz * item + _PER_TENSOR_OVERHEAD + 16,
         "csr": (rows + 1) * ptr_item + nnz * (idx_item + item) + 2 * _PER_TENSOR_OVERHEAD + 48,
     }
+    if kept is not None:  # the bits are already paid for by the mask buffer
+        sizes["masked"] = kept * item + _PER_TENSOR_OVERHEAD + 16
+    return sizes
 
 
-def _encode(name: str, t: Tensor, fmt: str, nonzero: Tensor) -> Tuple[Dict[str, Tensor], dict]:
-    """Encode one tensor in ``fmt``; ``nonzero`` is ``t != 0``."""
+def _usable_mask(sd: Dict[str, Tensor], name: str, t: Tensor) -> Optional[Tensor]:
+    """The keep-mask stored next to ``name`` (``<name>_mask``) if it can rebuild ``t`` exactly, else None."""
+    packed = sd.get(name + MASK_SUFFIX)
+    if (not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1
+            or packed.numel() != (t.numel() + 7) // 8 or not t.is_floating_point() or t.numel() == 0):
+        return None
+    keep = unpack_bits(packed.detach().cpu(), t.numel()).reshape(t.shape)
+    if bool(t.masked_select(~keep).ne(0).any()):  # a pruned entry that is not zero (or NaN): not rebuildable
+        return None
+    return keep
+
+
+def _encode(name: str, t: Tensor, fmt: str, nonzero: Tensor, keep: Optional[Tensor]) -> Tuple[Dict[str, Tensor], dict]:
+    """Encode one tensor in ``fmt``; ``nonzero`` is ``t != 0``, ``keep`` its usable mask (masked format)."""
     meta = {"format": fmt, "shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
     if fmt == "dense":
         return {name: t}, meta
+    if fmt == "masked":
+        meta.update(nnz=int(keep.sum()), mask=name + MASK_SUFFIX)
+        return {f"{name}::values": t.reshape(-1)[keep.reshape(-1)]}, meta
     nnz = int(nonzero.sum())
     meta["nnz"] = nnz
     if fmt == "bitmask":
@@ -140,15 +163,15 @@ def _encode(name: str, t: Tensor, fmt: str, nonzero: Tensor) -> Tuple[Dict[str, 
     }, meta
 
 
-def _choose(t: Tensor, nonzero: Tensor, min_sparsity: float, allowed: Sequence[str]) -> str:
+def _choose(t: Tensor, nonzero: Tensor, min_sparsity: float, allowed: Sequence[str], keep: Optional[Tensor]) -> str:
     if not t.is_floating_point() or t.numel() == 0:
-        return "dense"  # integer/bool buffers (step counters, indices) are small and rarely sparse
+        return "dense"  # integer/bool buffers (step counters, indices, masks) are small and rarely sparse
+    candidates = [f for f in allowed if f != "masked" or keep is not None]
     nnz = int(nonzero.sum())
-    sparsity = 1.0 - nnz / t.numel()
-    if sparsity < min_sparsity and "dense" in allowed:
+    if not candidates or (1.0 - nnz / t.numel() < min_sparsity and "dense" in allowed):
         return "dense"
-    sizes = _sizes(t, nnz)
-    return min(allowed, key=lambda f: sizes[f])
+    sizes = _sizes(t, nnz, None if keep is None else int(keep.sum()))
+    return min(candidates, key=lambda f: sizes[f])
 
 
 def _check_formats(formats: Optional[Iterable[str]]) -> Tuple[str, ...]:
@@ -166,7 +189,8 @@ def compress_state_dict(
 
     ``min_sparsity``: tensors with a smaller fraction of zeros stay dense.
     ``formats``: restrict the candidate formats (default: all of :data:`FORMATS`);
-    non-floating tensors are always stored dense.
+    non-floating tensors are always stored dense, and ``masked`` applies only to
+    tensors with a usable ``<name>_mask`` (otherwise, alone, it means dense).
     Returns ``(tensors, meta)``: contiguous CPU tensors ready for ``safetensors`` and a
     JSON-safe ``{name: {"format", "shape", "dtype", ...}}``.
     """
@@ -178,8 +202,9 @@ def compress_state_dict(
             raise ValueError(f"state_dict entry {name!r} is a {type(value).__name__}, not a tensor")
         t = value.detach().cpu()
         nonzero = t != 0
-        fmt = _choose(t, nonzero, min_sparsity, allowed)
-        encoded, meta[name] = _encode(name, t, fmt, nonzero)
+        keep = _usable_mask(sd, name, t) if "masked" in allowed else None
+        fmt = _choose(t, nonzero, min_sparsity, allowed, keep)
+        encoded, meta[name] = _encode(name, t, fmt, nonzero, keep)
         for key, enc in encoded.items():
             if key in tensors:
                 raise ValueError(f"key collision on {key!r}: state_dict names must not contain '::'")
@@ -245,6 +270,23 @@ def _decode_bitmask(name: str, info: dict, tensors, dtype, numel) -> Tensor:
     return out
 
 
+def _decode_masked(name: str, info: dict, tensors, dtype, numel, meta: dict) -> Tensor:
+    key = name + MASK_SUFFIX
+    if info.get("mask") != key:
+        raise ValueError(f"{name!r}: masked format must name its mask {key!r}, got {info.get('mask')!r}")
+    mask_info = meta.get(key)
+    if not isinstance(mask_info, dict) or mask_info.get("format") != "dense" or mask_info.get("dtype") != "uint8":
+        raise ValueError(f"{name!r}: its mask {key!r} is not stored as a dense uint8 tensor")
+    keep = unpack_bits(_get(tensors, key, torch.uint8, (numel + 7) // 8), numel)
+    kept = int(keep.sum())
+    if kept != info["nnz"]:
+        raise ValueError(f"{name!r}: mask keeps {kept} entries but meta says nnz={info['nnz']}")
+    values = _get(tensors, f"{name}::values", dtype, kept)
+    out = torch.zeros(numel, dtype=dtype)
+    out[keep] = values
+    return out
+
+
 def _decode_csr(name: str, info: dict, tensors, dtype, numel) -> Tensor:
     rows, cols, nnz = info.get("rows"), info.get("cols"), info["nnz"]
     if not isinstance(rows, int) or not isinstance(cols, int) or rows < 0 or cols < 0 or rows * cols != numel:
@@ -282,8 +324,11 @@ def decompress_state_dict(tensors: Dict[str, Tensor], meta: dict) -> Dict[str, T
                 raise ValueError(f"{name!r}: dense tensor is {t.dtype} {list(t.shape)}, meta says {dtype} {shape}")
             out[name] = t
             continue
-        decode = _decode_bitmask if fmt == "bitmask" else _decode_csr
-        out[name] = decode(name, info, tensors, dtype, numel).reshape(shape)
+        if fmt == "masked":
+            flat = _decode_masked(name, info, tensors, dtype, numel, meta)
+        else:
+            flat = (_decode_bitmask if fmt == "bitmask" else _decode_csr)(name, info, tensors, dtype, numel)
+        out[name] = flat.reshape(shape)
     return out
 
 

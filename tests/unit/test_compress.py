@@ -87,7 +87,8 @@ def test_roundtrip_exact(shape, sparsity):
 def test_every_format_and_dtype_roundtrips(fmt, dtype):
     t = sparse((33, 17), 0.8, dtype=dtype)
     t[0, 0], t[1, 1] = float("nan"), float("inf")  # special values are non-zero: kept
-    out, meta = roundtrip({"w": t}, formats=[fmt])
+    sd = {"w": t, "w_mask": pack_bits(t != 0)} if fmt == "masked" else {"w": t}
+    out, meta = roundtrip(sd, formats=[fmt])
     assert meta["w"]["format"] == fmt
     assert meta["w"]["dtype"] == str(dtype).replace("torch.", "")
     assert_same(out["w"], t)
@@ -110,7 +111,7 @@ def test_int_bool_scalar_and_empty_tensors_stay_dense():
 def test_chosen_format_is_smallest():
     for sparsity, seed in [(0.0, 1), (0.5, 2), (0.9, 3), (0.999, 4)]:
         sd = {"w": sparse((256, 256), sparsity, seed=seed)}
-        sizes = {f: len(st_save(compress_state_dict(sd, formats=[f])[0])) for f in FORMATS}
+        sizes = {f: len(st_save(compress_state_dict(sd, formats=[f])[0])) for f in FORMATS if f != "masked"}
         chosen = compress_state_dict(sd)[1]["w"]["format"]
         assert sizes[chosen] == min(sizes.values()), (sparsity, chosen, sizes)
     assert compress_state_dict({"w": sparse((256, 256), 0.0)})[1]["w"]["format"] == "dense"
@@ -201,3 +202,68 @@ def test_corrupt_tensors_raise(packed):
         decompress_state_dict(tensors, {"bm": "bitmask"})
     with pytest.raises(ValueError, match="metadata"):
         from_bytes(st_save({"x": torch.zeros(2)}))
+
+
+# ------------------------------------------------------------------ masked format (prunekit masks)
+def masked_sd(shape=(64, 48), sparsity=0.9, seed=0):
+    w = sparse(shape, sparsity, seed=seed)
+    keep = w != 0
+    keep.view(-1)[:5] = True  # kept entries may be exactly zero: they still come back as kept zeros
+    return {"w": w, "w_mask": pack_bits(keep), "b": torch.randn(shape[0])}
+
+
+def test_masked_weights_store_their_bits_once():
+    sd = masked_sd()
+    tensors, meta = compress_state_dict(sd)
+    assert meta["w"]["format"] == "masked" and meta["w"]["mask"] == "w_mask"
+    assert meta["w_mask"]["format"] == "dense"
+    assert not any(k.endswith("::bits") for k in tensors)  # the mask is the only copy of the positions
+    keep = unpack_bits(sd["w_mask"], sd["w"].numel())
+    assert tensors["w::values"].numel() == int(keep.sum()) == meta["w"]["nnz"]
+    out, _ = roundtrip(sd)
+    for k, v in sd.items():
+        assert_same(out[k], v)
+    as_bitmask = len(st_save(compress_state_dict(sd, formats=["dense", "bitmask", "csr"])[0]))
+    assert len(st_save(tensors)) < as_bitmask - 64 * 48 // 8 + 64  # about one bitmask smaller
+
+
+def test_masked_90_percent_model_is_7x_smaller():
+    sd = masked_sd((512, 512), 0.9)
+    dense = dense_size_bytes({k: v for k, v in sd.items() if k != "w_mask"})  # the plain model's state_dict
+    assert 6.5 <= dense / compressed_size_bytes(sd) <= 8.0  # 4 B/weight vs 1/8 + 0.1 * 4
+
+
+def test_mask_not_matching_the_zeros_falls_back():
+    sd = masked_sd()
+    keep = unpack_bits(sd["w_mask"], sd["w"].numel()).reshape(sd["w"].shape)
+    pos = (~keep).nonzero()[0]
+    sd["w"][pos[0], pos[1]] = 1.5  # a pruned entry that is not zero: the mask cannot rebuild it
+    _, meta = compress_state_dict(sd)
+    assert meta["w"]["format"] in ("bitmask", "csr")
+    out, _ = roundtrip(sd)
+    assert_same(out["w"], sd["w"])
+    # masked alone but not usable (no mask) means dense
+    assert compress_state_dict({"w": sparse((8, 8), 0.9)}, formats=["masked"])[1]["w"]["format"] == "dense"
+    # a mask of the wrong length is ignored, not trusted
+    bad = {"w": sd["w"], "w_mask": torch.zeros(3, dtype=torch.uint8)}
+    assert compress_state_dict(bad)[1]["w"]["format"] != "masked"
+
+
+@pytest.mark.parametrize(
+    "tamper, match",
+    [
+        (lambda t, m: m["w"].update(mask="b"), "must name its mask"),
+        (lambda t, m: m["w"].update(nnz=m["w"]["nnz"] - 1), "nnz"),
+        (lambda t, m: m["w_mask"].update(format="bitmask", nnz=0), "dense uint8|missing"),
+        (lambda t, m: t.update(w_mask=t["w_mask"][:-1]), "entries"),
+        (lambda t, m: t.update(w_mask=torch.cat([torch.zeros(1, dtype=torch.uint8), t["w_mask"][1:]])), "nnz"),
+        (lambda t, m: t.pop("w_mask"), "missing"),
+        (lambda t, m: t.update({"w::values": t["w::values"][:-1]}), "entries"),
+    ],
+)
+def test_tampered_masked_entries_raise(tamper, match):
+    tensors, meta = compress_state_dict(masked_sd())
+    tensors, meta = dict(tensors), json.loads(json.dumps(meta))
+    tamper(tensors, meta)
+    with pytest.raises(ValueError, match=match):
+        decompress_state_dict(tensors, meta)
