@@ -19,12 +19,18 @@ JSON lines (../shared/BENCHMARKS.md), ``case`` = ``vgg_mnist/ratio=<r>/seed=<s>`
 - ``macs`` and ``params`` (count) with peer torch-pruning (lower is better);
 - ``time_s`` to prune (plan + surgery, without fine-tuning) with peer torch-pruning;
 ``vgg_mnist/dense/seed=<s>``: ``accuracy``, ``macs``, ``params``.
+
+Criterion comparison in the same run: ``vgg_mnist/taylor/ratio=<r>/seed=<s>`` is prunekit with first-order
+Taylor scores (|w * dL/dw| summed over each channel group's members, calibrated on the first 8 training
+batches) instead of L1, same fine-tune: ``accuracy`` and ``accuracy_drop_pp`` with peer ``l1`` (prunekit's
+L1 result above).
 Without torch_pruning the prunekit lines are printed alone (a stderr note says so).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import sys
 import time
@@ -36,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 from prunekit import surgery  # noqa: E402
+from prunekit.criteria import calibrate  # noqa: E402
 from prunekit.data import get_loaders  # noqa: E402
 from prunekit.experiment import dense_model, seed_everything  # noqa: E402
 from prunekit.finetune import finetune  # noqa: E402
@@ -56,9 +63,10 @@ QUICK = dict(dataset="digits", limit_train=None, limit_test=None, widths=(8, 16)
              finetune=dict(epochs=1, lr=0.02, lr_schedule="cosine"), ratios=(0.5,), round_to=None)
 
 
-def _prunekit(model: nn.Module, x: torch.Tensor, ratio: float, round_to, seed: int) -> nn.Module:
-    plan = surgery.plan_groups(model, x, ratio, criterion="l1", norm=2, scope="layer", round_to=round_to,
-                               seed=seed)
+def _prunekit(model: nn.Module, x: torch.Tensor, ratio: float, round_to, seed: int, criterion="l1",
+              stats=None) -> nn.Module:
+    plan = surgery.plan_groups(model, x, ratio, criterion=criterion, norm=2, scope="layer", round_to=round_to,
+                               seed=seed, stats=stats)
     return surgery.compact(model, plan, x)
 
 
@@ -111,6 +119,19 @@ def run_ratio(dense: nn.Module, x, train, test, cfg, ratio: float, dense_acc: fl
     _emit_pair(case, "time_s", t_ours, t_peer, "s", seed)
     C.log(f"  ratio={ratio}: prunekit {acc:.4f} ({drop:+.2f} pp), MACs {macs[0]:,}"
           + (f" | {TP} {acc_peer:.4f} ({drop_peer:+.2f} pp), MACs {macs[1]:,}" if peer is not None else ""))
+    return acc
+
+
+def run_taylor(dense, x, train, test, cfg, ratio, dense_acc, l1_acc, seed, stats) -> None:
+    """The same surgery and fine-tune with Taylor scores; compared with prunekit's L1."""
+    case = f"vgg_mnist/taylor/ratio={ratio}/seed={seed}"
+    slim = _prunekit(dense, x, ratio, cfg["round_to"], seed, criterion="taylor", stats=stats)
+    acc = _tune_and_score(slim, train, test, cfg, seed)
+    C.emit(BENCH, case, "accuracy", acc, "frac", peer="l1", peer_value=l1_acc, lower_is_better=False, seed=seed)
+    drop, drop_l1 = 100 * (dense_acc - acc), 100 * (dense_acc - l1_acc)
+    if drop > 0:
+        C.emit(BENCH, case, "accuracy_drop_pp", drop, "pp", peer="l1", peer_value=drop_l1, seed=seed)
+    C.log(f"  ratio={ratio}: taylor {acc:.4f} ({drop:+.2f} pp) vs l1 {l1_acc:.4f}")
 
 
 def main(argv=None) -> int:
@@ -137,8 +158,11 @@ def main(argv=None) -> int:
     C.emit(BENCH, case, "macs", count_macs(dense, x)["dense"], "count", seed=args.seed)
     C.emit(BENCH, case, "params", count_parameters(dense)["total"], "count", seed=args.seed)
     C.log(f"dense VGG ({'cached' if cached else 'trained'}): {dense_acc:.4f}")
+    calib = list(itertools.islice(iter(train), 8))
+    taylor_stats = calibrate("taylor", dense, calib)   # on the dense model, once: every ratio uses it
     for ratio in cfg["ratios"]:
-        run_ratio(dense, x, train, test, cfg, ratio, dense_acc, args.seed)
+        l1_acc = run_ratio(dense, x, train, test, cfg, ratio, dense_acc, args.seed)
+        run_taylor(dense, x, train, test, cfg, ratio, dense_acc, l1_acc, args.seed, taylor_stats)
     return 0
 
 

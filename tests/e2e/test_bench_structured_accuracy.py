@@ -38,3 +38,11 @@ def test_torch_pruning_is_measured_side_by_side(records):
         assert abs(r["ratio"] - want) < 1e-9
     # same criterion, ratio and round_to: the same channels count, so the same MACs
     assert pruned["macs"]["value"] == pruned["macs"]["peer_value"]
+
+
+def test_taylor_is_compared_with_l1_in_the_same_run(records):
+    l1 = {r["metric"]: r for r in records if r["case"] == "vgg_mnist/ratio=0.5/seed=0"}
+    taylor = {r["metric"]: r for r in records if r["case"] == "vgg_mnist/taylor/ratio=0.5/seed=0"}
+    assert taylor["accuracy"]["peer"] == "l1"
+    assert taylor["accuracy"]["peer_value"] == l1["accuracy"]["value"]
+    assert 0 < taylor["accuracy"]["value"] <= 1
