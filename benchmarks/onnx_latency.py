@@ -42,27 +42,19 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
-from structured_speed import _prune, randomize_bn  # noqa: E402  (same pruning as the torch speed benchmark)
+import structured_speed as S  # noqa: E402  (the same models and pruning as the torch speed benchmark)
+from structured_speed import _prune  # noqa: E402
 
 from prunekit.export import export_onnx, onnx_session  # noqa: E402
-from prunekit.models import MobileNetV2CIFAR, ResNetCIFAR, VGGSmall  # noqa: E402
 
 BENCH = "onnx_latency"
 
 
 def _models(quick: bool, seed: int):
-    """(name, model, input shape without batch, round_to)."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    if quick:
-        yield "vgg_tiny", randomize_bn(VGGSmall(in_channels=3, input_size=16, widths=(8, 16, 32), hidden=32), gen), \
-            (3, 16, 16), None
-        return
-    yield "vgg", randomize_bn(VGGSmall(in_channels=3, input_size=32, widths=(64, 128, 256)), gen), (3, 32, 32), 8
-    torch.manual_seed(seed + 1)
-    yield "resnet18", randomize_bn(ResNetCIFAR(), gen), (3, 32, 32), 8
-    torch.manual_seed(seed + 2)
-    yield "mobilenetv2", randomize_bn(MobileNetV2CIFAR(), gen), (3, 32, 32), 8
+    """The CNNs of structured_speed.py (same seeds and widths): (name, model, input shape, round_to)."""
+    for item in S._models(quick, seed):
+        if not item[0].startswith("transformer"):
+            yield item
 
 
 def _variants(name: str, model: nn.Module, x1: torch.Tensor, ratios, round_to: Optional[int], seed: int):

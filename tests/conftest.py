@@ -14,6 +14,16 @@ def _quiet_and_private(tmp_path_factory, monkeypatch):
         monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny kernels only spin-wait on a second thread of a busy machine
+    (several times slower); the previous setting comes back afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),

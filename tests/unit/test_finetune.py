@@ -8,13 +8,7 @@ from prunekit.finetune import Callback, GradualPruner, finetune, gradual_prune, 
 from prunekit.schedules import make_schedule
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: a second intra-op thread only adds spin-waiting on a busy machine (4x slower here)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _loader(n=256, seed=0):

@@ -12,12 +12,7 @@ from prunekit.nm import check_nm, max_nonzeros, nm_pattern, validate_nm
 from prunekit.sparsegpt import sparsegpt_prune
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_check_nm_counts_non_zeros_per_group_of_m_along_the_input_dim():

@@ -12,12 +12,7 @@ from prunekit.nm import check_nm
 from prunekit.sparsegpt import _record_calls, obs_prune, sparsegpt_prune
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _correlated_inputs(n=256, cols=16, seed=0):
