@@ -147,7 +147,7 @@ def test_user_strings_are_escaped(tmp_path):
     results = make_results()
     results["methods"][0]["label"] = "<script>alert('x')</script> & co"
     results["methods"][1]["notes"] = ["a <b>bold</b> note | with pipe"]
-    build_report(results, tmp_path)
+    paths = build_report(results, tmp_path)
     page = paths["html"].read_text(encoding="utf-8")
     assert "<script" not in page and "<b>bold" not in page
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; co" in page
@@ -163,7 +163,7 @@ def test_metrics_json_round_trips_and_nan_becomes_null(tmp_path):
     results["methods"][0]["final"]["latency_ms"] = torch.tensor(float("inf"))
     results["methods"][0]["final"]["params"] = np.int64(266_610)
     results["env"]["shape"] = np.arange(3)
-    build_report(results, tmp_path)
+    paths = build_report(results, tmp_path)
     text = paths["metrics"].read_text(encoding="utf-8")
     assert "NaN" not in text and "Infinity" not in text
     data = json.loads(text)
@@ -192,7 +192,7 @@ def _strip(results, keys):
 
 def test_missing_latency_keeps_size_panel(tmp_path):
     results = _strip(make_results(), ["latency_ms"])
-    build_report(results, tmp_path)
+    paths = build_report(results, tmp_path)
     assert paths["size_latency"].is_file()  # size data still plots; latency panel says so
     assert "accuracy_latency" not in paths  # nothing to put on its x axis
     page = paths["html"].read_text(encoding="utf-8")
@@ -204,7 +204,7 @@ def test_missing_size_and_latency_skips_figure(tmp_path):
     results = _strip(make_results(), ["latency_ms", "size_compressed_bytes"])
     results["methods"][0]["final"]["accuracy"] = None
     del results["history"]
-    build_report(results, tmp_path)
+    paths = build_report(results, tmp_path)
     assert "size_latency" not in paths and "history" not in paths
     assert not (tmp_path / "size_latency.png").exists()
     assert "tradeoff" in paths
@@ -220,7 +220,7 @@ def test_missing_size_and_latency_skips_figure(tmp_path):
      "dense": {"accuracy": float("nan")}, "config": None, "env": {"x": [1, 2]}},
 ])
 def test_sparse_inputs_do_not_crash(tmp_path, results):
-    build_report(results, tmp_path)
+    paths = build_report(results, tmp_path)
     assert {"html", "markdown", "metrics"} <= set(paths)
     json.loads(paths["metrics"].read_text(encoding="utf-8"))
 
@@ -228,7 +228,7 @@ def test_sparse_inputs_do_not_crash(tmp_path, results):
 def test_method_with_only_final_point_is_plotted(tmp_path):
     results = {"methods": [{"name": "m", "final": {"sparsity": 0.5, "accuracy": 0.9}}],
                "dense": {"accuracy": 0.95}}
-    build_report(results, tmp_path)
+    paths = build_report(results, tmp_path)
     assert "tradeoff" in paths
 
 
