@@ -81,6 +81,7 @@ def test_prints_the_table(quick_run):
 
 def test_a_saved_checkpoint_on_digits_is_analysed_and_is_deterministic(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path / "cache"))   # private: other tests fill the shared one
     torch.manual_seed(0)
     model = build_model("mlp", in_features=64, hidden=[32, 16], num_classes=10)
     prunekit.save(model, tmp_path / "ckpt")
@@ -105,6 +106,7 @@ def test_a_saved_checkpoint_on_digits_is_analysed_and_is_deterministic(tmp_path,
 ])
 def test_bad_input_is_one_clear_line_before_any_training(tmp_path, monkeypatch, capsys, args, needle):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path / "cache"))   # private: other tests fill the shared one
     assert main(["sensitivity", "--quick", "--no-progress", "--out", "run", *args]) == 2
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
