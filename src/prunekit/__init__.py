@@ -20,6 +20,7 @@ from .io import load, save  # noqa: E402
 from .lottery import LotteryResult, lottery_ticket  # noqa: E402
 from .export import ExportResult, export_onnx, onnx_latency  # noqa: E402  (onnx imported lazily)
 from .sparse import SparseConv2d, SparseLinear, measure_break_even, to_dense, to_sparse  # noqa: E402
+from .advise import Advice, advise  # noqa: E402
 
 __all__ = [
     "Registry", "CRITERIA", "ScoreContext", "register_criterion", "Plan", "TensorPlan", "select",
@@ -27,5 +28,5 @@ __all__ = [
     "make_permanent", "masks", "remove", "SCHEDULES", "make_schedule", "register_schedule", "Callback",
     "GradualPruner", "finetune", "gradual_prune", "iterative_prune", "load", "save", "__version__",
     "LotteryResult", "lottery_ticket", "ExportResult", "export_onnx", "onnx_latency", "SparseConv2d",
-    "SparseLinear", "measure_break_even", "to_dense", "to_sparse",
+    "SparseLinear", "measure_break_even", "to_dense", "to_sparse", "Advice", "advise",
 ]

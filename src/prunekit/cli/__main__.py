@@ -20,6 +20,7 @@ COMMANDS = {
     "env": "env",
     "export": "export",
     "sensitivity": "sensitivity",
+    "advise": "advise",
 }
 
 
