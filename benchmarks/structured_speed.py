@@ -183,8 +183,7 @@ def _hand_written(name: str, model: nn.Module, slim: nn.Module) -> Optional[nn.M
             fresh = VGGSmall(in_channels=model.features[0].in_channels, input_size=2 ** len(per_stage),
                              widths=per_stage, hidden=hidden, num_classes=_final_linear(model).out_features)
         elif isinstance(model, ResNetCIFAR):
-            stages = [slim.conv1.out_channels] + [layer[0].conv2.out_channels
-                                                  for layer in (slim.layer2, slim.layer3, slim.layer4)]
+            stages = [slim.conv1.out_channels] + [stage[0].conv2.out_channels for stage in slim.layers[1:]]
             fresh = ResNetCIFAR(num_classes=_final_linear(model).out_features, widths=stages)
         elif isinstance(model, MobileNetV2CIFAR):
             fresh = _hand_mobilenet(model, slim)
