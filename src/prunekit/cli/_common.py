@@ -31,3 +31,11 @@ def write_run(out: Path, results: Dict[str, Any], heatmaps, config: Dict[str, An
 
 def print_summary(results: Dict[str, Any]) -> None:
     print(format_table(summary_rows(results)))
+
+
+def apply_quick(args, quick) -> None:
+    """``--quick``: the tiny setting's values for every flag the user did not give."""
+    if getattr(args, "quick", False):
+        for dest, value in quick.items():
+            if getattr(args, dest) is None:
+                setattr(args, dest, value)

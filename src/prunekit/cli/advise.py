@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List
 
+from ._common import apply_quick
 from .prune import FLAGS, resolve_config
 
 HELP = "measure pruning strategies on this machine and recommend one for a target: cpu, gpu or sparse"
@@ -70,10 +71,7 @@ def _settings(args) -> Dict[str, Any]:
     """Resolve and check everything before any data is loaded or model trained."""
     from ..advise import _parse_all, _where
 
-    if args.quick:  # as if these flags were given, unless they were
-        for dest, value in QUICK.items():
-            if getattr(args, dest) is None:
-                setattr(args, dest, value)
+    apply_quick(args, QUICK)   # as if these flags were given, unless they were
     config = resolve_config(args)
     candidates = None if args.candidates is None else [c.strip() for c in args.candidates.split(",") if c.strip()]
     _parse_all(candidates)

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List
 
+from ._common import apply_quick
 from .prune import FLAGS, resolve_config, to_method
 
 HELP = "per-layer sensitivity curves and per-layer sparsities that meet a global target with the least loss"
@@ -73,10 +74,7 @@ def _settings(args) -> Dict[str, Any]:
     from ..plan import _check_choice
     from ..sensitivity import PATTERNS
 
-    if args.quick:  # as if these flags were given, unless they were
-        for dest, value in QUICK.items():
-            if getattr(args, dest) is None:
-                setattr(args, dest, value)
+    apply_quick(args, QUICK)   # as if these flags were given, unless they were
     config = resolve_config(args)
     prune_kw = to_method(config)["prune"]
     _check_choice(prune_kw["pattern"], PATTERNS, "pattern")
