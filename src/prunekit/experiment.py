@@ -222,13 +222,13 @@ def _surgery(dense, method, train, test, info, seed, progress, ckpt_dir):
     pk = {k: v for k, v in method.get("prune", {}).items() if k in SURGERY_KEYS}
     x = example_batch(info, 2)
     dense_params = sum(p.numel() for p in dense.parameters())
+    if _data_aware(pk.get("criterion")):   # every target starts from the same dense model: calibrate once
+        from .criteria.calibrate import calibrate
+        pk["stats"] = calibrate(pk["criterion"], dense, _with_calibration(pk, train)["data"])
     points, masked, slim, notes = [], None, None, []
     for target in tqdm(method["sparsities"], desc=method["name"], disable=not _progress_enabled(progress),
                        leave=False):
         masked = copy.deepcopy(dense)
-        if _data_aware(pk.get("criterion")):
-            from .criteria.calibrate import calibrate
-            pk["stats"] = calibrate(pk["criterion"], masked, list(itertools.islice(iter(train), CALIB_BATCHES)))
         plan = plan_groups(masked, x, target, seed=seed, **pk)
         notes = plan.notes
         masking.apply(masked, plan)
