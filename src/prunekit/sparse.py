@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import native
 from .finetune import _progress_enabled
 from .masking import MASK_SUFFIX
 from .metrics import _call, _eval_mode
@@ -51,7 +52,8 @@ from .metrics import _call, _eval_mode
 __all__ = ["SparseLinear", "SparseConv2d", "DenseLinear", "KERNELS", "DENSE_FORMS", "measure_break_even",
            "to_sparse", "to_dense", "to_dense_form", "csr_parts", "llc_bytes"]
 
-KERNELS = ("linear", "mm")
+TORCH_KERNELS = ("linear", "mm")
+KERNELS = TORCH_KERNELS + ("native",)  # native: prunekit's own C kernel (prunekit.native), where it builds
 DENSE_FORMS = ("linear", "addmm_t", "matmul_t")
 TYPES = ("Linear", "Conv2d")
 #: sparsities measure_break_even sweeps by default
@@ -81,8 +83,13 @@ def _check_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shap
     """Validate CSR parts (torch would read out of bounds on bad indices: a crash, not an error)."""
     rows, cols = shape
     nnz = values.numel()
-    if crow.dtype not in (torch.int32, torch.int64) or col.dtype != crow.dtype:
-        raise ValueError(f"CSR indices must both be int32 or int64, got {crow.dtype} and {col.dtype}")
+    if col.dtype == torch.int16 and crow.dtype == torch.int32:  # the native kernel's uint16 column indices
+        if cols > native.MAX_COL16:
+            raise ValueError(f"16-bit column indices cannot address {cols} columns (at most {native.MAX_COL16})")
+        col = _widen(col)
+    elif crow.dtype not in (torch.int32, torch.int64) or col.dtype != crow.dtype:
+        raise ValueError(f"CSR indices must both be int32 or int64 (or int32 and 16-bit columns), got "
+                         f"{crow.dtype} and {col.dtype}")
     if crow.dim() != 1 or crow.numel() != rows + 1 or col.dim() != 1 or col.numel() != nnz or values.dim() != 1:
         raise ValueError(f"CSR parts do not fit a {rows}x{cols} matrix with {nnz} values "
                          f"(crow {tuple(crow.shape)}, col {tuple(col.shape)})")
@@ -96,6 +103,11 @@ def _check_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shap
         raise ValueError("CSR column indices must be sorted and unique within each row")
 
 
+def _widen(col: torch.Tensor) -> torch.Tensor:
+    """int32 column indices from any stored form (int16 holds the native kernel's uint16 bits)."""
+    return col.to(torch.int32) & 0xFFFF if col.dtype == torch.int16 else col
+
+
 def _csr_tensor(crow, col, values, shape) -> torch.Tensor:
     with warnings.catch_warnings():  # "beta" / "invariant checks" notices: we validated the parts ourselves
         warnings.simplefilter("ignore", UserWarning)
@@ -103,10 +115,13 @@ def _csr_tensor(crow, col, values, shape) -> torch.Tensor:
 
 
 class _SparseWeight(nn.Module):
-    """CSR weight kept as three buffers (state_dict-safe), with the sparse tensor cached."""
+    """CSR weight kept as three buffers (state_dict-safe), validated and cached as a sparse tensor."""
 
-    def _init_weight(self, weight2d: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
+    def _init_weight(self, weight2d: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                     col16: bool = False):
         crow, col, values = csr_parts(weight2d)
+        if col16:  # only the native kernel reads these; torch's kernels get them widened (weight_csr)
+            col = col.to(torch.int16)  # wraps above 32767: the same 16 bits, read back as uint16
         self.register_buffer("crow_indices", crow)
         self.register_buffer("col_indices", col)
         self.register_buffer("values", values)
@@ -114,15 +129,22 @@ class _SparseWeight(nn.Module):
         if mask is not None:  # a prunekit mask (packed bits): kept so that to_dense restores it exactly
             self.register_buffer("weight" + MASK_SUFFIX, mask.detach().clone())
         self._shape2d = tuple(weight2d.shape)
-        self._csr_cache: Optional[Tuple[tuple, torch.Tensor]] = None
+        self._csr_cache: Optional[Tuple[tuple, Optional[torch.Tensor]]] = None
 
-    def weight_csr(self) -> torch.Tensor:
-        """The weight as a ``torch.sparse_csr_tensor`` (rebuilt, and validated, only when a buffer changed)."""
+    def _parts(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The CSR buffers, validated whenever one changed (a kernel reading a bad index would crash)."""
         parts = (self.crow_indices, self.col_indices, self.values)
-        key = tuple((t.data_ptr(), t._version, t.numel()) for t in parts)
+        key = tuple((t.data_ptr(), t._version, t.numel(), t.dtype) for t in parts)
         if self._csr_cache is None or self._csr_cache[0] != key:
             _check_csr(*parts, self._shape2d)
-            self._csr_cache = (key, _csr_tensor(*parts, self._shape2d))
+            self._csr_cache = (key, None)
+        return parts
+
+    def weight_csr(self) -> torch.Tensor:
+        """The weight as a ``torch.sparse_csr_tensor`` (rebuilt only when a buffer changed)."""
+        crow, col, values = self._parts()
+        if self._csr_cache[1] is None:
+            self._csr_cache = (self._csr_cache[0], _csr_tensor(crow, _widen(col), values, self._shape2d))
         return self._csr_cache[1]
 
     def dense_weight2d(self) -> torch.Tensor:
@@ -154,31 +176,48 @@ class _SparseWeight(nn.Module):
 
 # --------------------------------------------------------------------------------- modules
 class SparseLinear(_SparseWeight):
-    """``nn.Linear`` with a CSR int32 weight; ``mm_min_batch``: from this many rows on, the ``mm`` kernel runs
-    (``addmm(b, W, x.T).T``), below it ``F.linear(x, W_csr, b)``; None: always ``F.linear``."""
+    """``nn.Linear`` with a CSR weight. Which kernel runs depends on the rows ``x`` brings (see
+    :meth:`kernel_for`): up to ``native_max_batch`` rows prunekit's own kernel (:mod:`prunekit.native`,
+    16-bit column indices where the layer is at most 65536 wide), from ``mm_min_batch`` on
+    ``addmm(b, W, x.T).T``, else ``F.linear(x, W_csr, b)``. None switches a kernel off."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                 mm_min_batch: Optional[int] = UNMEASURED_MM_MIN_BATCH, mask: Optional[torch.Tensor] = None):
+                 mm_min_batch: Optional[int] = UNMEASURED_MM_MIN_BATCH, native_max_batch: Optional[int] = None,
+                 mask: Optional[torch.Tensor] = None):
         super().__init__()
         if weight.dim() != 2 or weight.dtype not in _DTYPES:
             raise ValueError(f"SparseLinear needs a 2-D float32/float64 weight, got {weight.dtype} "
                              f"{tuple(weight.shape)}")
+        if native_max_batch is not None:
+            problem = native_problem(weight)
+            if problem:
+                raise ValueError(f"native_max_batch={native_max_batch} but the native kernel cannot run: {problem}")
         self.out_features, self.in_features = weight.shape
-        self.mm_min_batch = mm_min_batch
-        self._init_weight(weight, bias, mask)
+        self.mm_min_batch, self.native_max_batch = mm_min_batch, native_max_batch
+        self._init_weight(weight, bias, mask, col16=native_max_batch is not None
+                          and self.in_features <= native.MAX_COL16)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, mm_min_batch: Optional[int] = UNMEASURED_MM_MIN_BATCH):
+    def from_linear(cls, linear: nn.Linear, *, mm_min_batch: Optional[int] = UNMEASURED_MM_MIN_BATCH,
+                    native_max_batch: Optional[int] = None):
         """The zeros are taken from ``linear.weight`` itself; a prunekit mask is kept for :meth:`to_linear`."""
-        return cls(linear.weight, linear.bias, mm_min_batch=mm_min_batch,
+        return cls(linear.weight, linear.bias, mm_min_batch=mm_min_batch, native_max_batch=native_max_batch,
                    mask=linear._buffers.get("weight" + MASK_SUFFIX)).train(linear.training)
 
     def kernel_for(self, rows: int) -> str:
+        if self.native_max_batch is not None and rows <= self.native_max_batch:
+            return "native"
         return "mm" if self.mm_min_batch is not None and rows >= self.mm_min_batch else "linear"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        y = _sparse_linear(self.kernel_for(x2.shape[0]), x2, self.weight_csr(), self.bias)
+        kernel = self.kernel_for(x2.shape[0])
+        if kernel == "native" and (x2.dtype != torch.float32 or x2.requires_grad or x2.device.type != "cpu"):
+            kernel = "linear"  # the C kernel has no autograd and reads float32 CPU memory only
+        if kernel == "native":
+            y = native.spmm(*self._parts(), x2, self.bias)
+        else:
+            y = _sparse_linear(kernel, x2, self.weight_csr(), self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def to_linear(self) -> nn.Linear:
@@ -190,7 +229,21 @@ class SparseLinear(_SparseWeight):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"sparsity={self.sparsity:.3f}, mm_min_batch={self.mm_min_batch}")
+                f"sparsity={self.sparsity:.3f}, mm_min_batch={self.mm_min_batch}, "
+                f"native_max_batch={self.native_max_batch}")
+
+
+def native_problem(weight: torch.Tensor) -> Optional[str]:
+    """Why prunekit's native kernel cannot run this weight (None: it can)."""
+    if weight.dtype != torch.float32:
+        return f"dtype {str(weight.dtype).replace('torch.', '')} (it runs float32)"
+    if weight.device.type != "cpu":
+        return f"on {weight.device} (it is a CPU kernel)"
+    if weight.numel() and int((weight != 0).sum()) >= 2**31:
+        return "2^31 or more non-zeros (row pointers are int32)"
+    if not native.available():
+        return native.unavailable_reason()
+    return None
 
 
 def _sparse_linear(kernel: str, x2: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -356,12 +409,21 @@ def _evictor(cold_cache: Optional[bool], nbytes: int) -> Optional[_Evict]:
     return _Evict() if cold else None
 
 
+def _kernels(w: torch.Tensor) -> Tuple[str, ...]:
+    """The sparse kernels that can run ``w`` here (``native`` only where it compiled and fits)."""
+    return KERNELS if native_problem(w) is None else TORCH_KERNELS
+
+
 def _linear_candidates(w: torch.Tensor, b: Optional[torch.Tensor], x2: torch.Tensor):
     """(dense fns, sparse fns) computing the same layer on ``x2``."""
     wt = w.t().contiguous()
-    wcsr = _csr_tensor(*csr_parts(w), tuple(w.shape))
+    crow, col, values = csr_parts(w)
+    wcsr = _csr_tensor(crow, col, values, tuple(w.shape))
     dense = {f: (lambda f=f: _dense_linear(f, x2, w if f == "linear" else wt, b)) for f in DENSE_FORMS}
-    sparse = {k: (lambda k=k: _sparse_linear(k, x2, wcsr, b)) for k in KERNELS}
+    sparse = {k: (lambda k=k: _sparse_linear(k, x2, wcsr, b)) for k in TORCH_KERNELS}
+    if "native" in _kernels(w):  # csr_parts is valid by construction: no need to re-check it
+        col_n = col.to(native.col_dtype(w.shape[1]))
+        sparse["native"] = lambda: native.spmm(crow, col_n, values, x2, b)
     return dense, sparse
 
 
@@ -445,7 +507,7 @@ def measure_break_even(out_features: int, in_features: int, batch: int, *,
             t = _median_ms({**{"d_" + k: f for k, f in dense.items()}, **{"s_" + k: f for k, f in sparse.items()}},
                            repeat, evict=evict)
             form, dense_ms = _best(t, ["d_" + k for k in DENSE_FORMS])
-            kernel, sparse_ms = _best(t, ["s_" + k for k in KERNELS])
+            kernel, sparse_ms = _best(t, ["s_" + k for k in sparse])
             rows.append({"sparsity": s, "dense_ms": dense_ms, "dense_form": form[2:], "sparse_ms": sparse_ms,
                          "kernel": kernel[2:], "speedup": dense_ms / sparse_ms,
                          "kernels_ms": {k[2:]: v for k, v in t.items() if k.startswith("s_")}})
@@ -506,26 +568,37 @@ def _capture_inputs(model: nn.Module, example_inputs: Any, names: Sequence[str])
     return captured
 
 
-def _kernel_rule(w: torch.Tensor, b: Optional[torch.Tensor], x2: torch.Tensor, at_rows: Dict[str, float],
-                 opts: Dict[str, Any]) -> Optional[int]:
-    """Smallest batch from which the ``mm`` kernel beats ``linear`` at every larger measured batch (None: never).
+LADDER = (1, 4, 16, 64)  # batch sizes at which to_sparse also measures the kernels, to set a layer's rules
 
-    Measured on a ladder of batch sizes (1, 4, 16, 64 and the example's), so that other batch sizes at run
-    time also get the kernel that is fastest for them.
+
+def _kernel_rules(w: torch.Tensor, b: Optional[torch.Tensor], x2: torch.Tensor, at_rows: Dict[str, float],
+                  opts: Dict[str, Any]) -> Tuple[Optional[int], Optional[int]]:
+    """``(mm_min_batch, native_max_batch)`` measured on a ladder of batch sizes (:data:`LADDER` and the
+    example's), so that other batch sizes at run time also get the kernel that is fastest for them.
+
+    ``native_max_batch``: the largest batch up to which the native kernel beats both torch kernels at every
+    measured batch (None: not even at the smallest). ``mm_min_batch``: the smallest batch from which ``mm``
+    beats ``linear`` at every larger measured batch (None: never).
     """
     rows = x2.shape[0]
-    wins = {rows: at_rows["mm"] < at_rows["linear"]}
-    for batch in (1, 4, 16, 64):
+    times = {rows: at_rows}
+    for batch in LADDER:
         if batch != rows:
             xb = x2[torch.arange(batch) % rows]
-            t = _median_ms(_linear_candidates(w, b, xb)[1], max(3, opts["repeat"] // 2), evict=opts["evict"])
-            wins[batch] = t["mm"] < t["linear"]
-    rule = None
-    for batch in sorted(wins, reverse=True):
-        if not wins[batch]:
+            times[batch] = _median_ms(_linear_candidates(w, b, xb)[1], max(3, opts["repeat"] // 2),
+                                      evict=opts["evict"])
+    native_max = None
+    for batch in sorted(times):
+        t = times[batch]
+        if "native" not in t or t["native"] >= min(t[k] for k in TORCH_KERNELS):
             break
-        rule = batch
-    return rule
+        native_max = batch
+    mm_min = None
+    for batch in sorted(times, reverse=True):
+        if not times[batch]["mm"] < times[batch]["linear"]:
+            break
+        mm_min = batch
+    return mm_min, native_max
 
 
 def _measure_linear(module: nn.Linear, x: torch.Tensor, entry: Dict[str, Any], opts: Dict[str, Any]) -> SparseLinear:
@@ -535,12 +608,13 @@ def _measure_linear(module: nn.Linear, x: torch.Tensor, entry: Dict[str, Any], o
     t = _median_ms({**{"d_" + k: f for k, f in dense.items()}, **{"s_" + k: f for k, f in sparse.items()}},
                    opts["repeat"], evict=opts["evict"])
     form, dense_ms = _best(t, ["d_" + k for k in DENSE_FORMS])
-    kernels = {k: t["s_" + k] for k in KERNELS}
-    rule = _kernel_rule(w, b, x2, kernels, opts)
-    sparse_mod = SparseLinear.from_linear(module, mm_min_batch=rule)
+    kernels = {k: t["s_" + k] for k in sparse}
+    mm_min, native_max = _kernel_rules(w, b, x2, kernels, opts)
+    sparse_mod = SparseLinear.from_linear(module, mm_min_batch=mm_min, native_max_batch=native_max)
     kernel = sparse_mod.kernel_for(x2.shape[0])  # the kernel it will really run at this batch
     entry.update(batch=x2.shape[0], dense_ms=dense_ms, dense_form=form[2:], sparse_ms=kernels[kernel],
-                 kernel=kernel, mm_min_batch=rule, speedup=dense_ms / kernels[kernel])
+                 kernel=kernel, mm_min_batch=mm_min, native_max_batch=native_max, speedup=dense_ms / kernels[kernel],
+                 kernels_ms=kernels)
     return sparse_mod
 
 
@@ -558,6 +632,7 @@ def _new_entry(name: str, module: nn.Module) -> Dict[str, Any]:
     return {"name": name, "type": type(module).__name__, "shape": list(w.shape),
             "sparsity": float((w == 0).sum()) / max(1, w.numel()), "batch": None, "dense_ms": None,
             "dense_form": None, "sparse_ms": None, "kernel": None, "speedup": None, "mm_min_batch": None,
+            "native_max_batch": None, "kernels_ms": None,
             "converted": False, "reason": ""}
 
 

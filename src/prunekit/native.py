@@ -1,0 +1,149 @@
+"""prunekit's own CPU sparse kernel (``_native/spmm.c``), compiled on this machine on first use.
+
+Why: at small batches a sparse layer is memory-bound, and torch's CSR kernel reads 8 bytes per non-zero
+(float32 value + int32 column index). Layers up to 65536 inputs wide need only 16-bit column indices, so
+this kernel reads 6 bytes per non-zero; it also keeps eight independent sums per row in flight.
+:mod:`prunekit.sparse` offers it as one more kernel (``"native"``) and, as for every kernel, uses it only
+where it measures faster on this machine.
+
+The C source ships with the package and is compiled with the system C compiler (``$CC``, else ``cc``,
+``gcc`` or ``clang``) for this CPU (``-march=native``) into the prunekit cache
+(``$PRUNEKIT_CACHE_DIR/native``), atomically, keyed by the source, the flags, the compiler and the CPU.
+Without a compiler (or with ``PRUNEKIT_NATIVE=0``) :func:`available` is False, :func:`unavailable_reason`
+says why, and prunekit runs on torch's kernels only. The library is called through ``ctypes`` (which
+releases the GIL) with raw pointers, so every CSR handed to :func:`spmm` must have been validated first
+(:func:`prunekit.sparse._check_csr` does it): the kernel itself checks no bounds.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["available", "unavailable_reason", "spmm", "MAX_COL16", "library_path"]
+
+MAX_COL16 = 1 << 16  # layers up to this many inputs store 16-bit column indices
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread")
+_ENV_SWITCH = "PRUNEKIT_NATIVE"
+_COMPILERS = ("cc", "gcc", "clang")
+
+
+def _source() -> bytes:
+    return resources.files("prunekit").joinpath("_native", "spmm.c").read_bytes()
+
+
+def _compiler() -> Optional[str]:
+    env = os.environ.get("CC")
+    names = (env,) if env else _COMPILERS
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_key() -> str:
+    """-march=native code must not run on another CPU (a cache dir shared over NFS): key on the CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    return "".join(lines) or platform.processor() or platform.machine()
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout.splitlines()[0] if out.stdout else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def library_path(cc: str) -> Path:
+    """Where the compiled library for this source, compiler and CPU lives in the cache."""
+    from .data import default_cache_dir
+
+    key = hashlib.sha256(b"\0".join([_source(), " ".join(FLAGS).encode(), cc.encode(),
+                                     _compiler_version(cc).encode(), _cpu_key().encode()])).hexdigest()[:20]
+    return default_cache_dir() / "native" / f"spmm-{key}.so"
+
+
+def _compile(cc: str, target: Path) -> None:
+    """Compile to a temp file beside ``target`` and rename: concurrent processes never load half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "spmm.c"
+        src.write_bytes(_source())
+        out = Path(tmp) / target.name
+        res = subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(res.stderr or res.stdout).strip()[-500:]}")
+        os.replace(out, target)
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> Tuple[Optional[ctypes.CDLL], str]:
+    if os.environ.get(_ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, f"disabled by {_ENV_SWITCH}={os.environ[_ENV_SWITCH]}"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found ($CC, cc, gcc or clang)"
+    try:
+        path = library_path(cc)
+        if not path.exists():
+            _compile(cc, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        return None, f"could not build the native kernel: {exc}"
+    fn = lib.prunekit_spmm
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    return lib, ""
+
+
+def available() -> bool:
+    """Whether the native kernel could be built and loaded here (built on the first call)."""
+    return _load()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why :func:`available` is False ("" when it is True)."""
+    return _load()[1]
+
+
+def col_dtype(in_features: int) -> torch.dtype:
+    """The column-index dtype the kernel reads for a layer this wide (int16 holds uint16 bits)."""
+    return torch.int16 if in_features <= MAX_COL16 else torch.int32
+
+
+def spmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, x2: torch.Tensor,
+         bias: Optional[torch.Tensor], threads: Optional[int] = None) -> torch.Tensor:
+    """``x2 @ W.T + bias`` for a validated CSR ``W`` (int32 ``crow``; ``col`` int16 holding uint16 bits, or
+    int32; float32 ``values``) and a float32 ``x2`` of shape (batch, in). Returns (batch, out)."""
+    lib = _load()[0]
+    if lib is None:
+        raise RuntimeError(f"the native sparse kernel is not available: {unavailable_reason()}")
+    rows, batch = crow.numel() - 1, x2.shape[0]
+    # (in, batch) activations: the batch values one non-zero multiplies are contiguous; for batch 1 the
+    # transpose is free, and the (out, batch) result's transpose is what the next layer wants again
+    xt = x2.t().contiguous()
+    y = torch.empty(rows, batch, dtype=torch.float32)
+    b = None if bias is None else bias.contiguous()
+    code = lib.prunekit_spmm(rows, batch, crow.data_ptr(), col.data_ptr(), col.element_size(),
+                             values.data_ptr(), xt.data_ptr(), None if b is None else b.data_ptr(),
+                             y.data_ptr(), int(threads or torch.get_num_threads()))
+    if code != 0:
+        raise RuntimeError(f"native sparse kernel rejected its arguments (code {code})")
+    return y.t()

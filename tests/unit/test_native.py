@@ -1,0 +1,218 @@
+"""prunekit.native: the C sparse kernel builds here, equals F.linear, does not depend on the thread count,
+is validated before it reads memory, and prunekit falls back to torch's kernels when it cannot build."""
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from prunekit import native, sparse
+from prunekit.sparse import SparseLinear, csr_parts, to_sparse
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"no native kernel: {native.unavailable_reason()}")
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """A private cache and a cleared loader, restored afterwards (other tests keep the real library)."""
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path))
+    native._load.cache_clear()
+    yield tmp_path
+    monkeypatch.undo()
+    native._load.cache_clear()
+
+
+def sparse_weight(out_f, in_f, density, seed=0, empty_rows=()):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    w[torch.rand(out_f, in_f, generator=g) >= density] = 0
+    for r in empty_rows:
+        w[r] = 0
+    return w
+
+
+def run_native(w, x, b=None, threads=1):
+    crow, col, values = csr_parts(w)
+    return native.spmm(crow, col.to(native.col_dtype(w.shape[1])), values, x, b, threads=threads)
+
+
+def test_builds_where_a_compiler_exists():
+    if shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"):
+        assert native.available(), native.unavailable_reason()
+        assert native.unavailable_reason() == ""
+
+
+@needs_native
+@pytest.mark.parametrize("out_f, in_f, batch, bias", [
+    (37, 53, 1, True), (37, 53, 3, False), (40, 33, 8, True), (33, 40, 17, True),  # 17: a partial block of 8
+    (64, 40_000, 2, True),  # above 32767: the 16-bit indices wrap in int16 and must be read back unsigned
+    (8, 70_000, 1, False),  # wider than 65536: int32 column indices
+])
+def test_equals_linear(out_f, in_f, batch, bias):
+    w = sparse_weight(out_f, in_f, 0.1 if in_f > 1000 else 0.3, empty_rows=(1, 5))
+    b = torch.randn(out_f) if bias else None
+    x = torch.randn(batch, in_f)
+    got = run_native(w, x, b)
+    want = F.linear(x, w, b)
+    assert got.shape == want.shape == (batch, out_f)
+    assert torch.allclose(got, want, atol=1e-5 * max(1.0, float(want.abs().max())), rtol=0)
+    assert torch.equal(got[:, 1], torch.zeros(batch) if b is None else b[1].expand(batch))  # empty row: bias only
+
+
+@needs_native
+def test_all_zero_matrix_and_exact_small_case():
+    w = torch.zeros(4, 6)
+    assert torch.equal(run_native(w, torch.randn(2, 6), torch.arange(4.0)), torch.arange(4.0).expand(2, 4))
+    w = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, -3.0]])
+    x = torch.tensor([[1.0, 10.0, 100.0]])
+    assert torch.equal(run_native(w, x, torch.tensor([0.5, 0.25])), torch.tensor([[20.5, -298.75]]))
+
+
+@needs_native
+def test_thread_count_does_not_change_a_bit():
+    w = sparse_weight(512, 700, 0.2, seed=3)  # ~72k non-zeros: enough work that threads really start
+    x = torch.randn(5, 700)
+    one = run_native(w, x, threads=1)
+    for t in (2, 3, 7):
+        assert torch.equal(run_native(w, x, threads=t), one)
+    assert torch.equal(run_native(w, x[:1], threads=2), run_native(w, x[:1], threads=1))
+
+
+@needs_native
+def test_sparse_linear_native_kernel_round_trips():
+    lin = nn.Linear(40_000, 24)
+    with torch.no_grad():
+        lin.weight.copy_(sparse_weight(24, 40_000, 0.05, seed=1))
+    s = SparseLinear.from_linear(lin, native_max_batch=4, mm_min_batch=16)
+    assert s.col_indices.dtype == torch.int16  # 6 bytes per non-zero instead of 8
+    assert [s.kernel_for(n) for n in (1, 4, 5, 16)] == ["native", "native", "linear", "mm"]
+    x = torch.randn(3, 40_000)
+    with torch.no_grad():
+        want = lin(x)
+        y = s(x)
+        assert torch.allclose(y, want, atol=1e-5 * float(want.abs().max()), rtol=0)
+        x20 = torch.randn(20, 40_000)
+        want20 = lin(x20)
+        assert torch.allclose(s(x20), want20, atol=1e-5 * float(want20.abs().max()), rtol=0)  # mm path
+    assert torch.equal(s.to_linear().weight, lin.weight)  # the widened indices give back the exact weight
+    sd = st_load(st_save(dict(s.state_dict())))
+    assert sd["col_indices"].dtype == torch.int16
+    twin = copy.deepcopy(s)
+    twin.load_state_dict(sd)
+    with torch.no_grad():
+        assert torch.equal(twin(x), y)
+
+
+@needs_native
+def test_torch_kernels_read_the_same_16_bit_indices():
+    lin = nn.Linear(40_000, 6)
+    with torch.no_grad():
+        lin.weight.copy_(sparse_weight(6, 40_000, 0.05, seed=2))
+    s = SparseLinear.from_linear(lin, native_max_batch=1, mm_min_batch=2)
+    x = torch.randn(2, 40_000)
+    with torch.no_grad():
+        nat = torch.cat([s(x[:1]), s(x[1:])])  # batch 1: native
+        mm = s(x)  # batch 2: torch's mm on the widened indices
+        assert torch.allclose(nat, mm, atol=1e-4, rtol=0)
+
+
+@needs_native
+def test_gradients_fall_back_to_torch():
+    lin = nn.Linear(20, 8)
+    with torch.no_grad():
+        lin.weight.copy_(sparse_weight(8, 20, 0.3))
+    s = SparseLinear.from_linear(lin, native_max_batch=64)
+    x = torch.randn(2, 20, requires_grad=True)
+    s(x).sum().backward()  # the C kernel has no autograd: this must take torch's path
+    assert torch.allclose(x.grad, lin.weight.sum(0).expand(2, 20), atol=1e-6)
+    assert torch.allclose(s(x.double().detach().float()), lin(x).detach(), atol=1e-5)
+
+
+@needs_native
+def test_tampered_16_bit_indices_are_refused_before_the_kernel_reads():
+    lin = nn.Linear(20, 8)
+    with torch.no_grad():
+        lin.weight.copy_(sparse_weight(8, 20, 0.5))
+    s = SparseLinear.from_linear(lin, native_max_batch=8)
+    with torch.no_grad():
+        s.col_indices[0] = 30_000
+    with pytest.raises(ValueError, match="column index out of range"):
+        s(torch.randn(1, 20))
+
+
+def test_native_kernel_needs_float32():
+    lin = nn.Linear(10, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float32"):
+        SparseLinear.from_linear(lin, native_max_batch=4)
+
+
+def test_disabled_by_environment(fresh_native, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_NATIVE", "0")
+    assert not native.available() and "PRUNEKIT_NATIVE=0" in native.unavailable_reason()
+    with pytest.raises(RuntimeError, match="not available"):
+        run_native(sparse_weight(3, 3, 0.5), torch.randn(1, 3))
+    lin = nn.Linear(16, 8)
+    with torch.no_grad():
+        lin.weight.copy_(sparse_weight(8, 16, 0.2))
+    new, (entry,) = to_sparse(lin, torch.randn(1, 16), min_speedup=1e-9, repeat=1)
+    assert entry["converted"] and "native" not in entry["kernels_ms"] and entry["native_max_batch"] is None
+    assert entry["kernel"] in sparse.TORCH_KERNELS
+
+
+def test_a_failing_compiler_leaves_torch_kernels(fresh_native, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # exists and always fails
+    assert not native.available()
+    assert "failed" in native.unavailable_reason()
+    assert not list(fresh_native.glob("native/*.so"))  # nothing half-written is left to load later
+    monkeypatch.setenv("CC", "no-such-compiler-anywhere")
+    native._load.cache_clear()
+    assert "no C compiler" in native.unavailable_reason()
+
+
+@needs_native
+def test_built_once_into_the_cache(fresh_native):
+    assert native.available()
+    (lib,) = fresh_native.glob("native/spmm-*.so")
+    stamp = lib.stat().st_mtime_ns
+    native._load.cache_clear()
+    assert native.available() and lib.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    assert sorted(p.name for p in (fresh_native / "native").iterdir()) == [lib.name]  # no temp files left
+
+
+@needs_native
+def test_to_sparse_sets_the_native_rule_from_the_ladder(monkeypatch):
+    # native measured fastest up to 4 rows, slower from 16 on: native_max_batch must be 4
+    calls = []
+
+    def timer(fns, repeat, warmup=2, evict=None):
+        for f in fns.values():
+            f()
+        n = calls[-1]
+        out = {}
+        for k in fns:
+            name = k[2:] if k[:2] in ("d_", "s_") else k
+            out[k] = 10.0 if k.startswith("d_") else {"native": 0.5 if n <= 4 else 3.0, "linear": 1.0, "mm": 2.0}[name]
+        return out
+
+    real = sparse._linear_candidates
+
+    def spy(w, b, x2):
+        calls.append(x2.shape[0])
+        return real(w, b, x2)
+
+    monkeypatch.setattr(sparse, "_median_ms", timer)
+    monkeypatch.setattr(sparse, "_linear_candidates", spy)
+    lin = nn.Linear(12, 16)
+    with torch.no_grad():
+        lin.weight.copy_(sparse_weight(16, 12, 0.3))
+    new, (entry,) = to_sparse(lin, torch.randn(2, 12))
+    assert new.native_max_batch == 4 and entry["native_max_batch"] == 4 and new.mm_min_batch is None
+    assert entry["kernel"] == "native" and entry["speedup"] == pytest.approx(20.0)
+    assert new.col_indices.dtype == torch.int16
+    x = torch.randn(2, 12)
+    with torch.no_grad():
+        assert torch.allclose(new(x), lin(x), atol=1e-5)
