@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from . import masking
-from .criteria import Criterion, ScoreContext, get_criterion
+from .criteria import CRITERIA, Criterion, ScoreContext, get_criterion
+from .biascorr import SUPPORTED as BIAS_LAYERS
+from .biascorr import apply_corrections, bias_corrections
 from .criteria.calibrate import COLLECTORS, calibrate
 from .criteria.rowwise import select_rows
 from .plan import Amount, Plan, TensorPlan, select
@@ -176,20 +178,72 @@ def plan_pruning(model: nn.Module, amount: Optional[Amount] = None, *, criterion
     return plan
 
 
-def prune(model: nn.Module, amount: Optional[Amount] = None, *, keep_original: bool = False, **kwargs) -> Plan:
+def prune(model: nn.Module, amount: Optional[Amount] = None, *, keep_original: bool = False,
+          bias_correction: bool = False, **kwargs) -> Plan:
     """Score, select and apply in one call; returns the Plan that was applied.
 
     Keyword arguments are those of :func:`plan_pruning`. The model is pruned in
     place with masks (dense speed, see :mod:`prunekit.masking`); on any error
     it is left unchanged. ``criterion="sparsegpt"`` (with ``data=...``) runs
     :func:`prunekit.sparsegpt.sparsegpt_prune`, which also rewrites the kept weights.
+    ``bias_correction=True`` (needs ``data=...``, or wanda/input_mean ``stats``) also moves each pruned
+    layer's bias by what its removed weights contributed on average (:mod:`prunekit.biascorr`).
     """
     if kwargs.get("criterion") == "sparsegpt":  # a pruner that also rewrites the kept weights
+        if bias_correction:
+            raise ValueError("bias_correction is for criteria that only mask: sparsegpt already rewrites the "
+                             "kept weights (and the mean with them)")
         from .sparsegpt import prune_with_sparsegpt
         return prune_with_sparsegpt(model, amount, keep_original=keep_original, **kwargs)
+    if not bias_correction:
+        plan = plan_pruning(model, amount, **kwargs)
+        masking.apply(model, plan, keep_original=keep_original)
+        return plan
+    if keep_original:
+        raise ValueError("bias_correction rewrites biases, which keep_original could not give back: "
+                         "use one or the other")
+    kwargs, means = _calibrate_means(model, dict(kwargs))
     plan = plan_pruning(model, amount, **kwargs)
-    masking.apply(model, plan, keep_original=keep_original)
+    corrections, notes = bias_corrections(model, plan, means)  # before masking: it needs the removed values
+    masking.apply(model, plan)
+    apply_corrections(model, corrections)
+    plan.notes.extend(notes)
+    plan.meta["bias_correction"] = sorted(corrections)
     return plan
+
+
+def _calibrate_means(model: nn.Module, kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], Mapping[str, Any]]:
+    """(kwargs for plan_pruning, stats holding input means) for bias correction.
+
+    Wanda's statistics already hold the means: one calibration pass serves both, and plan_pruning gets
+    the stats instead of the data. Other criteria get a separate forward pass over ``data``.
+    """
+    data, stats = kwargs.get("data"), kwargs.get("stats")
+    if data is None:
+        if stats is None:
+            raise ValueError("bias_correction needs calibration data: pass data=... (batches), or stats "
+                             "collected with prunekit.criteria.collect('input_mean' or 'wanda', ...)")
+        return kwargs, stats
+    criterion = kwargs.get("criterion", "l1")
+    if not _data_aware(criterion) and kwargs.get("loss_fn") is not None:
+        raise ValueError(f"loss_fn is only used by criteria that need gradients (taylor), not {criterion!r}")
+    names = [n for n in select_targets(model, types=kwargs.get("types"), include=kwargs.get("include"),
+                                       exclude=kwargs.get("exclude"),
+                                       include_classifier=kwargs.get("include_classifier", False))
+             if isinstance(model.get_submodule(n.rpartition(".")[0]), BIAS_LAYERS)]
+    if kwargs.get("criterion") == "wanda":
+        kwargs["stats"] = calibrate("wanda", model, kwargs.pop("data"), names, forward_fn=kwargs.pop("forward_fn", None))
+        return kwargs, kwargs["stats"]
+    means = calibrate("input_mean", model, data, names, forward_fn=kwargs.get("forward_fn"))
+    if not _data_aware(criterion):  # data served the means only
+        kwargs.pop("data")
+        kwargs.pop("forward_fn", None)
+    return kwargs, means
+
+
+def _data_aware(criterion: Any) -> bool:
+    """A criterion that scores from calibration statistics (its collector has the same name)."""
+    return isinstance(criterion, str) and criterion in COLLECTORS and criterion in CRITERIA
 
 
 def _check_data_args(criterion, scope, pattern, stats, data, loss_fn, forward_fn) -> None:
@@ -209,9 +263,11 @@ def _check_data_args(criterion, scope, pattern, stats, data, loss_fn, forward_fn
         return
     if stats is not None:
         raise ValueError("pass either stats (already collected) or data (to collect them), not both")
-    if not isinstance(criterion, str) or criterion not in COLLECTORS:
-        raise ValueError(f"data=... is used by data-aware criteria only ({', '.join(COLLECTORS.names())}, "
-                         f"or prune(..., criterion='sparsegpt')); got criterion={criterion!r}")
+    if not _data_aware(criterion):
+        aware = [c for c in COLLECTORS.names() if _data_aware(c)]
+        raise ValueError(f"data=... is used by data-aware criteria only ({', '.join(aware)}, "
+                         f"or prune(..., criterion='sparsegpt'), or prune(..., bias_correction=True)); "
+                         f"got criterion={criterion!r}")
 
 
 def global_sparsity(model: nn.Module, names: Optional[Sequence[str]] = None) -> float:

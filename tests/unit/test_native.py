@@ -117,7 +117,7 @@ def test_torch_kernels_read_the_same_16_bit_indices():
     with torch.no_grad():
         nat = torch.cat([s(x[:1]), s(x[1:])])  # batch 1: native
         mm = s(x)  # batch 2: torch's mm on the widened indices
-        assert torch.allclose(nat, mm, atol=1e-4, rtol=0)
+        assert torch.allclose(nat, mm, atol=1e-5 * float(mm.abs().max()), rtol=0)
 
 
 @needs_native

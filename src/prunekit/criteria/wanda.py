@@ -23,6 +23,7 @@ from torch import nn
 from . import ScoreContext, register_criterion
 from .calibrate import Stats, register_collector, resolve_names
 from .taylor import stats_entry
+from ..biascorr import add_feature_sums  # noqa: E402 (also registers the "input_mean" collector)
 
 SQSUM, ROWS = "wanda_sqsum", "wanda_rows"
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -68,10 +69,11 @@ class WandaCollector:
             sq = x.pow(2).sum(0).double()  # float64 sums: many rows of small squares
             entry = stats.get(name)
             if entry is None:
-                stats[name] = {SQSUM: sq, ROWS: x.shape[0]}
+                entry = stats[name] = {SQSUM: sq, ROWS: x.shape[0]}
             else:
                 entry[SQSUM].add_(sq)
                 entry[ROWS] += x.shape[0]
+            add_feature_sums(entry, x)  # the input means too: bias correction needs no second pass
         return hook
 
 

@@ -1,0 +1,135 @@
+"""Bias correction: after pruning, move each layer's bias so that its *mean* output stays where it was.
+
+A pruned weight ``w_ij`` takes ``w_ij * x_j`` out of output ``i``; on average that is ``w_ij * E[x_j]``.
+Inputs that are not centred (post-GELU activations, LayerNorm outputs with a bias) make these losses add
+up to a systematic shift of every output, which the next layers amplify. Adding
+``(W - W_pruned) @ E[x]`` to the bias removes the shift exactly in expectation, at no run-time cost.
+The idea is old (Nagel et al. 2019 for quantisation; Frantar & Alistarh's OBC reconstruction is its
+full, second-order form); here it is an option of any criterion: ``prunekit.prune(..., bias_correction=True)``.
+
+``E[x]`` comes from calibration data (the ``input_mean`` collector; the ``wanda`` collector records it
+too, so Wanda needs no second pass). Convolutions use each input channel's mean over all positions,
+which ignores zero padding at the borders. Layers without a bias are left as they are (noted in the plan).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .criteria.calibrate import Stats, register_collector, resolve_names
+from .plan import Plan
+
+__all__ = ["InputMeanCollector", "input_means", "bias_corrections", "apply_corrections", "SUM", "ROWS"]
+
+SUM, ROWS = "input_sum", "input_rows"
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _weights(model: nn.Module) -> List[str]:
+    return [f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, SUPPORTED)]
+
+
+def feature_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as (rows, input features): the last dim for Linear, the channel dim for convolutions."""
+    x = x.detach().float()
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def add_feature_sums(entry: Optional[dict], rows: torch.Tensor) -> dict:
+    """Accumulate the per-feature sum of ``rows`` (float64: many small values) into a stats entry."""
+    entry = {} if entry is None else entry
+    s = rows.sum(0).double()
+    if SUM in entry:
+        entry[SUM].add_(s)
+        entry[ROWS] += rows.shape[0]
+    else:
+        entry[SUM], entry[ROWS] = s, rows.shape[0]
+    return entry
+
+
+@register_collector("input_mean")
+class InputMeanCollector:
+    """Forward pre-hooks that sum each layer's inputs per input feature."""
+
+    needs_grad = False
+    default_names = staticmethod(_weights)
+
+    def __init__(self, model: nn.Module, names: Optional[Sequence[str]] = None):
+        self.names = resolve_names(model, names, _weights)
+        self.modules = {}
+        for name in self.names:
+            mod_name, _, pname = name.rpartition(".")
+            module = model.get_submodule(mod_name)
+            if pname != "weight" or not isinstance(module, SUPPORTED):
+                raise ValueError(f"input means are taken for the weight of {', '.join(t.__name__ for t in SUPPORTED)}"
+                                 f" layers; {name} is the {pname!r} of a {type(module).__name__}")
+            self.modules[name] = module
+
+    def attach(self, stats: Stats) -> list:
+        return [m.register_forward_pre_hook(self._hook(n, m, stats)) for n, m in self.modules.items()]
+
+    @staticmethod
+    def _hook(name: str, module: nn.Module, stats: Stats):
+        @torch.no_grad()
+        def hook(mod, args) -> None:
+            stats[name] = add_feature_sums(stats.get(name), feature_rows(module, args[0]))
+        return hook
+
+
+def input_means(stats: Mapping[str, Mapping], name: str) -> Optional[torch.Tensor]:
+    """``E[x]`` per input feature of the layer owning ``name`` (None when the stats do not have it)."""
+    entry = stats.get(name) or {}
+    if SUM not in entry or not entry.get(ROWS):
+        return None
+    return (entry[SUM] / entry[ROWS]).float()
+
+
+def _delta(module: nn.Module, removed: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Mean output lost per output unit: ``removed`` weights times the mean of the input each one reads."""
+    if isinstance(module, nn.Linear):
+        return removed.reshape(removed.shape[0], -1) @ mean
+    groups, out_ch = module.groups, removed.shape[0]
+    per_group = removed.shape[1]
+    group_of_row = torch.arange(out_ch) // (out_ch // groups)
+    idx = group_of_row.reshape(-1, 1) * per_group + torch.arange(per_group).reshape(1, -1)
+    return (removed.sum(dim=tuple(range(2, removed.dim()))) * mean[idx]).sum(1)
+
+
+def bias_corrections(model: nn.Module, plan: Plan, stats: Mapping[str, Mapping]
+                     ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """``({bias name: value to add}, notes)`` for the weights ``plan`` prunes, computed *before* it is applied.
+
+    Raises ValueError when a pruned weight has no input means in ``stats`` (they are needed, not optional).
+    """
+    modules = dict(model.named_modules())
+    out: Dict[str, torch.Tensor] = {}
+    notes: List[str] = []
+    for tp in plan:
+        mod_name, _, pname = tp.name.rpartition(".")
+        module = modules.get(mod_name)
+        if pname != "weight" or not isinstance(module, SUPPORTED):
+            continue  # biases themselves, norms: nothing to correct
+        if module.bias is None:
+            notes.append(f"bias correction: {mod_name or 'model'} has no bias, left as it is")
+            continue
+        mean = input_means(stats, tp.name)
+        if mean is None:
+            raise ValueError(f"bias correction needs the input means of {tp.name}: pass data=... or stats "
+                             "collected with the 'input_mean' (or 'wanda') collector")
+        w = module.weight.detach()
+        removed = w.float() * tp.keep_mask().logical_not().to(w.device)
+        bname = f"{mod_name}.bias" if mod_name else "bias"
+        d = _delta(module, removed, mean.to(w.device)).to(module.bias.dtype)
+        out[bname] = out[bname] + d if bname in out else d
+    return out, notes
+
+
+@torch.no_grad()
+def apply_corrections(model: nn.Module, corrections: Mapping[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, delta in corrections.items():
+        params[name].add_(delta)
