@@ -4,6 +4,8 @@
                             rewind=200, epochs_per_round=5, lr=0.1, eval_loader=test, reinit=True)
     result.model            # the ticket, trained at 95% sparsity
     result.summary()        # per round: target, sparsity, accuracy (and the re-init control's)
+    result.save("lottery.json", meta={"model": "lenet300"})   # the numbers, no tensors
+    LotteryRecord.load("lottery.json").points()               # what `prunekit report` plots
 
 Round 0 trains the dense network and records the *rewind point*: the weights
 at initialisation (``rewind="init"``) or after ``rewind=k`` optimizer steps
@@ -24,7 +26,10 @@ sparsity from one run.
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -38,6 +43,7 @@ from .criteria import Criterion, get_criterion
 from .finetune import Callback, TrainState, _progress_enabled, finetune, lr_factor, make_optimizer
 from .plan import SCOPES, Plan, _check_choice
 
+FORMAT = "prunekit.lottery/1"
 ModelOrFactory = Union[nn.Module, Callable[[], nn.Module]]
 _AUX = (masking.MASK_SUFFIX, masking.ORIG_SUFFIX)
 # finetune arguments lottery_ticket sets itself
@@ -150,6 +156,129 @@ class LotteryResult:
 
     def summary(self) -> List[Dict[str, Any]]:
         return [{k: v for k, v in asdict(r).items() if v is not None} for r in self.rounds]
+
+    def record(self, meta: Optional[Dict[str, Any]] = None) -> "LotteryRecord":
+        """The numbers of this run (no model, no tensors), with ``meta`` (model, data, settings...)."""
+        return LotteryRecord(copy.deepcopy(self.rounds), self.rewind_step, dict(meta or {}))
+
+    def to_json(self, meta: Optional[Dict[str, Any]] = None) -> str:
+        return self.record(meta).to_json()
+
+    def save(self, path: Union[str, os.PathLike], *, meta: Optional[Dict[str, Any]] = None) -> Path:
+        """Write ``lottery.json`` (see :class:`LotteryRecord`); models are saved with :func:`prunekit.save`."""
+        return self.record(meta).save(path)
+
+
+_ROUND_FIELDS = ("round", "target", "sparsity", "steps", "loss", "accuracy", "reinit_accuracy", "reinit_loss")
+_FRACTIONS = ("target", "sparsity", "accuracy", "reinit_accuracy")
+
+
+def _finite_or_none(value: Any) -> Any:
+    # JSON has no NaN: a loss that was never measured (no training step) is written as null
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+@dataclass
+class LotteryRecord:
+    """What ``lottery.json`` holds: every round's numbers, the rewind step and free-form ``meta``.
+
+    Format ``prunekit.lottery/1``::
+
+        {"format": "prunekit.lottery/1", "rewind_step": 200,
+         "rounds": [{"round": 0, "target": 0.0, "sparsity": 0.0, "steps": 469, "loss": 0.05,
+                     "accuracy": 0.982, "reinit_accuracy": null, "reinit_loss": null}, ...],
+         "meta": {"model": "lenet300", "data": "mnist", "seed": 0, ...}}
+
+    Round 0 is the dense training (the reference); fractions are in [0, 1];
+    ``null`` marks what was not measured.
+    """
+
+    rounds: List[LotteryRound]
+    rewind_step: int
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dense_accuracy(self) -> Optional[float]:
+        """Round 0's accuracy: the reference the pruned rounds are compared with."""
+        return self.rounds[0].accuracy if self.rounds else None
+
+    def points(self) -> List[Dict[str, Any]]:
+        """One dict per pruning round: target, sparsity, ticket and re-init accuracy, ticket advantage (pp)."""
+        out = []
+        for r in self.rounds[1:]:
+            gap = None if r.accuracy is None or r.reinit_accuracy is None else 100.0 * (r.accuracy - r.reinit_accuracy)
+            out.append({"round": r.round, "target": r.target, "sparsity": r.sparsity, "ticket": r.accuracy,
+                        "reinit": r.reinit_accuracy, "advantage_pp": gap})
+        return out
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"format": FORMAT, "rewind_step": self.rewind_step,
+                "rounds": [{k: _finite_or_none(v) for k, v in asdict(r).items()} for r in self.rounds],
+                "meta": self.meta}
+
+    def to_json(self) -> str:
+        try:
+            return json.dumps(self.to_dict(), indent=1, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"lottery record is not JSON-safe (meta must hold plain numbers, strings, "
+                             f"lists and dicts): {e}") from e
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        path = Path(path)
+        text = self.to_json()  # before touching the file: a bad meta leaves no half-written file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)  # atomic: the report never reads half a file
+        return path
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "LotteryRecord":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ValueError(f"not a prunekit lottery record: expected format {FORMAT!r}")
+        try:
+            rounds = [_round_from_dict(r) for r in d["rounds"]]
+            rec = cls(rounds, int(d["rewind_step"]), dict(d.get("meta") or {}))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"malformed lottery record: {e}") from e
+        if not rounds or [r.round for r in rounds] != list(range(len(rounds))):
+            raise ValueError("malformed lottery record: rounds must be numbered 0, 1, 2, ... in order")
+        return rec
+
+    @classmethod
+    def from_json(cls, text: str) -> "LotteryRecord":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not a prunekit lottery record (invalid JSON: {e})") from e
+        return cls.from_dict(d)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "LotteryRecord":
+        return cls.from_json(Path(path).read_text())
+
+
+def _round_from_dict(d: Dict[str, Any]) -> LotteryRound:
+    unknown = sorted(set(d) - set(_ROUND_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown round field(s) {', '.join(unknown)}; allowed: {', '.join(_ROUND_FIELDS)}")
+
+    def num(key: str, required: bool = False) -> Optional[float]:
+        v = d[key] if required else d.get(key)
+        if v is None:
+            if required:
+                raise ValueError(f"round {d.get('round')}: {key} is missing")
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"round {d.get('round')}: {key}={v!r} is not a number")
+        if key in _FRACTIONS and not 0.0 <= v <= 1.0:
+            raise ValueError(f"round {d.get('round')}: {key}={v!r} is not a fraction in [0, 1]")
+        return float(v)
+
+    loss = num("loss")
+    return LotteryRound(int(d["round"]), num("target", True), num("sparsity", True), int(d["steps"]),
+                        math.nan if loss is None else loss, num("accuracy"), num("reinit_accuracy"),
+                        num("reinit_loss"))
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -73,10 +73,14 @@ class SensitivityResult:
         return self.baseline - value if self.higher_is_better else value - self.baseline
 
     # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> Dict[str, Any]:
+        """The dict of ``sensitivity.json`` (what :func:`prunekit.report.figures.sensitivity_curves` draws)."""
+        return {"format": FORMAT, "metric": self.metric, "baseline": self.baseline, "sparsities": self.sparsities,
+                "curves": self.curves, "params": self.params, "base_sparsity": self.base_sparsity,
+                "meta": self.meta}
+
     def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, "metric": self.metric, "baseline": self.baseline,
-                           "sparsities": self.sparsities, "curves": self.curves, "params": self.params,
-                           "base_sparsity": self.base_sparsity, "meta": self.meta}, indent=1, allow_nan=False)
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> "SensitivityResult":
@@ -210,27 +214,9 @@ class SensitivityResult:
 
     def plot(self, path: Union[str, os.PathLike], *, allocation: Optional[Mapping[str, float]] = None) -> Path:
         """A PNG with one curve per layer (metric vs sparsity); allocated sparsities marked."""
-        from .report.figures import _color, _marker, _new_figure, _save  # matplotlib only when plotting
+        from .report.figures import sensitivity_curves  # matplotlib only when plotting
 
-        scale = 100.0 if self.metric in ("accuracy", "top5") else 1.0
-        fig = _new_figure(7.5, 4.5)
-        ax = fig.add_subplot(1, 1, 1)
-        for i, (name, values) in enumerate(self.curves.items()):
-            # each curve starts at the layer's own sparsity with the baseline: that point is measured too
-            pts = [(self.base_sparsity.get(name, 0.0), self.baseline)] + [
-                (s, v) for s, v in zip(self.sparsities, values) if s > self.base_sparsity.get(name, 0.0)]
-            ax.plot([100.0 * s for s, _ in pts], [scale * v for _, v in pts], marker=_marker(i), color=_color(i),
-                    label=name, ms=4)
-            if allocation is not None and name in allocation:
-                ax.axvline(100.0 * allocation[name], color=_color(i), ls=":", lw=1)
-        ax.axhline(scale * self.baseline, color="0.3", ls="--", lw=1, label="no layer pruned")
-        ax.set_xlabel("Sparsity of the one layer pruned (%)")
-        ax.set_ylabel(f"{self.metric} (%)" if scale == 100.0 else self.metric)
-        ax.set_title(f"Sensitivity per layer ({self.meta.get('criterion', '?')}, "
-                     f"{self.meta.get('pattern', '?')})" + ("; dotted: allocation" if allocation else ""))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        return _save(fig, path)
+        return sensitivity_curves(self.to_dict(), path, allocation)
 
 
 # ----------------------------------------------------------------------------- piecewise-linear helpers

@@ -1,4 +1,7 @@
-"""prunekit.lottery: iterative magnitude pruning with exact rewinding, and the random re-init control."""
+"""prunekit.lottery: iterative magnitude pruning with exact rewinding, the random re-init control, lottery.json."""
+import json
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -7,7 +10,8 @@ import prunekit
 from prunekit import masking
 from prunekit.data import TensorLoader
 from prunekit.finetune import Callback
-from prunekit.lottery import capture_state, imp_schedule, lottery_ticket, rewind_to
+from prunekit.lottery import (LotteryRecord, LotteryRound, capture_state, imp_schedule, lottery_ticket,
+                              rewind_to)
 
 TRAIN = {"lr": 0.05, "lr_schedule": "constant", "momentum": 0.9}
 
@@ -159,3 +163,74 @@ def test_bad_input_is_rejected_before_any_training():
 
     with pytest.raises(ValueError, match="scale"):
         lottery_ticket(Scaled(), loader(), sparsities=[0.5], reinit=True, prune_kwargs={"include_classifier": True})
+
+
+# ----------------------------------------------------------------------------- lottery.json
+
+def _record():
+    rounds = [LotteryRound(0, 0.0, 0.0, 12, 0.25, 0.9),
+              LotteryRound(1, 0.5, 0.5, 12, 0.3, 0.875, 0.85, 0.4),
+              LotteryRound(2, 0.75, 0.7421875, 12, 0.35, 0.8, None, None)]
+    return LotteryRecord(rounds, 3, {"model": "toy", "seed": 0})
+
+
+def test_record_json_round_trip_is_exact_and_points_compare_ticket_and_control(tmp_path):
+    rec = _record()
+    path = rec.save(tmp_path / "sub" / "lottery.json")
+    d = json.loads(path.read_text())
+    assert d["format"] == "prunekit.lottery/1" and d["rewind_step"] == 3 and d["meta"] == {"model": "toy", "seed": 0}
+    assert d["rounds"][2] == {"round": 2, "target": 0.75, "sparsity": 0.7421875, "steps": 12, "loss": 0.35,
+                              "accuracy": 0.8, "reinit_accuracy": None, "reinit_loss": None}
+    assert LotteryRecord.load(path) == rec and LotteryRecord.from_json(rec.to_json()) == rec
+    assert rec.dense_accuracy == 0.9
+    pts = rec.points()
+    assert [p["round"] for p in pts] == [1, 2] and pts[0]["ticket"] == 0.875 and pts[0]["reinit"] == 0.85
+    assert pts[0]["advantage_pp"] == pytest.approx(2.5) and pts[1]["advantage_pp"] is None
+    assert not list(tmp_path.glob("sub/*.tmp"))
+
+
+def test_lottery_result_saves_what_it_measured(tmp_path):
+    res = lottery_ticket(factory, loader(), sparsities=[0.5, 0.8], rewind=2, epochs_per_round=1, seed=0,
+                         reinit=True, eval_loader=loader(), **TRAIN)
+    path = res.save(tmp_path / "lottery.json", meta={"model": "factory", "schedule": [0.5, 0.8]})
+    rec = LotteryRecord.load(path)
+    assert rec.rounds == res.rounds and rec.rewind_step == 2 and rec.meta["schedule"] == [0.5, 0.8]
+    assert LotteryRecord.from_json(res.to_json()) == res.record()
+    assert "NaN" not in path.read_text() and "weight" not in path.read_text()  # numbers only, no tensors
+    for p, row in zip(rec.points(), res.rounds[1:]):
+        assert p["advantage_pp"] == pytest.approx(100 * (row.accuracy - row.reinit_accuracy))
+
+
+def test_a_loss_never_measured_is_null_in_json_and_nan_again_when_read():
+    rec = _record()
+    rec.rounds[1].loss = math.nan
+    d = json.loads(rec.to_json())
+    assert d["rounds"][1]["loss"] is None
+    assert math.isnan(LotteryRecord.from_json(rec.to_json()).rounds[1].loss)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda d: d.update(format="prunekit.sensitivity/1"), "expected format"),
+    (lambda d: d.pop("rounds"), "malformed"),
+    (lambda d: d["rounds"][1].update(accuracy=1.5), "fraction"),
+    (lambda d: d["rounds"][1].update(sparsity="half"), "not a number"),
+    (lambda d: d["rounds"][1].update(target=None), "target is missing"),
+    (lambda d: d["rounds"][1].update(extra=1), "unknown round field"),
+    (lambda d: d["rounds"].reverse(), "numbered 0, 1, 2"),
+    (lambda d: d.update(rounds=[]), "numbered 0, 1, 2"),
+])
+def test_malformed_records_are_rejected_with_a_clear_message(edit, needle):
+    d = _record().to_dict()
+    edit(d)
+    with pytest.raises(ValueError, match=needle):
+        LotteryRecord.from_json(json.dumps(d))
+    with pytest.raises(ValueError, match="invalid JSON"):
+        LotteryRecord.from_json("{not json")
+
+
+def test_meta_that_is_not_json_safe_fails_before_writing(tmp_path):
+    rec = _record()
+    rec.meta["model"] = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="JSON-safe"):
+        rec.save(tmp_path / "lottery.json")
+    assert not list(tmp_path.iterdir())

@@ -21,6 +21,7 @@ COMMANDS = {
     "export": "export",
     "sensitivity": "sensitivity",
     "advise": "advise",
+    "lottery": "lottery",
 }
 
 

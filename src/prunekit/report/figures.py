@@ -52,6 +52,8 @@ __all__ = [
     "tradeoff_curve",
     "size_latency_curves",
     "history_curve",
+    "sensitivity_curves",
+    "lottery_curve",
 ]
 
 
@@ -329,5 +331,83 @@ def history_curve(history: Mapping[str, Sequence[Mapping[str, Any]]], path: Any,
              Line2D([], [], color="0.2", ls="--", label="sparsity (right)")]
     handles = ax.get_legend_handles_labels()[0] + style
     ax.legend(handles=handles, loc="lower left", fontsize=9)
+    _note_if_empty(ax)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- sensitivity and lottery tickets
+def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Linear interpolation on sorted xs, clamped at the ends (where an allocation sits on a curve)."""
+    return float(np.interp(x, xs, ys))
+
+
+def sensitivity_curves(sens: Mapping[str, Any], path: Any,
+                       allocation: Optional[Mapping[str, Any]] = None) -> Path:
+    """One curve per layer, the metric vs the sparsity of that layer pruned alone.
+
+    ``sens`` is the dict of ``sensitivity.json`` (``SensitivityResult.to_json``);
+    ``allocation`` maps layer -> allocated sparsity: each is marked on its curve
+    (a star, and a dotted vertical line in the layer's colour).
+    """
+    metric = str(sens.get("metric") or "accuracy")
+    key = metric if metric in PERCENT_KEYS else "value"
+    baseline = _num(sens.get("baseline"))
+    grid = [_num(s) for s in sens.get("sparsities") or []]
+    base = sens.get("base_sparsity") or {}
+    alloc = {str(k): _num(v) for k, v in (allocation or {}).items()}
+    fig = _new_figure(8, 5)
+    ax = fig.add_subplot()
+    for i, (name, values) in enumerate((sens.get("curves") or {}).items()):
+        own = _num(base.get(name)) or 0.0
+        # each curve starts at the layer's own sparsity with the baseline: that point is measured too
+        pts = [{"sparsity": own, key: baseline}] + [
+            {"sparsity": s, key: _num(v)} for s, v in zip(grid, values or []) if s is not None and s > own]
+        xs, ys = _series(pts, "sparsity", key)
+        if not xs:
+            continue
+        ax.plot(xs, ys, marker=_marker(i), ms=4, lw=1.6, color=_color(i), label=str(name))
+        a = alloc.get(str(name))
+        if a is not None:
+            ax.axvline(100.0 * a, color=_color(i), ls=":", lw=1)
+            ax.plot([100.0 * a], [_interp(xs, ys, 100.0 * a)], marker="*", ms=13, color=_color(i),
+                    markeredgecolor="0.15", ls="none")
+    if baseline is not None:
+        shown = _scaled(baseline, key)
+        ax.axhline(shown, ls="--", color="0.25", lw=1.3,
+                   label=f"no layer pruned ({shown:.4g}{'%' if key in PERCENT_KEYS else ''})")
+    ax.set_xlabel("Sparsity of the one layer pruned (%)")
+    ax.set_ylabel(AXIS_LABELS.get(metric, metric))
+    ax.set_title(f"Sensitivity per layer ({sens.get('meta', {}).get('criterion', '?')}, "
+                 f"{sens.get('meta', {}).get('pattern', '?')})" + ("; ★ allocated sparsity" if alloc else ""))
+    ax.grid(alpha=0.3)
+    _legend(ax, loc="best", fontsize=7)
+    _note_if_empty(ax)
+    return _save(fig, path)
+
+
+def lottery_curve(lottery: Mapping[str, Any], path: Any, title: str = "") -> Path:
+    """Accuracy vs sparsity of the ticket and of the random re-init control; round 0 (dense) dashed.
+
+    ``lottery`` is the dict of ``lottery.json`` (``LotteryRecord.to_dict``).
+    """
+    rounds = [r for r in lottery.get("rounds") or [] if isinstance(r, Mapping)]
+    fig = _new_figure(8, 5)
+    ax = fig.add_subplot()
+    for i, (key, label) in enumerate((("accuracy", "lottery ticket (rewound)"),
+                                      ("reinit_accuracy", "random re-init (same masks)"))):
+        xs, ys = _series([{"sparsity": r.get("sparsity"), "accuracy": r.get(key)} for r in rounds[1:]],
+                         "sparsity", "accuracy")
+        if xs:
+            ax.plot(xs, ys, marker=_marker(i), ms=6, lw=1.8, color=_color(i), label=label)
+    dense = _scaled(rounds[0].get("accuracy"), "accuracy") if rounds else None
+    if dense is not None:
+        ax.axhline(dense, ls="--", color="0.25", lw=1.3, label=f"round 0: dense ({dense:.4g}%)")
+    ax.set_xlabel(AXIS_LABELS["sparsity"])
+    ax.set_ylabel(AXIS_LABELS["accuracy"])
+    meta = lottery.get("meta") if isinstance(lottery.get("meta"), Mapping) else {}
+    what = " on ".join(str(meta[k]) for k in ("model", "data") if meta.get(k) is not None)
+    ax.set_title(title or "Lottery ticket vs random re-init" + (f": {what}" if what else ""))
+    ax.grid(alpha=0.3)
+    _legend(ax, loc="best")
     _note_if_empty(ax)
     return _save(fig, path)

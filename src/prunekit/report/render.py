@@ -38,12 +38,18 @@ Input schema (a JSON-safe dict; numpy/torch scalars are accepted and converted):
         ...],
       "history": {                               # optional: curves over fine-tuning
         "oneshot_l1": [{"step": 0, "sparsity": 0.0, "accuracy": 0.98}, ...]},
+      "sensitivity": {...},                      # optional: sensitivity.json (SensitivityResult.to_dict())
+      "allocation": {...},                       # optional: allocation.json of `prunekit sensitivity`
+      "lottery": {...},                          # optional: lottery.json (prunekit.lottery.LotteryRecord)
+      "notes": ["allocation.json not found"],    # optional: said at the top (e.g. missing files)
     }
 
 Every key is optional and any metric may be missing or ``None`` (e.g. latency not
 measured): the table shows "—", a column that is empty for every row is dropped,
 and a figure is written only when the data for it exists. A method without
 ``final`` uses its last point; one without ``points`` plots its ``final`` point.
+The sensitivity and lottery sections are in :mod:`prunekit.report.sections`;
+:func:`prunekit.report.runs.collect_run` gathers all of it from a run folder.
 """
 from __future__ import annotations
 
@@ -246,6 +252,8 @@ def _summary(results: Mapping[str, Any]) -> List[Block]:
     rows += [_metric_row(F._label(m, i), _final(m), dense)
              for i, m in enumerate(results.get("methods") or [])]
     if not rows:
+        if any(isinstance(results.get(k), Mapping) for k in ("sensitivity", "allocation", "lottery")):
+            return []  # a run of `prunekit sensitivity` or `prunekit lottery`: its own sections say it all
         return [("h", 2, "Summary"), ("p", "No results to show.")]
     return [("h", 2, "Summary"), _table(_SUMMARY_HEADERS, rows),
             ("p", "Accuracy change is in percentage points (pp) against the dense model. "
@@ -337,14 +345,22 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> List[List[str]]:
 
 def document(results: Mapping[str, Any], figures: Figures) -> List[Block]:
     """The report as a renderer-neutral list of blocks."""
+    from .sections import SECTION_FIGURES, lottery_blocks, sensitivity_blocks
+
     blocks: List[Block] = [("h", 1, str(results.get("title") or "prunekit report"))]
     if results.get("created"):
         blocks.append(("p", f"Created: {results['created']}"))
+    notes = [str(n) for n in results.get("notes") or [] if n]
+    if notes:
+        blocks.append(("ul", notes))
     blocks += _summary(results)
     blocks += _structured(results)
-    if figures:
+    general = [f for f in figures if f[0] not in SECTION_FIGURES]
+    if general:
         blocks.append(("h", 2, "Figures"))
-        blocks += [("figure", key, path, caption) for key, path, caption in figures]
+        blocks += [("figure", key, path, caption) for key, path, caption in general]
+    blocks += sensitivity_blocks(results, figures)
+    blocks += lottery_blocks(results, figures)
     methods = results.get("methods") or []
     if methods:
         blocks.append(("h", 2, "Methods"))
@@ -442,8 +458,8 @@ def build_report(results: Mapping[str, Any], out_dir: Any, *,
     ``heatmaps`` maps ``"<method>/<layer>"`` to ``(before, after)`` weight arrays
     (numpy or torch). Returns the written paths: keys ``"html"``, ``"markdown"``,
     ``"metrics"`` and one per figure (``"tradeoff"``, ``"size_latency"``,
-    ``"layer_sparsity"``, ``"history"``, ``"heatmap_<method>_<layer>"``), each only
-    when the data for it exists.
+    ``"layer_sparsity"``, ``"history"``, ``"heatmap_<method>_<layer>"``,
+    ``"sensitivity"``, ``"lottery"``), each only when the data for it exists.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -451,7 +467,9 @@ def build_report(results: Mapping[str, Any], out_dir: Any, *,
     metrics = out / "metrics.json"
     metrics.write_text(json.dumps(clean, indent=2, allow_nan=False, ensure_ascii=False) + "\n",
                        encoding="utf-8")
-    figures = _curve_figures(clean, out) + _heatmap_figures(clean, out, heatmaps)
+    from .sections import section_figures
+
+    figures = _curve_figures(clean, out) + _heatmap_figures(clean, out, heatmaps) + section_figures(clean, out)
     blocks = document(clean, figures)
     markdown, page = out / "report.md", out / "report.html"
     markdown.write_text(render_markdown(blocks), encoding="utf-8")
