@@ -7,7 +7,13 @@ one-shot, without fine-tuning, at 50% unstructured and at 2:4:
 
 - ``magnitude``: |w|, per layer (``criterion="l1"``);
 - ``wanda``: |w| * ||x||, compared per output row (``scope="row"``);
-- ``sparsegpt``: OBS pruning with weight reconstruction, layer by layer.
+- ``sparsegpt``: OBS pruning with weight reconstruction, layer by layer;
+- ``wanda+bc``: Wanda, then bias correction (``bias_correction=True``: each bias moves by the mean
+  contribution of the weights removed from its row, from the same calibration pass);
+- ``wanda+bc+alloc`` (50% only): the same, with per-layer sparsities from a sensitivity analysis
+  (:mod:`prunekit.sensitivity`: each layer pruned alone over a grid of sparsities, scored by the cosine to
+  the dense embeddings of *calibration* sentences, never the held-out ones; then the least-loss allocation
+  of 50% of the weights overall).
 
 Calibration: sentences written by :mod:`prunekit.textdata` (256 by default); evaluation: a disjoint
 held-out set of paraphrase pairs (100 pairs = 200 sentences), compared with the dense model.
@@ -40,12 +46,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 import prunekit  # noqa: E402
+from prunekit.criteria import calibrate  # noqa: E402
 from prunekit.nm import validate_nm  # noqa: E402
+from prunekit.sensitivity import analyze, apply_allocation  # noqa: E402
 from prunekit.textdata import (calibration_sentences, embedding_agreement, encode, heldout_sentences,  # noqa: E402
                                st_forward, token_batches)
 
 BENCH = "minilm_oneshot"
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "wanda+bc", "wanda+bc+alloc")
+ALLOC_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # sparsities each layer is tried at alone
+ALLOC_SENTENCES = 128  # calibration sentences the sensitivity trials are scored on
 SETTINGS = {"sparsity=0.5": dict(amount=0.5), "2:4": dict(amount=None, pattern="nm", nm=(2, 4))}
 
 
@@ -59,17 +69,37 @@ def load_minilm():
 def method_kwargs(method: str, calib) -> dict:
     if method == "magnitude":
         return dict(criterion="l1", scope="layer")
-    if method == "wanda":
-        return dict(criterion="wanda", scope="row", data=calib, forward_fn=st_forward)
+    if method in ("wanda", "wanda+bc"):
+        return dict(criterion="wanda", scope="row", data=calib, forward_fn=st_forward,
+                    bias_correction=method == "wanda+bc")
     return dict(criterion="sparsegpt", data=calib, forward_fn=st_forward)
 
 
-def run_one(dense, method, setting, include, calib, held, dense_emb):
+def allocated_wanda(model, amount: float, include, calib, seed: int, quick: bool = False):
+    """Wanda + bias correction at per-layer sparsities chosen by a sensitivity analysis on calibration data."""
+    names = prunekit.select_targets(model, include=include)
+    stats = calibrate("wanda", model, calib, names, forward_fn=st_forward)
+    scored = token_batches(model, calibration_sentences(16 if quick else ALLOC_SENTENCES, seed), batch_size=64)
+    ref = encode(model, *scored)
+
+    def loss(m):  # 1 - cosine to the dense embeddings of calibration sentences
+        return 1.0 - embedding_agreement(ref, encode(m, *scored))["cosine"]
+
+    res = analyze(model, loss, sparsities=(0.3, 0.7) if quick else ALLOC_GRID, criterion="wanda", names=names, metric="loss",
+                  stats=stats, scope="row", bias_correction=True)
+    alloc = res.allocate(amount, min_keep=0.0)
+    return apply_allocation(model, alloc, criterion="wanda", stats=stats, scope="row", bias_correction=True)
+
+
+def run_one(dense, method, setting, include, calib, held, dense_emb, seed=0, quick=False):
     model = copy.deepcopy(dense)
     kw = dict(SETTINGS[setting])
     amount = kw.pop("amount")
     t0 = time.perf_counter()
-    plan = prunekit.prune(model, amount, include=include, seed=0, **kw, **method_kwargs(method, calib))
+    if method == "wanda+bc+alloc":
+        plan = allocated_wanda(model, amount, include, calib, seed, quick)
+    else:
+        plan = prunekit.prune(model, amount, include=include, seed=0, **kw, **method_kwargs(method, calib))
     seconds = time.perf_counter() - t0
     names = list(plan.tensors)
     if setting == "2:4":
@@ -109,8 +139,11 @@ def main(argv=None) -> int:
     for setting in SETTINGS:
         base = None
         for method in METHODS:
+            if method == "wanda+bc+alloc" and setting != "sparsity=0.5":
+                continue  # N:M fixes every layer's sparsity: nothing to allocate
             C.log(f"{method} {setting} ...")
-            m, seconds, layers = run_one(dense, method, setting, include, calib, held, dense_emb)
+            m, seconds, layers = run_one(dense, method, setting, include, calib, held, dense_emb, args.seed,
+                                         args.quick)
             C.log(f"  {method} {setting}: cosine {m['cosine']:.4f} spearman {m['spearman']:.4f} "
                   f"top1 {m['top1_agreement']:.3f} ({layers} layers, {seconds:.1f} s)")
             emit_method(f"{prefix}/{method}/{setting}", m, seconds, base, common)

@@ -5,7 +5,9 @@ pruned per layer with ``prunekit.prune`` (magnitude, all 4 layers, masks kept) a
 
 - saved with ``prunekit.save(compressed=True)`` and loaded back (checked bit-exact);
 - converted by ``prunekit.sparse.to_sparse`` at each batch size, which *measures* every layer on this
-  machine and converts only those whose CSR form is >= 1.1x faster than their best dense form;
+  machine and converts only those whose CSR form is >= 1.1x faster than their best dense form (the CSR
+  kernel, torch's ``linear``/``mm`` or prunekit's ``native`` C kernel, is chosen per layer by measurement;
+  ``kernels`` in the JSON line lists what the 4 layers run);
 - timed end to end, alternating run by run with the same masked model in every dense form
   (``F.linear`` as nn.Linear runs it, ``addmm`` / ``matmul`` with a pre-transposed weight): the
   fastest dense form is the peer.
@@ -124,7 +126,8 @@ def _end_to_end(model: nn.Module, width: int, s: float, batch: int, cfg: dict, t
     best = min(forms, key=lambda f: med[f"dense_{f}"])
     dense_ms, sparse_ms = med[f"dense_{best}"], med["sparse"]
     case = f"mlp4x{width}/sparsity={s}/batch={batch}"
-    common = dict(n=cfg["n"], threads=threads, batch=batch, dense_form=best, layers_sparse=converted)
+    common = dict(n=cfg["n"], threads=threads, batch=batch, dense_form=best, layers_sparse=converted,
+                  kernels=",".join(sorted({r["kernel"] for r in report if r["converted"]})))
     C.emit(BENCH, case, "latency_ms", sparse_ms, "ms", peer="dense", peer_value=dense_ms, **common)
     C.emit(BENCH, case, "speedup", dense_ms / sparse_ms, "x", peer="dense", peer_value=1.0,
            lower_is_better=False, **common)

@@ -36,6 +36,8 @@ from tqdm.auto import tqdm
 
 from . import masking
 from .api import _couple_biases, compute_scores, select_targets
+from .biascorr import apply_corrections, bias_corrections
+from .criteria.rowwise import select_rows
 from .criteria import Criterion, get_criterion
 from .finetune import _progress_enabled
 from .plan import Amount, Plan, _check_choice, resolve_floor, select
@@ -293,14 +295,41 @@ class _LayerState:
         self.module._non_persistent_buffers_set.update(self.non_persistent)
 
 
-def _trial_prune(model, name, amount, criterion, pattern, seed, select_kwargs) -> None:
+def _layer_plan(model, scores, amount, pattern, opts, select_kwargs) -> Plan:
+    """One layer's plan: per-layer ranking, or Wanda's per-row ranking (``scope="row"``)."""
+    name = next(iter(scores))
     module = model.get_submodule(name.rpartition(".")[0])
-    pname = name.rpartition(".")[2]
-    current = masking.get_mask(module, pname)
-    plan = select(compute_scores(model, [name], criterion, seed=seed), amount, scope="layer", pattern=pattern,
-                  min_keep=0, current={name: current} if current is not None else None, **select_kwargs)
+    current = masking.get_mask(module, name.rpartition(".")[2])
+    current = {name: current} if current is not None else None
+    if opts["scope"] == "row":
+        plan = select_rows(scores, float(amount), min_keep=0, current=current)
+    else:
+        plan = select(scores, amount, scope="layer", pattern=pattern, min_keep=0, current=current, **select_kwargs)
     _couple_biases(model, plan)  # as prunekit.prune does: a structured row takes its bias entry
+    return plan
+
+
+def _apply(model, plan: Plan, opts) -> None:
+    """Mask, then (bias_correction) move the biases by the removed weights' mean contribution."""
+    corrections = bias_corrections(model, plan, opts["stats"])[0] if opts["bias_correction"] else {}
     masking.apply(model, plan)
+    apply_corrections(model, corrections)
+
+
+def _trial_prune(model, name, amount, criterion, pattern, seed, select_kwargs, opts) -> None:
+    scores = compute_scores(model, [name], criterion, seed=seed, stats=opts["stats"])
+    _apply(model, _layer_plan(model, scores, amount, pattern, opts, select_kwargs), opts)
+
+
+def _options(pattern: str, scope: str, stats, bias_correction: bool) -> Dict[str, Any]:
+    """Checked options of a trial: ``scope`` "layer" or "row", and what bias correction needs."""
+    _check_choice(scope, ("layer", "row"), "scope")
+    if scope == "row" and pattern != "unstructured":
+        raise ValueError("scope='row' (Wanda's per-row ranking) works with pattern='unstructured' only")
+    if bias_correction and stats is None:
+        raise ValueError("bias_correction needs stats holding input means: "
+                         "prunekit.criteria.calibrate('wanda' or 'input_mean', model, data)")
+    return {"scope": scope, "stats": stats, "bias_correction": bool(bias_correction)}
 
 
 def _check_select_kwargs(select_kwargs: Mapping[str, Any]) -> None:
@@ -332,6 +361,7 @@ def analyze(model: nn.Module, evaluate: Evaluator, *, sparsities: Sequence[float
             criterion: Union[str, Criterion] = "l1", names: Optional[Sequence[str]] = None,
             pattern: str = "unstructured", metric: str = "accuracy", seed: int = 0,
             max_batches: Optional[int] = None, progress: Optional[bool] = None,
+            stats: Optional[Mapping[str, Any]] = None, scope: str = "layer", bias_correction: bool = False,
             **select_kwargs: Any) -> SensitivityResult:
     """Prune each layer alone at each sparsity, evaluate, and put it back.
 
@@ -342,7 +372,11 @@ def analyze(model: nn.Module, evaluate: Evaluator, *, sparsities: Sequence[float
     ``select_kwargs`` go to :func:`prunekit.plan.select` (``dim``, ``norm`` for
     structured). A sparsity is the layer's *total*: masks it already has count
     towards it. The model is unchanged afterwards (values, masks, modes).
+    Data-aware criteria take ``stats`` (:func:`prunekit.criteria.calibrate`);
+    ``scope="row"`` ranks within each output row (Wanda); ``bias_correction``
+    corrects each trial as :func:`prunekit.prune` would (needs means in ``stats``).
     """
+    opts = _options(pattern, scope, stats, bias_correction)
     names, grid = _validate(model, names, sparsities, criterion, pattern, metric)
     _check_select_kwargs(select_kwargs)
     score = _evaluator(evaluate, metric, max_batches)
@@ -360,7 +394,7 @@ def analyze(model: nn.Module, evaluate: Evaluator, *, sparsities: Sequence[float
             curves[name] = []
             for s in grid:
                 try:
-                    _trial_prune(model, name, s, criterion, pattern, seed, select_kwargs)
+                    _trial_prune(model, name, s, criterion, pattern, seed, select_kwargs, opts)
                     value = score(model)
                 finally:
                     state.restore()  # even when pruning or evaluating fails: the model is given back as it was
@@ -368,37 +402,42 @@ def analyze(model: nn.Module, evaluate: Evaluator, *, sparsities: Sequence[float
                 bar.update(1)
                 bar.set_postfix(layer=name, s=s)
     meta = {"criterion": criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "custom"),
-            "pattern": pattern, "seed": seed, **{k: v for k, v in select_kwargs.items()
-                                                 if isinstance(v, (int, float, str))}}
+            "pattern": pattern, "seed": seed, "scope": scope, "bias_correction": bool(bias_correction),
+            **{k: v for k, v in select_kwargs.items() if isinstance(v, (int, float, str))}}
     return SensitivityResult(metric, baseline, grid, curves, {n: params[n].numel() for n in names}, base, meta)
 
 
 # ----------------------------------------------------------------------------- using an allocation
 
 def allocation_plan(model: nn.Module, allocation: Mapping[str, float], *, criterion: Union[str, Criterion] = "l1",
-                    pattern: str = "unstructured", seed: int = 0, **select_kwargs: Any) -> Plan:
-    """One Plan pruning each named layer by its own amount (per-layer ranking), without touching the model."""
+                    pattern: str = "unstructured", seed: int = 0, stats: Optional[Mapping[str, Any]] = None,
+                    scope: str = "layer", **select_kwargs: Any) -> Plan:
+    """One Plan pruning each named layer by its own amount (per-layer or, ``scope="row"``, per-row ranking),
+    without touching the model. ``stats``: for data-aware criteria, as in :func:`analyze`."""
     _check_choice(pattern, PATTERNS, "pattern")
     _check_select_kwargs(select_kwargs)
+    opts = _options(pattern, scope, stats, False)
     if not allocation:
         raise ValueError("allocation is empty")
     for n in allocation:
         masking._owner(model, n)
-    scores = compute_scores(model, list(allocation), criterion, seed=seed)
-    current = masking.masks(model)
-    plan = Plan(meta={"scope": "layer", "pattern": pattern, "allocation": dict(allocation)})
+    scores = compute_scores(model, list(allocation), criterion, seed=seed, stats=stats)
+    plan = Plan(meta={"scope": scope, "pattern": pattern, "allocation": dict(allocation)})
     for n, s in allocation.items():
-        one = select({n: scores[n]}, float(s), scope="layer", pattern=pattern, min_keep=0,
-                     current={n: current[n]} if n in current else None, **select_kwargs)
-        plan.tensors.update(one.tensors)
-    _couple_biases(model, plan)
+        plan.tensors.update(_layer_plan(model, {n: scores[n]}, float(s), pattern, opts, select_kwargs).tensors)
     plan.meta.update(criterion=criterion if isinstance(criterion, str) else "custom", seed=seed,
                      targets=list(allocation))
     return plan
 
 
-def apply_allocation(model: nn.Module, allocation: Mapping[str, float], **kwargs: Any) -> Plan:
-    """Prune ``model`` in place as ``allocation`` says; returns the Plan (the model is untouched on error)."""
+def apply_allocation(model: nn.Module, allocation: Mapping[str, float], *, bias_correction: bool = False,
+                     **kwargs: Any) -> Plan:
+    """Prune ``model`` in place as ``allocation`` says; returns the Plan (the model is untouched on error).
+    ``bias_correction`` (needs ``stats`` with input means) as in :func:`prunekit.prune`."""
     plan = allocation_plan(model, allocation, **kwargs)
-    masking.apply(model, plan)
+    opts = _options(kwargs.get("pattern", "unstructured"), kwargs.get("scope", "layer"), kwargs.get("stats"),
+                    bias_correction)
+    _apply(model, plan, opts)
+    if bias_correction:
+        plan.meta["bias_correction"] = True
     return plan

@@ -9,9 +9,13 @@ Whether a layer pays is *measured* on this machine, at the batch size of your
 example inputs, against the best dense form of the same layer (``F.linear``,
 ``addmm`` or ``matmul`` with a pre-transposed weight), never decided by a
 sparsity constant: the break-even point moves with the layer shape, the batch
-size, the thread count and the CPU. Which of the two CSR kernels runs is also
-measured per layer: ``F.linear(x, W_csr)`` tends to win at small batches,
-``addmm(b, W_csr, x.T).T`` at larger ones (``mm_min_batch`` is the crossover).
+size, the thread count and the CPU. Which CSR kernel runs is also measured per
+layer and batch size: torch's ``F.linear(x, W_csr)`` or ``addmm(b, W_csr, x.T).T``
+(``mm_min_batch`` is their crossover), or prunekit's own C kernel
+(:mod:`prunekit.native`: 16-bit column indices, so 6 instead of 8 bytes per
+non-zero, which is what a memory-bound batch-1 layer pays for; used up to
+``native_max_batch`` rows). The C kernel is compiled on first use where a C
+compiler exists; without one, torch's kernels run alone.
 COO is always slower than dense on CPU, so it is not offered. A layer timed on
 its own stays in the CPU cache, which a forward pass through a model bigger
 than the cache does not allow: for such models every timed call starts on a

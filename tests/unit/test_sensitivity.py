@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit import masking
+from prunekit import masking, sensitivity
 from prunekit.data import TensorLoader
 from prunekit.metrics import evaluate
 from prunekit.sensitivity import SensitivityResult, allocation_plan, analyze, apply_allocation
@@ -242,3 +242,59 @@ def test_apply_allocation_prunes_each_layer_by_its_own_amount():
     assert prunekit.global_sparsity(net, list(alloc)) == pytest.approx(0.75, abs=len(alloc) / 300)
     with pytest.raises(KeyError):
         apply_allocation(net, {"nope.weight": 0.5})
+
+
+# ------------------------------------------------------------------ data-aware trials (Wanda per row, bias correction)
+def _wanda_setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 8), nn.GELU(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(16, 6, generator=g) + 1.0 for _ in range(3)]
+    from prunekit.criteria import calibrate
+    return model, data, calibrate("wanda", model, data, ["0.weight", "2.weight"])
+
+
+def test_wanda_row_trials_with_bias_correction_leave_the_model_as_it_was():
+    model, data, stats = _wanda_setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    def evaluate(m):
+        w = m[0].weight.detach()
+        zeros_per_row = (w == 0).sum(1)
+        seen.append((int(zeros_per_row.min()), int(zeros_per_row.max()), m[0].bias.detach().clone()))
+        with torch.no_grad():
+            return -float(sum(m(x).abs().mean() for x in data))
+
+    res = sensitivity.analyze(model, evaluate, sparsities=(0.5,), criterion="wanda", names=["0.weight"],
+                              metric="loss", stats=stats, scope="row", bias_correction=True)
+    assert res.meta["scope"] == "row" and res.meta["bias_correction"] is True
+    _, (lo, hi, bias) = seen  # baseline, then the trial: every row lost exactly half (3 of 6)
+    assert lo == hi == 3
+    assert not torch.equal(bias, before["0.bias"])  # the trial was corrected ...
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # ... and undone
+
+
+def test_apply_allocation_matches_prune_with_the_same_options():
+    model, data, stats = _wanda_setup()
+    twin = copy.deepcopy(model)
+    plan = sensitivity.apply_allocation(model, {"0.weight": 0.5, "2.weight": 0.25}, criterion="wanda",
+                                        stats=stats, scope="row", bias_correction=True)
+    assert plan.meta["bias_correction"] is True and plan.meta["scope"] == "row"
+    # the same statistics (of the dense model) for both layers, as one allocation uses them
+    prunekit.prune(twin, 0.5, criterion="wanda", scope="row", include="0", stats=stats, bias_correction=True)
+    prunekit.prune(twin, 0.25, criterion="wanda", scope="row", include="2", stats=stats, bias_correction=True)
+    for k in ("0.weight", "0.bias", "2.weight", "2.bias"):
+        assert torch.allclose(model.state_dict()[k], twin.state_dict()[k], atol=1e-6), k
+    assert int((model[2].weight == 0).sum(1).max()) == 3  # a quarter of 12 inputs in every row
+
+
+def test_data_aware_options_are_checked():
+    model, data, stats = _wanda_setup()
+    with pytest.raises(ValueError, match="bias_correction needs stats"):
+        sensitivity.analyze(model, lambda m: 1.0, sparsities=(0.5,), names=["0.weight"], bias_correction=True)
+    with pytest.raises(ValueError, match="scope='row'"):
+        sensitivity.analyze(model, lambda m: 1.0, sparsities=(0.5,), names=["0.weight"], scope="row",
+                            pattern="structured")
+    with pytest.raises(ValueError, match="scope"):
+        sensitivity.allocation_plan(model, {"0.weight": 0.5}, scope="global")
