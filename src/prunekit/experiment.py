@@ -38,7 +38,8 @@ from .plan import PATTERNS, SCOPES, _check_choice, resolve_amount
 log = logging.getLogger("prunekit")
 KINDS = ("oneshot", "gradual", "iterative", "surgery")
 PRUNE_KEYS = ("criterion", "scope", "pattern", "dim", "norm", "nm", "include", "exclude",
-              "include_classifier", "min_keep", "types", "normalize", "aggregate", "round_to", "protect")
+              "include_classifier", "min_keep", "types", "normalize", "aggregate", "round_to", "protect",
+              "bias_correction")
 SURGERY_KEYS = ("criterion", "scope", "norm", "aggregate", "min_keep", "round_to", "protect", "normalize")
 CALIB_BATCHES = 8   # training batches that data-aware criteria (taylor, wanda, sparsegpt) calibrate on
 FINETUNE_KEYS = ("epochs", "lr", "optimizer", "momentum", "weight_decay", "lr_schedule", "max_steps",
@@ -133,6 +134,9 @@ def _check_method(method: Dict[str, Any]) -> None:
                              "with kind oneshot and pattern unstructured or nm")
     else:
         get_criterion(crit)
+    if pk.get("bias_correction") and (crit == "sparsegpt" or method["kind"] == "surgery"):
+        raise ValueError(f"method {method.get('name')!r}: bias_correction is for masking criteria with kind "
+                         "oneshot, gradual or iterative (sparsegpt rewrites weights itself; surgery removes units)")
     _check_choice(pk.get("scope", "layer"), SCOPES + ("row",), "scope")   # row: per output row (Wanda)
     _check_choice(pk.get("pattern", "unstructured"), PATTERNS, "pattern")
 
@@ -158,7 +162,7 @@ def _data_aware(criterion: Any) -> bool:
 
 def _with_calibration(pk: Dict[str, Any], train) -> Dict[str, Any]:
     """prune() keywords, plus a few training batches for a data-aware criterion (fixed: the first ones)."""
-    if not _data_aware(pk.get("criterion")):
+    if not (_data_aware(pk.get("criterion")) or pk.get("bias_correction")):
         return pk
     return {**pk, "data": list(itertools.islice(iter(train), CALIB_BATCHES))}
 

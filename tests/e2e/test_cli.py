@@ -318,6 +318,28 @@ def test_recipe_model_kwargs_are_accepted(tmp_path):
     assert prunekit.global_sparsity(model) == pytest.approx(0.5, abs=1e-2)
 
 
+def test_prune_with_bias_correction_moves_only_the_pruned_layers_biases(tmp_path):
+    recipe = {"model": "mlp", "model_kwargs": {"in_features": 64, "hidden": [32, 16]}, "data": "digits",
+              "limit_train": 300, "limit_test": 100, "dense": {"epochs": 1},
+              "method": {"sparsity": 0.5, "criterion": "wanda", "scope": "row"}, "finetune": {"epochs": 0}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    runs = {}
+    for name, extra in (("plain", []), ("bc", ["--bias-correction"])):
+        _ok(cli(["prune", "--recipe", "r.yaml", "--out", name, "--no-progress", "--seed", 5, *extra], tmp_path))
+        runs[name] = prunekit.load(tmp_path / name / "model").state_dict()
+    config = yaml.safe_load((tmp_path / "bc" / "config.yaml").read_text())
+    assert config["method"]["bias_correction"] is True
+    plain, bc = runs["plain"], runs["bc"]
+    weights = [k for k in plain if k.endswith(".weight") and not k.endswith("_mask")]
+    assert all(torch.equal(plain[k], bc[k]) for k in weights)  # the same masks, the same kept weights
+    moved = sorted(k for k in plain if k.endswith(".bias") and not torch.equal(plain[k], bc[k]))
+    masked = sorted(k.replace(".weight_mask", ".bias") for k in plain if k.endswith(".weight_mask"))
+    assert moved == masked and moved  # every pruned layer's bias moved, the classifier's did not
+    proc = cli(["prune", "--recipe", "r.yaml", "--out", "bad", "--no-progress", "--bias-correction",
+                "--schedule", "surgery"], tmp_path)
+    _user_error(proc, "bias_correction")
+
+
 def test_prune_with_surgery_saves_the_compacted_model_and_its_plan(tmp_path):
     recipe = {"model": "mlp", "model_kwargs": {"in_features": 64, "hidden": [32, 16]}, "data": "digits",
               "limit_train": 300, "limit_test": 100, "dense": {"epochs": 1},

@@ -24,7 +24,7 @@ DEFAULTS: Dict[str, Any] = {
     "dense": {"epochs": 40, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "lr_schedule": "cosine"},
     "method": {"name": "pruned", "kind": "oneshot", "sparsity": 0.9, "criterion": "l1", "scope": "global",
                "pattern": "unstructured", "dim": 0, "norm": 1.0, "nm": [2, 4], "include": None,
-               "exclude": None, "include_classifier": False, "min_keep": 0.01},
+               "exclude": None, "include_classifier": False, "min_keep": 0.01, "bias_correction": False},
     "finetune": {"epochs": 2, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4,
                  "lr_schedule": "cosine", "checkpoint_every": None},
     "gradual": {"epochs": 30, "prune_epochs": None, "every": None},  # None: first 40% of epochs; ~10 updates/epoch
@@ -80,6 +80,9 @@ def add_arguments(p) -> None:
                    help="set any recipe field, e.g. --set dense.lr=0.1 --set model_kwargs={hidden: [64]} "
                         "(value parsed as YAML; repeatable)")
     p.add_argument("--no-compress", action="store_true", help="save the model dense instead of compressed")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="move each pruned layer's bias by the mean contribution of its removed weights "
+                        "(input means from a few training batches; not with sparsegpt or surgery)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from the checkpoints in <out>/checkpoints "
@@ -140,6 +143,8 @@ def resolve_config(args) -> Dict[str, Any]:
         _set(config, path.strip(), yaml.safe_load(raw))
     if args.include_classifier:
         config["method"]["include_classifier"] = True
+    if args.bias_correction:
+        config["method"]["bias_correction"] = True
     if args.no_compress:
         config["save"]["compressed"] = False
     return config
@@ -164,6 +169,8 @@ def to_method(config: Dict[str, Any]) -> Dict[str, Any]:
         min_keep = int(min_keep)  # a flag gives floats; >= 1 means a count of units
     prune = {"criterion": m["criterion"], "scope": m["scope"], "pattern": m["pattern"], "min_keep": min_keep,
              "include_classifier": m["include_classifier"]}
+    if m.get("bias_correction"):
+        prune["bias_correction"] = True
     if m["pattern"] == "structured":
         prune.update(dim=m["dim"], norm=m["norm"])
     if m["pattern"] == "nm":
