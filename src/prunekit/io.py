@@ -27,7 +27,7 @@ import math
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
@@ -75,9 +75,13 @@ def save(model: nn.Module, path: PathLike, *, compressed: bool = False, spec: Op
     ``spec`` describes how to rebuild the architecture; by default the one
     recorded by :func:`prunekit.models.build_model` is used (None for your own
     classes: pass the model to :func:`load` then). ``compressed=True`` stores
-    each tensor in its smallest encoding (:mod:`prunekit.compress`).
+    each tensor in its smallest encoding (:mod:`prunekit.compress`). A model
+    converted by :func:`prunekit.sparse.to_sparse` is saved as its exact
+    masked twin (``spec["sparse_layers"]`` lists what was converted): load it
+    and run ``to_sparse`` on the machine it will run on.
     """
     folder = Path(path)
+    model, sparse_layers = _dense_equivalent(model)
     sd = _state_for_saving(model)
     tensors, cmeta = (compress_state_dict(sd) if compressed else (sd, None))
     doc = {
@@ -92,6 +96,9 @@ def save(model: nn.Module, path: PathLike, *, compressed: bool = False, spec: Op
         # slim (compacted) models are rebuilt from the original class + these shapes
         "compact_shapes": compact_shapes(model) if getattr(model, "_prunekit_compacted", False) else None,
         "compressed": cmeta,
+        # converted by prunekit.sparse.to_sparse: saved as the exact masked model (its CSR kernels were chosen by
+        # timing on one machine; run to_sparse again on the target); these were the layers and kernel rules
+        "sparse_layers": sparse_layers,
         "metadata": metadata or {},
     }
     json.dumps(doc)  # a value JSON cannot hold fails here, before any file is written
@@ -105,6 +112,18 @@ def save(model: nn.Module, path: PathLike, *, compressed: bool = False, spec: Op
     tmp_spec.write_text(json.dumps(doc, indent=1))
     os.replace(tmp_spec, folder / SPEC)
     return folder
+
+
+def _dense_equivalent(model: nn.Module) -> Tuple[nn.Module, Optional[Dict[str, Any]]]:
+    """A model converted by :func:`prunekit.sparse.to_sparse` as its masked dense twin (same weights, same
+    masks, the original architecture that :func:`load` can rebuild), with what the conversion had chosen."""
+    from .sparse import SparseConv2d, SparseLinear, to_dense
+
+    found = {name or "<model>": {"type": type(m).__name__, "sparsity": round(m.sparsity, 6),
+                                 "mm_min_batch": getattr(m, "mm_min_batch", None),
+                                 "native_max_batch": getattr(m, "native_max_batch", None)}
+             for name, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))}
+    return (to_dense(model), found) if found else (model, None)
 
 
 # ------------------------------------------------------------------------------ reading the spec

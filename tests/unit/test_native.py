@@ -216,3 +216,25 @@ def test_to_sparse_sets_the_native_rule_from_the_ladder(monkeypatch):
     x = torch.randn(2, 12)
     with torch.no_grad():
         assert torch.allclose(new(x), lin(x), atol=1e-5)
+
+
+def test_saving_a_converted_model_keeps_the_masked_weights(tmp_path):
+    import prunekit
+    from prunekit import io as pio
+    from prunekit.models import build_model
+
+    model = build_model("lenet300")
+    prunekit.prune(model, 0.9, include_classifier=True)
+    x = torch.randn(2, 1, 28, 28)
+    fast, report = to_sparse(model, x, measure=False)
+    assert any(r["converted"] for r in report)
+    folder = prunekit.save(fast, tmp_path / "m", compressed=True)
+    spec = pio.read_spec(folder)
+    assert set(spec["sparse_layers"]) == {r["name"] for r in report if r["converted"]}
+    back = prunekit.load(folder)  # the built-in architecture, masked: convert again on the target machine
+    assert type(back) is type(model)
+    want, got = model.state_dict(), back.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    with torch.no_grad():
+        assert torch.allclose(back(x), fast(x), atol=1e-5)
+    assert pio.read_spec(prunekit.save(model, tmp_path / "plain"))["sparse_layers"] is None
