@@ -30,10 +30,12 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "spmm", "MAX_COL16", "library_path"]
+__all__ = ["available", "unavailable_reason", "parallel", "spmm", "MAX_COL16", "library_path"]
 
 MAX_COL16 = 1 << 16  # layers up to this many inputs store 16-bit column indices
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
+# OpenMP where the compiler has it: loaded after torch, the library shares torch's libgomp and its threads
+OPENMP = ("-fopenmp",)
 _ENV_SWITCH = "PRUNEKIT_NATIVE"
 _COMPILERS = ("cc", "gcc", "clang")
 
@@ -74,22 +76,28 @@ def library_path(cc: str) -> Path:
     """Where the compiled library for this source, compiler and CPU lives in the cache."""
     from .data import default_cache_dir
 
-    key = hashlib.sha256(b"\0".join([_source(), " ".join(FLAGS).encode(), cc.encode(),
+    key = hashlib.sha256(b"\0".join([_source(), " ".join(FLAGS + OPENMP).encode(), cc.encode(),
                                      _compiler_version(cc).encode(), _cpu_key().encode()])).hexdigest()[:20]
     return default_cache_dir() / "native" / f"spmm-{key}.so"
 
 
 def _compile(cc: str, target: Path) -> None:
-    """Compile to a temp file beside ``target`` and rename: concurrent processes never load half a file."""
+    """Compile to a temp file beside ``target`` and rename: concurrent processes never load half a file.
+    With OpenMP if the compiler supports it, else without (the kernel then runs on one thread)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = Path(tmp) / "spmm.c"
         src.write_bytes(_source())
         out = Path(tmp) / target.name
-        res = subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=120)
-        if res.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {(res.stderr or res.stdout).strip()[-500:]}")
-        os.replace(out, target)
+        errors = []
+        for extra in (OPENMP, ()):
+            res = subprocess.run([cc, *FLAGS, *extra, str(src), "-o", str(out)], capture_output=True, text=True,
+                                 timeout=120)
+            if res.returncode == 0:
+                os.replace(out, target)
+                return
+            errors.append((res.stderr or res.stdout).strip()[-300:])
+        raise RuntimeError(f"{cc} failed: {errors[-1]}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -106,6 +114,7 @@ def _load() -> Tuple[Optional[ctypes.CDLL], str]:
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         return None, f"could not build the native kernel: {exc}"
+    lib.prunekit_spmm_parallel.restype = ctypes.c_int
     fn = lib.prunekit_spmm
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
@@ -116,6 +125,12 @@ def _load() -> Tuple[Optional[ctypes.CDLL], str]:
 def available() -> bool:
     """Whether the native kernel could be built and loaded here (built on the first call)."""
     return _load()[0] is not None
+
+
+def parallel() -> bool:
+    """Whether the kernel was built with OpenMP (so ``threads > 1`` run in parallel)."""
+    lib = _load()[0]
+    return bool(lib is not None and lib.prunekit_spmm_parallel())
 
 
 def unavailable_reason() -> str:

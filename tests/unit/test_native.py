@@ -238,3 +238,15 @@ def test_saving_a_converted_model_keeps_the_masked_weights(tmp_path):
     with torch.no_grad():
         assert torch.allclose(back(x), fast(x), atol=1e-5)
     assert pio.read_spec(prunekit.save(model, tmp_path / "plain"))["sparse_layers"] is None
+
+
+@needs_native
+def test_one_openmp_runtime_shared_with_torch():
+    import pathlib
+
+    maps = pathlib.Path("/proc/self/maps")
+    if not native.parallel() or not maps.exists():
+        pytest.skip("built without OpenMP, or no /proc to inspect")
+    run_native(sparse_weight(64, 64, 0.5), torch.randn(1, 64), threads=2)
+    gomp = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+    assert len(gomp) == 1, gomp  # a second OpenMP pool would fight torch's threads for the cores

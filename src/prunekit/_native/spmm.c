@@ -6,13 +6,14 @@
  * 6 bytes per non-zero, and eight independent accumulators per row keep the gathers in flight.
  *
  * Layout: x is (in, batch) and y is (out, batch), both row-major ("transposed" activations), so the
- * `batch` values that one non-zero multiplies are contiguous.  Rows are split among `threads` POSIX
- * threads so that each gets about the same number of non-zeros.  Every row is summed in the same order
- * whatever the thread count, so results do not depend on it.
+ * `batch` values that one non-zero multiplies are contiguous.  Rows are split among `threads` OpenMP
+ * threads so that each gets about the same number of non-zeros.  Compiled with -fopenmp after torch is
+ * loaded, the library binds to torch's own libgomp (same soname), so these are torch's intra-op threads,
+ * not a second pool competing for the cores.  Every row is summed in the same order whatever the thread
+ * count, so results do not depend on it.  Without OpenMP the pragma is ignored and the kernel runs serially.
  *
  * No bounds are checked here: the caller (prunekit/native.py) validates the CSR parts first.
  */
-#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -76,11 +77,9 @@ static void run_batched(const job_t *j) {
   }
 }
 
-static void *run(void *arg) {
-  const job_t *j = (const job_t *)arg;
+static void run(const job_t *j) {
   if (j->batch == 1) run_b1(j);
   else run_batched(j);
-  return NULL;
 }
 
 /* first row whose non-zeros start at or after `target` */
@@ -103,10 +102,8 @@ int prunekit_spmm(int64_t rows, int64_t batch, const int32_t *crow, const void *
   if (threads < 1) threads = 1;
   if (threads > MAX_THREADS) threads = MAX_THREADS;
   const int64_t nnz = crow[rows];
-  if (nnz < 4096 * (int64_t)threads) threads = 1; /* too little work to pay for starting threads */
+  if (nnz < 4096 * (int64_t)threads) threads = 1; /* too little work to wake other threads */
   job_t jobs[MAX_THREADS];
-  pthread_t tids[MAX_THREADS];
-  int started[MAX_THREADS];
   int64_t prev = 0;
   for (int t = 0; t < threads; ++t) {
     const int64_t r1 = t == threads - 1 ? rows : row_at(crow, rows, (nnz * (t + 1)) / threads);
@@ -114,11 +111,16 @@ int prunekit_spmm(int64_t rows, int64_t batch, const int32_t *crow, const void *
     jobs[t] = j;
     prev = jobs[t].r1;
   }
-  for (int t = 1; t < threads; ++t) started[t] = pthread_create(&tids[t], NULL, run, &jobs[t]) == 0;
-  run(&jobs[0]);
-  for (int t = 1; t < threads; ++t) {
-    if (started[t]) pthread_join(tids[t], NULL);
-    else run(&jobs[t]); /* could not start a thread: do its share here */
-  }
+#pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
+  for (int t = 0; t < threads; ++t) run(&jobs[t]);
   return 0;
+}
+
+/* 1 when compiled with OpenMP (threads > 1 really run in parallel), else 0 */
+int prunekit_spmm_parallel(void) {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
 }
