@@ -17,7 +17,8 @@ from .masking import apply, enforce, make_permanent, masks, remove  # noqa: E402
 from .schedules import SCHEDULES, make_schedule, register_schedule  # noqa: E402
 from .finetune import Callback, GradualPruner, finetune, gradual_prune, iterative_prune  # noqa: E402
 from .io import load, save  # noqa: E402
-from .lottery import LotteryResult, lottery_ticket  # noqa: E402
+from .lottery import LotteryRecord, LotteryResult, lottery_ticket  # noqa: E402
+from .distill import Distiller, distill  # noqa: E402
 from .export import ExportResult, export_onnx, onnx_latency  # noqa: E402  (onnx imported lazily)
 from .sparse import SparseConv2d, SparseLinear, measure_break_even, to_dense, to_sparse  # noqa: E402
 from .advise import Advice, advise  # noqa: E402
@@ -28,5 +29,6 @@ __all__ = [
     "make_permanent", "masks", "remove", "SCHEDULES", "make_schedule", "register_schedule", "Callback",
     "GradualPruner", "finetune", "gradual_prune", "iterative_prune", "load", "save", "__version__",
     "LotteryResult", "lottery_ticket", "ExportResult", "export_onnx", "onnx_latency", "SparseConv2d",
-    "SparseLinear", "measure_break_even", "to_dense", "to_sparse", "Advice", "advise",
+    "SparseLinear", "measure_break_even", "to_dense", "to_sparse", "Advice", "advise", "LotteryRecord",
+    "Distiller", "distill",
 ]
