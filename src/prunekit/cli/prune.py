@@ -143,7 +143,7 @@ def resolve_config(args) -> Dict[str, Any]:
         _set(config, path.strip(), yaml.safe_load(raw))
     if args.include_classifier:
         config["method"]["include_classifier"] = True
-    if args.bias_correction:
+    if getattr(args, "bias_correction", False):  # only `prune` has the flag; advise and others share this
         config["method"]["bias_correction"] = True
     if args.no_compress:
         config["save"]["compressed"] = False
