@@ -26,7 +26,8 @@ from prunekit.plan import Plan
 
 pytestmark = pytest.mark.slow
 
-METHODS = ("oneshot_l1", "global_l1", "structured_l1", "surgery_l1", "wanda", "sparsegpt", "random", "gradual_cubic")
+METHODS = ("oneshot_l1", "global_l1", "structured_l1", "surgery_l1", "wanda", "wanda_bc", "taylor", "sparsegpt",
+           "random", "gradual_cubic")
 TIMEOUT = 300
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
