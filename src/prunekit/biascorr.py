@@ -51,12 +51,16 @@ def add_feature_sums(entry: Optional[dict], rows: torch.Tensor) -> dict:
     return entry
 
 
-@register_collector("input_mean")
-class InputMeanCollector:
-    """Forward pre-hooks that sum each layer's inputs per input feature."""
+class InputFeatureCollector:
+    """Forward pre-hooks on Linear/Conv layers that accumulate statistics of their inputs per input feature.
+
+    Subclasses set ``what`` (for error messages) and implement ``accumulate(entry, rows) -> entry`` on the
+    (rows, features) view of each input (:func:`feature_rows`).
+    """
 
     needs_grad = False
     default_names = staticmethod(_weights)
+    what = "input statistics are taken"
 
     def __init__(self, model: nn.Module, names: Optional[Sequence[str]] = None):
         self.names = resolve_names(model, names, _weights)
@@ -65,19 +69,30 @@ class InputMeanCollector:
             mod_name, _, pname = name.rpartition(".")
             module = model.get_submodule(mod_name)
             if pname != "weight" or not isinstance(module, SUPPORTED):
-                raise ValueError(f"input means are taken for the weight of {', '.join(t.__name__ for t in SUPPORTED)}"
-                                 f" layers; {name} is the {pname!r} of a {type(module).__name__}")
+                raise ValueError(f"{self.what} for the weight of {', '.join(t.__name__ for t in SUPPORTED)} "
+                                 f"layers; {name} is the {pname!r} of a {type(module).__name__}")
             self.modules[name] = module
 
     def attach(self, stats: Stats) -> list:
         return [m.register_forward_pre_hook(self._hook(n, m, stats)) for n, m in self.modules.items()]
 
-    @staticmethod
-    def _hook(name: str, module: nn.Module, stats: Stats):
+    def _hook(self, name: str, module: nn.Module, stats: Stats):
         @torch.no_grad()
         def hook(mod, args) -> None:
-            stats[name] = add_feature_sums(stats.get(name), feature_rows(module, args[0]))
+            stats[name] = self.accumulate(stats.get(name), feature_rows(module, args[0]))
         return hook
+
+    @staticmethod
+    def accumulate(entry: Optional[dict], rows: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+
+@register_collector("input_mean")
+class InputMeanCollector(InputFeatureCollector):
+    """Sums each layer's inputs per input feature (for :func:`input_means`)."""
+
+    what = "input means are taken"
+    accumulate = staticmethod(add_feature_sums)
 
 
 def input_means(stats: Mapping[str, Mapping], name: str) -> Optional[torch.Tensor]:

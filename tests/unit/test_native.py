@@ -35,6 +35,17 @@ def sparse_weight(out_f, in_f, density, seed=0, empty_rows=()):
     return w
 
 
+def sparse_linear(out_f, in_f, density, seed=0):
+    lin = nn.Linear(in_f, out_f)
+    with torch.no_grad():
+        lin.weight.copy_(sparse_weight(out_f, in_f, density, seed=seed))
+    return lin
+
+
+def close(got, want):
+    return torch.allclose(got, want, atol=1e-5 * max(1.0, float(want.abs().max())), rtol=0)
+
+
 def run_native(w, x, b=None, threads=1):
     crow, col, values = csr_parts(w)
     return native.spmm(crow, col.to(native.col_dtype(w.shape[1])), values, x, b, threads=threads)
@@ -84,9 +95,7 @@ def test_thread_count_does_not_change_a_bit():
 
 @needs_native
 def test_sparse_linear_native_kernel_round_trips():
-    lin = nn.Linear(40_000, 24)
-    with torch.no_grad():
-        lin.weight.copy_(sparse_weight(24, 40_000, 0.05, seed=1))
+    lin = sparse_linear(24, 40_000, 0.05, seed=1)
     s = SparseLinear.from_linear(lin, native_max_batch=4, mm_min_batch=16)
     assert s.col_indices.dtype == torch.int16  # 6 bytes per non-zero instead of 8
     assert [s.kernel_for(n) for n in (1, 4, 5, 16)] == ["native", "native", "linear", "mm"]
@@ -94,10 +103,9 @@ def test_sparse_linear_native_kernel_round_trips():
     with torch.no_grad():
         want = lin(x)
         y = s(x)
-        assert torch.allclose(y, want, atol=1e-5 * float(want.abs().max()), rtol=0)
+        assert close(y, want)
         x20 = torch.randn(20, 40_000)
-        want20 = lin(x20)
-        assert torch.allclose(s(x20), want20, atol=1e-5 * float(want20.abs().max()), rtol=0)  # mm path
+        assert close(s(x20), lin(x20))  # the mm path
     assert torch.equal(s.to_linear().weight, lin.weight)  # the widened indices give back the exact weight
     sd = st_load(st_save(dict(s.state_dict())))
     assert sd["col_indices"].dtype == torch.int16
@@ -109,22 +117,18 @@ def test_sparse_linear_native_kernel_round_trips():
 
 @needs_native
 def test_torch_kernels_read_the_same_16_bit_indices():
-    lin = nn.Linear(40_000, 6)
-    with torch.no_grad():
-        lin.weight.copy_(sparse_weight(6, 40_000, 0.05, seed=2))
+    lin = sparse_linear(6, 40_000, 0.05, seed=2)
     s = SparseLinear.from_linear(lin, native_max_batch=1, mm_min_batch=2)
     x = torch.randn(2, 40_000)
     with torch.no_grad():
         nat = torch.cat([s(x[:1]), s(x[1:])])  # batch 1: native
         mm = s(x)  # batch 2: torch's mm on the widened indices
-        assert torch.allclose(nat, mm, atol=1e-5 * float(mm.abs().max()), rtol=0)
+        assert close(nat, mm)
 
 
 @needs_native
 def test_gradients_fall_back_to_torch():
-    lin = nn.Linear(20, 8)
-    with torch.no_grad():
-        lin.weight.copy_(sparse_weight(8, 20, 0.3))
+    lin = sparse_linear(8, 20, 0.3)
     s = SparseLinear.from_linear(lin, native_max_batch=64)
     x = torch.randn(2, 20, requires_grad=True)
     s(x).sum().backward()  # the C kernel has no autograd: this must take torch's path
@@ -134,9 +138,7 @@ def test_gradients_fall_back_to_torch():
 
 @needs_native
 def test_tampered_16_bit_indices_are_refused_before_the_kernel_reads():
-    lin = nn.Linear(20, 8)
-    with torch.no_grad():
-        lin.weight.copy_(sparse_weight(8, 20, 0.5))
+    lin = sparse_linear(8, 20, 0.5)
     s = SparseLinear.from_linear(lin, native_max_batch=8)
     with torch.no_grad():
         s.col_indices[0] = 30_000
@@ -155,9 +157,7 @@ def test_disabled_by_environment(fresh_native, monkeypatch):
     assert not native.available() and "PRUNEKIT_NATIVE=0" in native.unavailable_reason()
     with pytest.raises(RuntimeError, match="not available"):
         run_native(sparse_weight(3, 3, 0.5), torch.randn(1, 3))
-    lin = nn.Linear(16, 8)
-    with torch.no_grad():
-        lin.weight.copy_(sparse_weight(8, 16, 0.2))
+    lin = sparse_linear(8, 16, 0.2)
     new, (entry,) = to_sparse(lin, torch.randn(1, 16), min_speedup=1e-9, repeat=1)
     assert entry["converted"] and "native" not in entry["kernels_ms"] and entry["native_max_batch"] is None
     assert entry["kernel"] in sparse.TORCH_KERNELS
@@ -206,9 +206,7 @@ def test_to_sparse_sets_the_native_rule_from_the_ladder(monkeypatch):
 
     monkeypatch.setattr(sparse, "_median_ms", timer)
     monkeypatch.setattr(sparse, "_linear_candidates", spy)
-    lin = nn.Linear(12, 16)
-    with torch.no_grad():
-        lin.weight.copy_(sparse_weight(16, 12, 0.3))
+    lin = sparse_linear(16, 12, 0.3)
     new, (entry,) = to_sparse(lin, torch.randn(2, 12))
     assert new.native_max_batch == 4 and entry["native_max_batch"] == 4 and new.mm_min_batch is None
     assert entry["kernel"] == "native" and entry["speedup"] == pytest.approx(20.0)

@@ -15,66 +15,36 @@ every kernel tap of that channel gets the same norm. Padding is not counted.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
 
 from . import ScoreContext, register_criterion
-from .calibrate import Stats, register_collector, resolve_names
+from .calibrate import register_collector
 from .taylor import stats_entry
-from ..biascorr import add_feature_sums  # noqa: E402 (also registers the "input_mean" collector)
+from ..biascorr import InputFeatureCollector, add_feature_sums  # also registers the "input_mean" collector
 
 SQSUM, ROWS = "wanda_sqsum", "wanda_rows"
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _weights(model: nn.Module) -> List[str]:
-    return [f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, SUPPORTED)]
-
-
-def _feature_dim(module: nn.Module) -> int:
-    return -1 if isinstance(module, nn.Linear) else 1
-
-
 @register_collector("wanda")
-class WandaCollector:
-    """Forward pre-hooks that add the squared inputs of each layer, per input feature."""
+class WandaCollector(InputFeatureCollector):
+    """Forward pre-hooks that add the squared inputs of each layer, per input feature (and their sums:
+    bias correction then needs no second pass)."""
 
-    needs_grad = False
-    default_names = staticmethod(_weights)
-
-    def __init__(self, model: nn.Module, names: Optional[Sequence[str]] = None):
-        self.names = resolve_names(model, names, _weights)
-        self.modules = {}
-        for name in self.names:
-            mod_name, _, pname = name.rpartition(".")
-            module = model.get_submodule(mod_name)
-            if pname != "weight" or not isinstance(module, SUPPORTED):
-                raise ValueError(f"wanda scores the weight of {', '.join(t.__name__ for t in SUPPORTED)} "
-                                 f"layers; {name} is the {pname!r} of a {type(module).__name__}")
-            self.modules[name] = module
-
-    def attach(self, stats: Stats) -> list:
-        return [m.register_forward_pre_hook(self._hook(n, m, stats)) for n, m in self.modules.items()]
+    what = "wanda scores"
 
     @staticmethod
-    def _hook(name: str, module: nn.Module, stats: Stats):
-        dim = _feature_dim(module)
-
-        @torch.no_grad()
-        def hook(mod, args) -> None:
-            x = args[0].detach().float()
-            x = x.reshape(-1, x.shape[-1]) if dim == -1 else x.movedim(1, -1).reshape(-1, x.shape[1])
-            sq = x.pow(2).sum(0).double()  # float64 sums: many rows of small squares
-            entry = stats.get(name)
-            if entry is None:
-                entry = stats[name] = {SQSUM: sq, ROWS: x.shape[0]}
-            else:
-                entry[SQSUM].add_(sq)
-                entry[ROWS] += x.shape[0]
-            add_feature_sums(entry, x)  # the input means too: bias correction needs no second pass
-        return hook
+    def accumulate(entry: Optional[dict], rows: torch.Tensor) -> dict:
+        sq = rows.pow(2).sum(0).double()  # float64 sums: many rows of small squares
+        if entry is None:
+            entry = {SQSUM: sq, ROWS: rows.shape[0]}
+        else:
+            entry[SQSUM].add_(sq)
+            entry[ROWS] += rows.shape[0]
+        return add_feature_sums(entry, rows)
 
 
 def _column_norms(norms: torch.Tensor, module: nn.Module, shape) -> torch.Tensor:
