@@ -145,6 +145,13 @@ def bias_corrections(model: nn.Module, plan: Plan, stats: Mapping[str, Mapping]
 
 @torch.no_grad()
 def apply_corrections(model: nn.Module, corrections: Mapping[str, torch.Tensor]) -> None:
+    """Add the corrections to the biases; entries of a masked bias (a whole output removed) stay zero."""
+    from .masking import get_mask
+
     params = dict(model.named_parameters())
     for name, delta in corrections.items():
         params[name].add_(delta)
+        mod_name, _, pname = name.rpartition(".")
+        keep = get_mask(model.get_submodule(mod_name), pname)
+        if keep is not None:
+            params[name].masked_fill_(~keep.to(params[name].device), 0.0)

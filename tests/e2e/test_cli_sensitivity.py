@@ -97,6 +97,29 @@ def test_a_saved_checkpoint_on_digits_is_analysed_and_is_deterministic(tmp_path,
     assert not list(prunekit.data.default_cache_dir().glob("dense-*"))  # nothing was trained
 
 
+def test_wanda_with_bias_correction_analyses_per_row_and_corrects_the_allocation(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PRUNEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = build_model("mlp", in_features=64, hidden=[32, 16], num_classes=10)
+    prunekit.save(model, tmp_path / "ckpt")
+    args = ["--checkpoint", tmp_path / "ckpt", "--data", "digits", "--sparsities", "0.25,0.5,0.75", "--target", 0.5,
+            "--criterion", "wanda", "--bias-correction", "--seed", 0, "--no-progress", "--out", "w"]
+    assert main(["sensitivity", *map(str, args)]) == 0
+    res = SensitivityResult.load(tmp_path / "w" / "sensitivity.json")
+    assert res.meta["criterion"] == "wanda" and res.meta["scope"] == "row" and res.meta["bias_correction"] is True
+    alloc = json.loads((tmp_path / "w" / "allocation.json").read_text())
+    assert alloc["scope"] == "row" and alloc["bias_correction"] is True
+    assert set(alloc["measured"]) == {"allocated", "uniform_layer", "global_magnitude"}
+    plan = Plan.load(tmp_path / "w" / "plan.json")
+    for name, s in alloc["sparsities"].items():
+        tp = plan.tensors[name]
+        keep = tp.keep_mask()
+        per_row = (~keep).sum(1)
+        assert int(per_row.max()) - int(per_row.min()) <= 1, name  # Wanda's rule: the same share in every row
+        assert tp.sparsity == pytest.approx(s, abs=1.0 / keep.shape[1])
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--pattern", "nm"], "unstructured, structured"),
     (["--sparsities", "0.5,1.2"], "(0, 1)"),

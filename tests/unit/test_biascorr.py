@@ -123,3 +123,12 @@ def test_input_mean_collector_refuses_other_parameters():
     model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
     with pytest.raises(ValueError, match="LayerNorm"):
         calibrate("input_mean", model, [torch.randn(2, 3)], ["1.weight"])
+
+
+def test_structured_rows_keep_their_bias_at_zero():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    plan = prunekit.prune(model, 0.5, pattern="structured", dim=0, data=offset_batches(), bias_correction=True)
+    gone = plan.tensors["0.weight"].pruned_idx
+    assert len(gone) == 4 and torch.equal(model[0].bias[gone].detach(), torch.zeros(4))
+    assert plan.meta["bias_correction"] == ["0.bias"]

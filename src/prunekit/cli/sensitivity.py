@@ -54,6 +54,9 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="tiny setting for tests: 1000 train / 300 test images, "
                                                         "1 dense epoch (flags still override)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="correct each trial's (and the allocation's) biases by the removed weights' mean "
+                        "contribution, as `prunekit prune --bias-correction` does")
     # the prune flags not offered here still exist for resolve_config, always unset
     p.set_defaults(no_compress=False, **{f.replace("-", "_"): None for f in FLAGS if f not in SHARED + ("out",)})
 
@@ -97,7 +100,28 @@ def _dense(config: Dict[str, Any], train, test, info, progress):
     return model
 
 
-def _measured(model, alloc, prune_kw, target, score) -> Dict[str, float]:
+def _trial_options(model, names, prune_kw, train, bias_correction: bool) -> Dict[str, Any]:
+    """Statistics for data-aware criteria (and bias correction), from the first training batches, and the
+    ranking a trial uses: per output row for Wanda (its rule), per layer otherwise."""
+    import itertools
+
+    from ..api import _data_aware
+    from ..criteria import calibrate
+    from ..experiment import CALIB_BATCHES
+
+    crit = prune_kw["criterion"]
+    scope = "row" if crit == "wanda" and prune_kw["pattern"] == "unstructured" else "layer"
+    if not (_data_aware(crit) or bias_correction):
+        return {"stats": None, "scope": scope, "bias_correction": False}
+    batches = list(itertools.islice(iter(train), CALIB_BATCHES))
+    stats = calibrate(crit if _data_aware(crit) else "input_mean", model, batches, names)
+    if bias_correction and crit == "taylor":  # taylor's statistics hold no input means: add them
+        for name, entry in calibrate("input_mean", model, batches, names).items():
+            stats[name].update(entry)
+    return {"stats": stats, "scope": scope, "bias_correction": bool(bias_correction)}
+
+
+def _measured(model, alloc, prune_kw, target, score, trial) -> Dict[str, float]:
     """The metric with the allocation, and with the two usual one-number alternatives at the same target."""
     from ..api import prune
     from ..sensitivity import apply_allocation
@@ -107,13 +131,14 @@ def _measured(model, alloc, prune_kw, target, score) -> Dict[str, float]:
     seed = prune_kw.get("seed", 0)
     out = {}
     m = copy.deepcopy(model)
-    apply_allocation(m, alloc, criterion=prune_kw["criterion"], seed=seed, **shape)
+    apply_allocation(m, alloc, criterion=prune_kw["criterion"], seed=seed, **shape, **trial)
     out["allocated"] = score(m)
-    for scope in ("layer", "global"):
+    data_kw = {"stats": trial["stats"], "bias_correction": trial["bias_correction"]}
+    for scope in (trial["scope"], "global"):
         m = copy.deepcopy(model)
         prune(m, target, criterion=prune_kw["criterion"], scope=scope, min_keep=prune_kw["min_keep"], seed=seed,
-              **shape, **layers)
-        out[f"uniform_{scope}" if scope == "layer" else "global_magnitude"] = score(m)
+              **shape, **layers, **data_kw)
+        out["global_magnitude" if scope == "global" else "uniform_layer"] = score(m)
     return out
 
 
@@ -132,23 +157,25 @@ def run(args) -> int:
                                      if k in prune_kw})
     shape = {k: prune_kw[k] for k in ("dim", "norm") if k in prune_kw}
     loader = test if args.eval_on == "test" else train
+    trial = _trial_options(model, names, prune_kw, train, args.bias_correction)
     result = analyze(model, loader, sparsities=s["sparsities"], criterion=prune_kw["criterion"], names=names,
                      pattern=prune_kw["pattern"], metric=args.metric, seed=config["seed"],
-                     max_batches=args.eval_batches, progress=progress, **shape)
+                     max_batches=args.eval_batches, progress=progress, **shape, **trial)
     alloc = result.allocate(args.target, min_keep=prune_kw["min_keep"], weights=args.weights)
     score = _evaluator(loader, args.metric, args.eval_batches)
-    measured = _measured(model, alloc, {**prune_kw, "seed": config["seed"]}, args.target, score)
+    measured = _measured(model, alloc, {**prune_kw, "seed": config["seed"]}, args.target, score, trial)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result.save(out / "sensitivity.json")
     result.plot(out / "sensitivity.png", allocation=alloc)
     allocation_plan(model, alloc, criterion=prune_kw["criterion"], pattern=prune_kw["pattern"],
-                    seed=config["seed"], **shape).save(out / "plan.json")
+                    seed=config["seed"], stats=trial["stats"], scope=trial["scope"], **shape).save(out / "plan.json")
     doc = {"format": "prunekit.allocation/1", "target": args.target, "weights": args.weights,
            "min_keep": prune_kw["min_keep"], "metric": args.metric, "eval_on": args.eval_on,
            "achieved": result.achieved(alloc, args.weights), "sparsities": alloc, "baseline": result.baseline,
            "predicted_drop": result.predicted_drop(alloc), "measured": measured,
-           "criterion": prune_kw["criterion"], "pattern": prune_kw["pattern"], "seed": config["seed"]}
+           "criterion": prune_kw["criterion"], "pattern": prune_kw["pattern"], "seed": config["seed"],
+           "scope": trial["scope"], "bias_correction": trial["bias_correction"]}
     tmp = out / "allocation.json.tmp"
     tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
     tmp.replace(out / "allocation.json")
