@@ -2,7 +2,7 @@
 
 Why: at small batches a sparse layer is memory-bound, and torch's CSR kernel reads 8 bytes per non-zero
 (float32 value + int32 column index). Layers up to 65536 inputs wide need only 16-bit column indices, so
-this kernel reads 6 bytes per non-zero; it also keeps eight independent sums per row in flight.
+this kernel reads 6 bytes per non-zero; each row's sum is vectorised.
 :mod:`prunekit.sparse` offers it as one more kernel (``"native"``) and, as for every kernel, uses it only
 where it measures faster on this machine.
 
@@ -36,6 +36,7 @@ MAX_COL16 = 1 << 16  # layers up to this many inputs store 16-bit column indices
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
 # OpenMP where the compiler has it: loaded after torch, the library shares torch's libgomp and its threads
 OPENMP = ("-fopenmp",)
+SIMD_ONLY = ("-fopenmp-simd",)  # no OpenMP runtime: one thread, but the row sums are still vectorised
 _ENV_SWITCH = "PRUNEKIT_NATIVE"
 _COMPILERS = ("cc", "gcc", "clang")
 
@@ -90,7 +91,7 @@ def _compile(cc: str, target: Path) -> None:
         src.write_bytes(_source())
         out = Path(tmp) / target.name
         errors = []
-        for extra in (OPENMP, ()):
+        for extra in (OPENMP, SIMD_ONLY, ()):
             res = subprocess.run([cc, *FLAGS, *extra, str(src), "-o", str(out)], capture_output=True, text=True,
                                  timeout=120)
             if res.returncode == 0:
@@ -143,19 +144,40 @@ def col_dtype(in_features: int) -> torch.dtype:
     return torch.int16 if in_features <= MAX_COL16 else torch.int32
 
 
+def _check_args(crow, col, values, x2, bias, in_features: int) -> None:
+    """The O(1) checks that keep the C kernel inside its buffers (column bounds are the caller's:
+    :func:`prunekit.sparse._check_csr` validates them once per weight)."""
+    if crow.dtype != torch.int32 or col.dtype not in (torch.int16, torch.int32) or values.dtype != torch.float32:
+        raise ValueError(f"native kernel needs int32 row pointers, int16/int32 columns and float32 values, got "
+                         f"{crow.dtype}, {col.dtype}, {values.dtype}")
+    if x2.dtype != torch.float32 or x2.dim() != 2 or x2.shape[1] != in_features:
+        raise ValueError(f"native kernel needs float32 input of shape (batch, {in_features}), got {x2.dtype} "
+                         f"{tuple(x2.shape)}")
+    if col.dtype == torch.int16 and in_features > MAX_COL16:
+        raise ValueError(f"16-bit column indices cannot address {in_features} inputs")
+    rows, nnz = crow.numel() - 1, values.numel()
+    if rows < 0 or col.numel() != nnz or int(crow[-1]) != nnz or (bias is not None and bias.numel() != rows):
+        raise ValueError("native kernel: CSR parts (or bias) do not fit together")
+    if any(t.device.type != "cpu" for t in (crow, col, values, x2)):
+        raise ValueError("native kernel runs on CPU tensors only")
+
+
 def spmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, x2: torch.Tensor,
-         bias: Optional[torch.Tensor], threads: Optional[int] = None) -> torch.Tensor:
-    """``x2 @ W.T + bias`` for a validated CSR ``W`` (int32 ``crow``; ``col`` int16 holding uint16 bits, or
-    int32; float32 ``values``) and a float32 ``x2`` of shape (batch, in). Returns (batch, out)."""
+         bias: Optional[torch.Tensor], in_features: int, threads: Optional[int] = None) -> torch.Tensor:
+    """``x2 @ W.T + bias`` for a *validated* CSR ``W`` of ``in_features`` columns (int32 ``crow``; ``col``
+    int16 holding uint16 bits, or int32; float32 ``values``) and a float32 ``x2`` of shape (batch, in).
+    Returns (batch, out)."""
     lib = _load()[0]
     if lib is None:
         raise RuntimeError(f"the native sparse kernel is not available: {unavailable_reason()}")
+    _check_args(crow, col, values, x2, bias, in_features)
+    crow, col, values = crow.contiguous(), col.contiguous(), values.contiguous()  # raw pointers: no strides
     rows, batch = crow.numel() - 1, x2.shape[0]
     # (in, batch) activations: the batch values one non-zero multiplies are contiguous; for batch 1 the
     # transpose is free, and the (out, batch) result's transpose is what the next layer wants again
     xt = x2.t().contiguous()
     y = torch.empty(rows, batch, dtype=torch.float32)
-    b = None if bias is None else bias.contiguous()
+    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
     code = lib.prunekit_spmm(rows, batch, crow.data_ptr(), col.data_ptr(), col.element_size(),
                              values.data_ptr(), xt.data_ptr(), None if b is None else b.data_ptr(),
                              y.data_ptr(), int(threads or torch.get_num_threads()))

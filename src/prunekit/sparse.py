@@ -219,7 +219,7 @@ class SparseLinear(_SparseWeight):
         if kernel == "native" and (x2.dtype != torch.float32 or x2.requires_grad or x2.device.type != "cpu"):
             kernel = "linear"  # the C kernel has no autograd and reads float32 CPU memory only
         if kernel == "native":
-            y = native.spmm(*self._parts(), x2, self.bias)
+            y = native.spmm(*self._parts(), x2, self.bias, self.in_features)
         else:
             y = _sparse_linear(kernel, x2, self.weight_csr(), self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -427,7 +427,7 @@ def _linear_candidates(w: torch.Tensor, b: Optional[torch.Tensor], x2: torch.Ten
     sparse = {k: (lambda k=k: _sparse_linear(k, x2, wcsr, b)) for k in TORCH_KERNELS}
     if "native" in _kernels(w):  # csr_parts is valid by construction: no need to re-check it
         col_n = col.to(native.col_dtype(w.shape[1]))
-        sparse["native"] = lambda: native.spmm(crow, col_n, values, x2, b)
+        sparse["native"] = lambda: native.spmm(crow, col_n, values, x2, b, w.shape[1])
     return dense, sparse
 
 

@@ -48,7 +48,7 @@ def close(got, want):
 
 def run_native(w, x, b=None, threads=1):
     crow, col, values = csr_parts(w)
-    return native.spmm(crow, col.to(native.col_dtype(w.shape[1])), values, x, b, threads=threads)
+    return native.spmm(crow, col.to(native.col_dtype(w.shape[1])), values, x, b, w.shape[1], threads=threads)
 
 
 def test_builds_where_a_compiler_exists():
@@ -250,3 +250,25 @@ def test_one_openmp_runtime_shared_with_torch():
     # must resolve to the copy torch loaded, not to a second libgomp.so.1 with a pool fighting torch's threads
     gomp = {line.split()[-1] for line in maps.read_text().splitlines() if line.endswith("/libgomp.so.1")}
     assert len(gomp) == 1 and "torch" in next(iter(gomp)), gomp
+
+
+@needs_native
+def test_arguments_that_would_read_outside_the_buffers_are_refused():
+    w = sparse_weight(6, 10, 0.5)
+    crow, col, values = csr_parts(w)
+    col16 = col.to(torch.int16)
+    x = torch.randn(2, 10)
+    with pytest.raises(ValueError, match=r"shape \(batch, 10\)"):
+        native.spmm(crow, col16, values, torch.randn(2, 9), None, 10)  # input narrower than the weight
+    with pytest.raises(ValueError, match="do not fit"):
+        native.spmm(crow, col16, values[:-1], x, None, 10)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.spmm(crow, col16, values, x, torch.zeros(5), 10)  # bias of the wrong length
+    with pytest.raises(ValueError, match="float32"):
+        native.spmm(crow, col16, values.double(), x, None, 10)
+    with pytest.raises(ValueError, match="int32 row pointers"):
+        native.spmm(crow.long(), col16, values, x, None, 10)
+    # strided views are made contiguous, not read with the wrong strides
+    wide = torch.stack([values, values], 1)[:, 0]
+    assert not wide.is_contiguous()
+    assert close(native.spmm(crow, col16, wide, x, None, 10), x @ w.t())
