@@ -121,7 +121,8 @@ def _dense_equivalent(model: nn.Module) -> Tuple[nn.Module, Optional[Dict[str, A
 
     found = {name or "<model>": {"type": type(m).__name__, "sparsity": round(m.sparsity, 6),
                                  "mm_min_batch": getattr(m, "mm_min_batch", None),
-                                 "native_max_batch": getattr(m, "native_max_batch", None)}
+                                 "native_max_batch": getattr(m, "native_max_batch", None),
+                                 "native_kernel": getattr(m, "native_kernel", None)}
              for name, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))}
     return (to_dense(model), found) if found else (model, None)
 

@@ -2,7 +2,8 @@
 
 Why: at small batches a sparse layer is memory-bound, and torch's CSR kernel reads 8 bytes per non-zero
 (float32 value + int32 column index). Layers up to 65536 inputs wide need only 16-bit column indices, so
-this kernel reads 6 bytes per non-zero; each row's sum is vectorised.
+this kernel reads 6 bytes per non-zero (at batch 1 in two forms, eight scalar sums per row or one
+vectorised sum, timed against each other like every kernel).
 :mod:`prunekit.sparse` offers it as one more kernel (``"native"``) and, as for every kernel, uses it only
 where it measures faster on this machine.
 
@@ -119,7 +120,7 @@ def _load() -> Tuple[Optional[ctypes.CDLL], str]:
     fn = lib.prunekit_spmm
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     return lib, ""
 
 
@@ -163,10 +164,11 @@ def _check_args(crow, col, values, x2, bias, in_features: int) -> None:
 
 
 def spmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, x2: torch.Tensor,
-         bias: Optional[torch.Tensor], in_features: int, threads: Optional[int] = None) -> torch.Tensor:
+         bias: Optional[torch.Tensor], in_features: int, threads: Optional[int] = None,
+         simd: bool = False) -> torch.Tensor:
     """``x2 @ W.T + bias`` for a *validated* CSR ``W`` of ``in_features`` columns (int32 ``crow``; ``col``
     int16 holding uint16 bits, or int32; float32 ``values``) and a float32 ``x2`` of shape (batch, in).
-    Returns (batch, out)."""
+    ``simd``: at batch 1, one vectorised sum per row instead of eight scalar ones. Returns (batch, out)."""
     lib = _load()[0]
     if lib is None:
         raise RuntimeError(f"the native sparse kernel is not available: {unavailable_reason()}")
@@ -180,7 +182,7 @@ def spmm(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, x2: torch.
     b = None if bias is None else bias.detach().to(torch.float32).contiguous()
     code = lib.prunekit_spmm(rows, batch, crow.data_ptr(), col.data_ptr(), col.element_size(),
                              values.data_ptr(), xt.data_ptr(), None if b is None else b.data_ptr(),
-                             y.data_ptr(), int(threads or torch.get_num_threads()))
+                             y.data_ptr(), int(threads or torch.get_num_threads()), int(bool(simd)))
     if code != 0:
         raise RuntimeError(f"native sparse kernel rejected its arguments (code {code})")
     return y.t()

@@ -11,7 +11,7 @@ example inputs, against the best dense form of the same layer (``F.linear``,
 sparsity constant: the break-even point moves with the layer shape, the batch
 size, the thread count and the CPU. Which CSR kernel runs is also measured per
 layer and batch size: torch's ``F.linear(x, W_csr)`` or ``addmm(b, W_csr, x.T).T``
-(``mm_min_batch`` is their crossover), or prunekit's own C kernel
+(``mm_min_batch`` is their crossover), or prunekit's own C kernel in one of two forms
 (:mod:`prunekit.native`: 16-bit column indices, so 6 instead of 8 bytes per
 non-zero, which is what a memory-bound batch-1 layer pays for; used up to
 ``native_max_batch`` rows). The C kernel is compiled on first use where a C
@@ -53,11 +53,13 @@ from .finetune import _progress_enabled
 from .masking import MASK_SUFFIX
 from .metrics import _call, _eval_mode
 
-__all__ = ["SparseLinear", "SparseConv2d", "DenseLinear", "KERNELS", "DENSE_FORMS", "measure_break_even",
+__all__ = ["SparseLinear", "SparseConv2d", "DenseLinear", "KERNELS", "NATIVE_KERNELS", "DENSE_FORMS",
+           "measure_break_even",
            "to_sparse", "to_dense", "to_dense_form", "csr_parts", "llc_bytes"]
 
 TORCH_KERNELS = ("linear", "mm")
-KERNELS = TORCH_KERNELS + ("native",)  # native: prunekit's own C kernel (prunekit.native), where it builds
+NATIVE_KERNELS = ("native", "native_simd")  # prunekit's own C kernel (prunekit.native): scalar / vectorised rows
+KERNELS = TORCH_KERNELS + NATIVE_KERNELS
 DENSE_FORMS = ("linear", "addmm_t", "matmul_t")
 TYPES = ("Linear", "Conv2d")
 #: sparsities measure_break_even sweeps by default
@@ -187,8 +189,10 @@ class SparseLinear(_SparseWeight):
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                  mm_min_batch: Optional[int] = UNMEASURED_MM_MIN_BATCH, native_max_batch: Optional[int] = None,
-                 mask: Optional[torch.Tensor] = None):
+                 native_kernel: str = "native", mask: Optional[torch.Tensor] = None):
         super().__init__()
+        if native_kernel not in NATIVE_KERNELS:
+            raise ValueError(f"unknown native kernel {native_kernel!r}; allowed: {', '.join(NATIVE_KERNELS)}")
         if weight.dim() != 2 or weight.dtype not in _DTYPES:
             raise ValueError(f"SparseLinear needs a 2-D float32/float64 weight, got {weight.dtype} "
                              f"{tuple(weight.shape)}")
@@ -197,29 +201,31 @@ class SparseLinear(_SparseWeight):
             if problem:
                 raise ValueError(f"native_max_batch={native_max_batch} but the native kernel cannot run: {problem}")
         self.out_features, self.in_features = weight.shape
-        self.mm_min_batch, self.native_max_batch = mm_min_batch, native_max_batch
+        self.mm_min_batch, self.native_max_batch, self.native_kernel = mm_min_batch, native_max_batch, native_kernel
         self._init_weight(weight, bias, mask, col16=native_max_batch is not None
                           and self.in_features <= native.MAX_COL16)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, mm_min_batch: Optional[int] = UNMEASURED_MM_MIN_BATCH,
-                    native_max_batch: Optional[int] = None):
+                    native_max_batch: Optional[int] = None, native_kernel: str = "native"):
         """The zeros are taken from ``linear.weight`` itself; a prunekit mask is kept for :meth:`to_linear`."""
         return cls(linear.weight, linear.bias, mm_min_batch=mm_min_batch, native_max_batch=native_max_batch,
-                   mask=linear._buffers.get("weight" + MASK_SUFFIX)).train(linear.training)
+                   native_kernel=native_kernel, mask=linear._buffers.get("weight" + MASK_SUFFIX)
+                   ).train(linear.training)
 
     def kernel_for(self, rows: int) -> str:
         if self.native_max_batch is not None and rows <= self.native_max_batch:
-            return "native"
+            return self.native_kernel
         return "mm" if self.mm_min_batch is not None and rows >= self.mm_min_batch else "linear"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         kernel = self.kernel_for(x2.shape[0])
-        if kernel == "native" and (x2.dtype != torch.float32 or x2.requires_grad or x2.device.type != "cpu"):
-            kernel = "linear"  # the C kernel has no autograd and reads float32 CPU memory only
-        if kernel == "native":
-            y = native.spmm(*self._parts(), x2, self.bias, self.in_features)
+        is_native = kernel in NATIVE_KERNELS
+        if is_native and (x2.dtype != torch.float32 or x2.requires_grad or x2.device.type != "cpu"):
+            kernel, is_native = "linear", False  # the C kernel has no autograd and reads float32 CPU memory only
+        if is_native:
+            y = native.spmm(*self._parts(), x2, self.bias, self.in_features, simd=kernel == "native_simd")
         else:
             y = _sparse_linear(kernel, x2, self.weight_csr(), self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -234,7 +240,7 @@ class SparseLinear(_SparseWeight):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"sparsity={self.sparsity:.3f}, mm_min_batch={self.mm_min_batch}, "
-                f"native_max_batch={self.native_max_batch}")
+                f"native_max_batch={self.native_max_batch}, native_kernel={self.native_kernel}")
 
 
 def native_problem(weight: torch.Tensor) -> Optional[str]:
@@ -427,7 +433,9 @@ def _linear_candidates(w: torch.Tensor, b: Optional[torch.Tensor], x2: torch.Ten
     sparse = {k: (lambda k=k: _sparse_linear(k, x2, wcsr, b)) for k in TORCH_KERNELS}
     if "native" in _kernels(w):  # csr_parts is valid by construction: no need to re-check it
         col_n = col.to(native.col_dtype(w.shape[1]))
-        sparse["native"] = lambda: native.spmm(crow, col_n, values, x2, b, w.shape[1])
+        for k in NATIVE_KERNELS:
+            sparse[k] = functools.partial(native.spmm, crow, col_n, values, x2, b, w.shape[1],
+                                          simd=k == "native_simd")
     return dense, sparse
 
 
@@ -576,8 +584,8 @@ LADDER = (1, 4, 16, 64)  # batch sizes at which to_sparse also measures the kern
 
 
 def _kernel_rules(w: torch.Tensor, b: Optional[torch.Tensor], x2: torch.Tensor, at_rows: Dict[str, float],
-                  opts: Dict[str, Any]) -> Tuple[Optional[int], Optional[int]]:
-    """``(mm_min_batch, native_max_batch)`` measured on a ladder of batch sizes (:data:`LADDER` and the
+                  opts: Dict[str, Any]) -> Tuple[Optional[int], Optional[int], Optional[str]]:
+    """``(mm_min_batch, native_max_batch, native_kernel)`` measured on a ladder of batch sizes (:data:`LADDER` and the
     example's), so that other batch sizes at run time also get the kernel that is fastest for them.
 
     ``native_max_batch``: the largest batch up to which the native kernel beats both torch kernels at every
@@ -594,7 +602,7 @@ def _kernel_rules(w: torch.Tensor, b: Optional[torch.Tensor], x2: torch.Tensor, 
     native_max = None
     for batch in sorted(times):
         t = times[batch]
-        if "native" not in t or t["native"] >= min(t[k] for k in TORCH_KERNELS):
+        if "native" not in t or min(t[k] for k in NATIVE_KERNELS) >= min(t[k] for k in TORCH_KERNELS):
             break
         native_max = batch
     mm_min = None
@@ -602,7 +610,9 @@ def _kernel_rules(w: torch.Tensor, b: Optional[torch.Tensor], x2: torch.Tensor, 
         if not times[batch]["mm"] < times[batch]["linear"]:
             break
         mm_min = batch
-    return mm_min, native_max
+    # the two native loops differ at batch 1 only (larger batches share one loop): pick by batch 1's times
+    variant = None if native_max is None else min(NATIVE_KERNELS, key=lambda k: times[1][k])
+    return mm_min, native_max, variant
 
 
 def _measure_linear(module: nn.Linear, x: torch.Tensor, entry: Dict[str, Any], opts: Dict[str, Any]) -> SparseLinear:
@@ -613,8 +623,9 @@ def _measure_linear(module: nn.Linear, x: torch.Tensor, entry: Dict[str, Any], o
                    opts["repeat"], evict=opts["evict"])
     form, dense_ms = _best(t, ["d_" + k for k in DENSE_FORMS])
     kernels = {k: t["s_" + k] for k in sparse}
-    mm_min, native_max = _kernel_rules(w, b, x2, kernels, opts)
-    sparse_mod = SparseLinear.from_linear(module, mm_min_batch=mm_min, native_max_batch=native_max)
+    mm_min, native_max, variant = _kernel_rules(w, b, x2, kernels, opts)
+    sparse_mod = SparseLinear.from_linear(module, mm_min_batch=mm_min, native_max_batch=native_max,
+                                          native_kernel=variant or "native")
     kernel = sparse_mod.kernel_for(x2.shape[0])  # the kernel it will really run at this batch
     entry.update(batch=x2.shape[0], dense_ms=dense_ms, dense_form=form[2:], sparse_ms=kernels[kernel],
                  kernel=kernel, mm_min_batch=mm_min, native_max_batch=native_max, speedup=dense_ms / kernels[kernel],

@@ -54,7 +54,7 @@ def test_end_to_end_latency_and_speedup_agree(records):
         assert lat["dense_form"] in ("linear", "addmm_t", "matmul_t")
         assert 0 <= lat["layers_sparse"] <= 4 and lat["n"] >= 3
         kernels = [k for k in lat["kernels"].split(",") if k]
-        assert set(kernels) <= {"linear", "mm", "native"} and bool(kernels) == (lat["layers_sparse"] > 0), lat
+        assert set(kernels) <= {"linear", "mm", "native", "native_simd"} and bool(kernels) == (lat["layers_sparse"] > 0), lat
 
 
 def test_break_even_per_layer_shape_and_batch(records):

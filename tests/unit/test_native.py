@@ -46,9 +46,10 @@ def close(got, want):
     return torch.allclose(got, want, atol=1e-5 * max(1.0, float(want.abs().max())), rtol=0)
 
 
-def run_native(w, x, b=None, threads=1):
+def run_native(w, x, b=None, threads=1, simd=False):
     crow, col, values = csr_parts(w)
-    return native.spmm(crow, col.to(native.col_dtype(w.shape[1])), values, x, b, w.shape[1], threads=threads)
+    return native.spmm(crow, col.to(native.col_dtype(w.shape[1])), values, x, b, w.shape[1], threads=threads,
+                       simd=simd)
 
 
 def test_builds_where_a_compiler_exists():
@@ -63,11 +64,12 @@ def test_builds_where_a_compiler_exists():
     (64, 40_000, 2, True),  # above 32767: the 16-bit indices wrap in int16 and must be read back unsigned
     (8, 70_000, 1, False),  # wider than 65536: int32 column indices
 ])
-def test_equals_linear(out_f, in_f, batch, bias):
+@pytest.mark.parametrize("simd", [False, True])
+def test_equals_linear(out_f, in_f, batch, bias, simd):
     w = sparse_weight(out_f, in_f, 0.1 if in_f > 1000 else 0.3, empty_rows=(1, 5))
     b = torch.randn(out_f) if bias else None
     x = torch.randn(batch, in_f)
-    got = run_native(w, x, b)
+    got = run_native(w, x, b, simd=simd)
     want = F.linear(x, w, b)
     assert got.shape == want.shape == (batch, out_f)
     assert torch.allclose(got, want, atol=1e-5 * max(1.0, float(want.abs().max())), rtol=0)
@@ -90,7 +92,8 @@ def test_thread_count_does_not_change_a_bit():
     one = run_native(w, x, threads=1)
     for t in (2, 3, 7):
         assert torch.equal(run_native(w, x, threads=t), one)
-    assert torch.equal(run_native(w, x[:1], threads=2), run_native(w, x[:1], threads=1))
+    for simd in (False, True):
+        assert torch.equal(run_native(w, x[:1], threads=2, simd=simd), run_native(w, x[:1], threads=1, simd=simd))
 
 
 @needs_native
@@ -146,10 +149,12 @@ def test_tampered_16_bit_indices_are_refused_before_the_kernel_reads():
         s(torch.randn(1, 20))
 
 
-def test_native_kernel_needs_float32():
+def test_native_kernel_needs_float32_and_a_known_loop():
     lin = nn.Linear(10, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="float32"):
         SparseLinear.from_linear(lin, native_max_batch=4)
+    with pytest.raises(ValueError, match="native, native_simd"):
+        SparseLinear.from_linear(nn.Linear(10, 4), native_max_batch=4, native_kernel="fast")
 
 
 def test_disabled_by_environment(fresh_native, monkeypatch):
@@ -195,7 +200,8 @@ def test_to_sparse_sets_the_native_rule_from_the_ladder(monkeypatch):
         out = {}
         for k in fns:
             name = k[2:] if k[:2] in ("d_", "s_") else k
-            out[k] = 10.0 if k.startswith("d_") else {"native": 0.5 if n <= 4 else 3.0, "linear": 1.0, "mm": 2.0}[name]
+            out[k] = 10.0 if k.startswith("d_") else {"native": 0.5 if n <= 4 else 3.0, "linear": 1.0, "mm": 2.0,
+                                                       "native_simd": 0.4 if n <= 4 else 3.0}[name]
         return out
 
     real = sparse._linear_candidates
@@ -209,7 +215,8 @@ def test_to_sparse_sets_the_native_rule_from_the_ladder(monkeypatch):
     lin = sparse_linear(16, 12, 0.3)
     new, (entry,) = to_sparse(lin, torch.randn(2, 12))
     assert new.native_max_batch == 4 and entry["native_max_batch"] == 4 and new.mm_min_batch is None
-    assert entry["kernel"] == "native" and entry["speedup"] == pytest.approx(20.0)
+    assert new.native_kernel == "native_simd"  # the faster of the two native loops at batch 1
+    assert entry["kernel"] == "native_simd" and entry["speedup"] == pytest.approx(25.0)
     assert new.col_indices.dtype == torch.int16
     x = torch.randn(2, 12)
     with torch.no_grad():
