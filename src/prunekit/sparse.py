@@ -696,6 +696,20 @@ def _convert_one(name: str, module: nn.Module, x: Optional[torch.Tensor], opts: 
     return entry, new
 
 
+def _sparse_footprint(model: nn.Module, candidates: Sequence[Tuple[str, nn.Module]]) -> int:
+    """Bytes the model would stream per forward if every candidate ran sparse (value + 16- or 32-bit index
+    per non-zero, row pointers): what decides whether the *converted* model stays in the cache. A 95%-sparse
+    model can fit where the dense one (and a 90%-sparse one) cannot, and its kernels then rank differently."""
+    sparse_weights = {id(m.weight) for _, m in candidates}
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+                if id(t) not in sparse_weights)
+    for _, m in candidates:
+        w = m.weight
+        index = 2 if w.dim() == 2 and w.shape[1] <= native.MAX_COL16 else 4
+        total += int((w != 0).sum()) * (w.element_size() + index) + 4 * (w.shape[0] + 1)
+    return total
+
+
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, attr, module)
@@ -723,17 +737,18 @@ def to_sparse(model: nn.Module, example_inputs: Any, *, min_speedup: float = 1.1
     supported candidate with sparsity >= ``min_sparsity`` without timing anything. ``threads`` fixes the
     torch threads while measuring (use the count you deploy with). ``cold_cache``: evict the CPU cache
     before each timed call, as a forward pass of a model bigger than the cache sees its layers (None: when
-    the model's tensors exceed the last-level cache). ``model`` is never modified; masked prunekit models
-    work as they are (the zeros come from the weights).
+    the converted model, its candidates counted as sparse, would exceed the last-level cache). ``model`` is
+    never modified; masked prunekit models work as they are (the zeros come from the weights).
 
     Returns ``(sparse_model, report)``: one dict per candidate with ``name, type, shape, sparsity, batch,
-    dense_ms, dense_form, sparse_ms, kernel, speedup, mm_min_batch, converted, reason, threads, cold_cache``.
+    dense_ms, dense_form, sparse_ms, kernel, speedup, mm_min_batch, native_max_batch, kernels_ms, converted,
+    reason, threads, cold_cache``.
     """
     _check_options(min_speedup, min_sparsity, repeat)
     new = copy.deepcopy(model)
     candidates = _select(new, layers, types)
     inputs = _capture_inputs(new, example_inputs, [n for n, _ in candidates])
-    nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    nbytes = _sparse_footprint(new, candidates)
     opts = {"min_speedup": float(min_speedup), "min_sparsity": float(min_sparsity), "measure": measure,
             "repeat": repeat, "evict": _evictor(cold_cache, nbytes) if measure and candidates else None}
     report = []

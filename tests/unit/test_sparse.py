@@ -369,3 +369,18 @@ def test_cold_cache_measurement_evicts_before_every_timed_call(monkeypatch):
     assert not entry["cold_cache"] and not calls
     out = sparse.measure_break_even(8, 8, 1, sparsities=(0.5,), repeat=1, cold_cache=True)
     assert out["cold_cache"] and calls
+
+
+def test_cache_decision_counts_the_converted_model_not_the_dense_one(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 100))
+    prunekit.prune(model, 0.9, include_classifier=True)
+    cands = [("0", model[0]), ("2", model[2])]
+    # per layer: 1000 non-zeros x (4-byte value + 2-byte index) + 101 row pointers; biases stay dense
+    want = 2 * (1000 * 6 + 4 * 101) + 2 * 100 * 4 + sum(b.numel() * b.element_size() for b in model.buffers())
+    assert sparse._sparse_footprint(model, cands) == want
+    dense_bytes = sum(p.numel() * 4 for p in model.parameters())
+    monkeypatch.setattr(sparse, "llc_bytes", lambda: (want + dense_bytes) // 2)  # dense does not fit, sparse does
+    monkeypatch.setattr(sparse, "_median_ms", fake_timer(0.5))
+    _, report = to_sparse(model, torch.randn(1, 100))
+    assert [r["cold_cache"] for r in report] == [False, False]
