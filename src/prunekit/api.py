@@ -17,7 +17,7 @@ from torch import nn
 from . import masking
 from .criteria import CRITERIA, Criterion, ScoreContext, get_criterion
 from .biascorr import SUPPORTED as BIAS_LAYERS
-from .biascorr import apply_corrections, bias_corrections
+from .biascorr import apply_with_correction
 from .criteria.calibrate import COLLECTORS, calibrate
 from .criteria.rowwise import select_rows
 from .plan import Amount, Plan, TensorPlan, select
@@ -203,13 +203,7 @@ def prune(model: nn.Module, amount: Optional[Amount] = None, *, keep_original: b
         raise ValueError("bias_correction rewrites biases, which keep_original could not give back: "
                          "use one or the other")
     kwargs, means = _calibrate_means(model, dict(kwargs))
-    plan = plan_pruning(model, amount, **kwargs)
-    corrections, notes = bias_corrections(model, plan, means)  # before masking: it needs the removed values
-    masking.apply(model, plan)
-    apply_corrections(model, corrections)
-    plan.notes.extend(notes)
-    plan.meta["bias_correction"] = sorted(corrections)
-    return plan
+    return apply_with_correction(model, plan_pruning(model, amount, **kwargs), means)
 
 
 def _calibrate_means(model: nn.Module, kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], Mapping[str, Any]]:
@@ -231,8 +225,9 @@ def _calibrate_means(model: nn.Module, kwargs: Dict[str, Any]) -> Tuple[Dict[str
                                        exclude=kwargs.get("exclude"),
                                        include_classifier=kwargs.get("include_classifier", False))
              if isinstance(model.get_submodule(n.rpartition(".")[0]), BIAS_LAYERS)]
-    if kwargs.get("criterion") == "wanda":
-        kwargs["stats"] = calibrate("wanda", model, kwargs.pop("data"), names, forward_fn=kwargs.pop("forward_fn", None))
+    if criterion == "wanda":  # its statistics hold the means too: one pass, handed to plan_pruning as stats
+        kwargs["stats"] = calibrate("wanda", model, kwargs.pop("data"), names,
+                                    forward_fn=kwargs.pop("forward_fn", None))
         return kwargs, kwargs["stats"]
     means = calibrate("input_mean", model, data, names, forward_fn=kwargs.get("forward_fn"))
     if not _data_aware(criterion):  # data served the means only

@@ -18,10 +18,12 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from . import masking
 from .criteria.calibrate import Stats, register_collector, resolve_names
 from .plan import Plan
 
-__all__ = ["InputMeanCollector", "input_means", "bias_corrections", "apply_corrections", "SUM", "ROWS"]
+__all__ = ["InputFeatureCollector", "InputMeanCollector", "input_means", "bias_corrections", "apply_corrections",
+           "apply_with_correction", "SUM", "ROWS"]
 
 SUM, ROWS = "input_sum", "input_rows"
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -146,12 +148,22 @@ def bias_corrections(model: nn.Module, plan: Plan, stats: Mapping[str, Mapping]
 @torch.no_grad()
 def apply_corrections(model: nn.Module, corrections: Mapping[str, torch.Tensor]) -> None:
     """Add the corrections to the biases; entries of a masked bias (a whole output removed) stay zero."""
-    from .masking import get_mask
-
     params = dict(model.named_parameters())
     for name, delta in corrections.items():
         params[name].add_(delta)
         mod_name, _, pname = name.rpartition(".")
-        keep = get_mask(model.get_submodule(mod_name), pname)
+        keep = masking.get_mask(model.get_submodule(mod_name), pname)
         if keep is not None:
             params[name].masked_fill_(~keep.to(params[name].device), 0.0)
+
+
+def apply_with_correction(model: nn.Module, plan: Plan, stats: Mapping[str, Mapping]) -> Plan:
+    """Apply ``plan`` as masks and correct the biases of the layers it prunes; returns the plan, with the
+    corrected biases in ``meta["bias_correction"]`` and layers left alone in its notes. The corrections are
+    computed first (they need the removed values), so an error leaves the model as it was."""
+    corrections, notes = bias_corrections(model, plan, stats)
+    masking.apply(model, plan)
+    apply_corrections(model, corrections)
+    plan.notes.extend(notes)
+    plan.meta["bias_correction"] = sorted(corrections)
+    return plan

@@ -259,15 +259,19 @@ def _check_entry(name: str, info: object) -> Tuple[str, list, torch.dtype, int]:
     return fmt, shape, dtype, math.prod(shape)
 
 
+def _scatter_kept(name: str, info: dict, tensors, dtype, keep: Tensor, what: str) -> Tensor:
+    """The dense tensor whose ``keep`` entries are the stored values (their count checked against meta)."""
+    kept = int(keep.sum())
+    if kept != info["nnz"]:
+        raise ValueError(f"{name!r}: {what} {kept} entries but meta says nnz={info['nnz']}")
+    out = torch.zeros(keep.numel(), dtype=dtype)
+    out[keep] = _get(tensors, f"{name}::values", dtype, kept)
+    return out
+
+
 def _decode_bitmask(name: str, info: dict, tensors, dtype, numel) -> Tensor:
     mask = unpack_bits(_get(tensors, f"{name}::bits", torch.uint8, (numel + 7) // 8), numel)
-    nnz = int(mask.sum())
-    if nnz != info["nnz"]:
-        raise ValueError(f"{name!r}: bitmask has {nnz} set bits but meta says nnz={info['nnz']}")
-    values = _get(tensors, f"{name}::values", dtype, nnz)
-    out = torch.zeros(numel, dtype=dtype)
-    out[mask] = values
-    return out
+    return _scatter_kept(name, info, tensors, dtype, mask, "bitmask sets")
 
 
 def _decode_masked(name: str, info: dict, tensors, dtype, numel, meta: dict) -> Tensor:
@@ -278,13 +282,7 @@ def _decode_masked(name: str, info: dict, tensors, dtype, numel, meta: dict) -> 
     if not isinstance(mask_info, dict) or mask_info.get("format") != "dense" or mask_info.get("dtype") != "uint8":
         raise ValueError(f"{name!r}: its mask {key!r} is not stored as a dense uint8 tensor")
     keep = unpack_bits(_get(tensors, key, torch.uint8, (numel + 7) // 8), numel)
-    kept = int(keep.sum())
-    if kept != info["nnz"]:
-        raise ValueError(f"{name!r}: mask keeps {kept} entries but meta says nnz={info['nnz']}")
-    values = _get(tensors, f"{name}::values", dtype, kept)
-    out = torch.zeros(numel, dtype=dtype)
-    out[keep] = values
-    return out
+    return _scatter_kept(name, info, tensors, dtype, keep, "mask keeps")
 
 
 def _decode_csr(name: str, info: dict, tensors, dtype, numel) -> Tensor:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .finetune import Callback, TrainState, finetune
+from .metrics import _eval_mode  # every submodule to eval, each one's own flag restored after
 from .registry import Registry
 
 LOSSES = Registry("distillation loss")
@@ -130,18 +131,6 @@ def _to(x: Any, device: torch.device) -> Any:
 def _device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """``model`` (every submodule) in eval mode inside the block, its own flags restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 @contextlib.contextmanager

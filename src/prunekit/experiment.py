@@ -156,8 +156,9 @@ def _finetune_point(model, method, train, seed, progress, checkpoint) -> None:
 
 
 def _data_aware(criterion: Any) -> bool:
-    from .criteria.calibrate import COLLECTORS
-    return isinstance(criterion, str) and (criterion in COLLECTORS or criterion == "sparsegpt")
+    """Needs calibration batches: a statistics-based criterion, or sparsegpt (a pruner that reads data)."""
+    from .api import _data_aware as scores_from_statistics
+    return criterion == "sparsegpt" or scores_from_statistics(criterion)
 
 
 def _with_calibration(pk: Dict[str, Any], train) -> Dict[str, Any]:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from . import masking
 from .api import _couple_biases, compute_scores, select_targets
-from .biascorr import apply_corrections, bias_corrections
+from .biascorr import apply_with_correction
 from .criteria.rowwise import select_rows
 from .criteria import Criterion, get_criterion
 from .finetune import _progress_enabled
@@ -311,9 +311,10 @@ def _layer_plan(model, scores, amount, pattern, opts, select_kwargs) -> Plan:
 
 def _apply(model, plan: Plan, opts) -> None:
     """Mask, then (bias_correction) move the biases by the removed weights' mean contribution."""
-    corrections = bias_corrections(model, plan, opts["stats"])[0] if opts["bias_correction"] else {}
-    masking.apply(model, plan)
-    apply_corrections(model, corrections)
+    if opts["bias_correction"]:
+        apply_with_correction(model, plan, opts["stats"])
+    else:
+        masking.apply(model, plan)
 
 
 def _trial_prune(model, name, amount, criterion, pattern, seed, select_kwargs, opts) -> None:
@@ -434,10 +435,8 @@ def apply_allocation(model: nn.Module, allocation: Mapping[str, float], *, bias_
                      **kwargs: Any) -> Plan:
     """Prune ``model`` in place as ``allocation`` says; returns the Plan (the model is untouched on error).
     ``bias_correction`` (needs ``stats`` with input means) as in :func:`prunekit.prune`."""
-    plan = allocation_plan(model, allocation, **kwargs)
     opts = _options(kwargs.get("pattern", "unstructured"), kwargs.get("scope", "layer"), kwargs.get("stats"),
-                    bias_correction)
+                    bias_correction)  # checked before any work
+    plan = allocation_plan(model, allocation, **kwargs)
     _apply(model, plan, opts)
-    if bias_correction:
-        plan.meta["bias_correction"] = True
     return plan

@@ -124,10 +124,11 @@ class _SparseWeight(nn.Module):
     """CSR weight kept as three buffers (state_dict-safe), validated and cached as a sparse tensor."""
 
     def _init_weight(self, weight2d: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-                     col16: bool = False):
+                     for_native: bool = False):
         crow, col, values = csr_parts(weight2d)
-        if col16:  # only the native kernel reads these; torch's kernels get them widened (weight_csr)
-            col = col.to(torch.int16)  # wraps above 32767: the same 16 bits, read back as uint16
+        if for_native:  # 16-bit where the layer allows (int16 wraps above 32767: the same bits, read as
+            # uint16); torch's kernels get them widened (weight_csr)
+            col = col.to(native.col_dtype(weight2d.shape[1]))
         self.register_buffer("crow_indices", crow)
         self.register_buffer("col_indices", col)
         self.register_buffer("values", values)
@@ -202,8 +203,7 @@ class SparseLinear(_SparseWeight):
                 raise ValueError(f"native_max_batch={native_max_batch} but the native kernel cannot run: {problem}")
         self.out_features, self.in_features = weight.shape
         self.mm_min_batch, self.native_max_batch, self.native_kernel = mm_min_batch, native_max_batch, native_kernel
-        self._init_weight(weight, bias, mask, col16=native_max_batch is not None
-                          and self.in_features <= native.MAX_COL16)
+        self._init_weight(weight, bias, mask, for_native=native_max_batch is not None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, mm_min_batch: Optional[int] = UNMEASURED_MM_MIN_BATCH,
@@ -249,8 +249,8 @@ def native_problem(weight: torch.Tensor) -> Optional[str]:
         return f"dtype {str(weight.dtype).replace('torch.', '')} (it runs float32)"
     if weight.device.type != "cpu":
         return f"on {weight.device} (it is a CPU kernel)"
-    if weight.numel() and int((weight != 0).sum()) >= 2**31:
-        return "2^31 or more non-zeros (row pointers are int32)"
+    if weight.numel() >= 2**31:  # O(1), and enough: fewer entries means fewer non-zeros
+        return "2^31 or more entries (row pointers are int32)"
     if not native.available():
         return native.unavailable_reason()
     return None
@@ -419,11 +419,6 @@ def _evictor(cold_cache: Optional[bool], nbytes: int) -> Optional[_Evict]:
     return _Evict() if cold else None
 
 
-def _kernels(w: torch.Tensor) -> Tuple[str, ...]:
-    """The sparse kernels that can run ``w`` here (``native`` only where it compiled and fits)."""
-    return KERNELS if native_problem(w) is None else TORCH_KERNELS
-
-
 def _linear_candidates(w: torch.Tensor, b: Optional[torch.Tensor], x2: torch.Tensor):
     """(dense fns, sparse fns) computing the same layer on ``x2``."""
     wt = w.t().contiguous()
@@ -431,7 +426,7 @@ def _linear_candidates(w: torch.Tensor, b: Optional[torch.Tensor], x2: torch.Ten
     wcsr = _csr_tensor(crow, col, values, tuple(w.shape))
     dense = {f: (lambda f=f: _dense_linear(f, x2, w if f == "linear" else wt, b)) for f in DENSE_FORMS}
     sparse = {k: (lambda k=k: _sparse_linear(k, x2, wcsr, b)) for k in TORCH_KERNELS}
-    if "native" in _kernels(w):  # csr_parts is valid by construction: no need to re-check it
+    if native_problem(w) is None:  # csr_parts is valid by construction: no need to re-check it
         col_n = col.to(native.col_dtype(w.shape[1]))
         for k in NATIVE_KERNELS:
             sparse[k] = functools.partial(native.spmm, crow, col_n, values, x2, b, w.shape[1],
@@ -704,8 +699,8 @@ def _sparse_footprint(model: nn.Module, candidates: Sequence[Tuple[str, nn.Modul
     total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
                 if id(t) not in sparse_weights)
     for _, m in candidates:
-        w = m.weight
-        index = 2 if w.dim() == 2 and w.shape[1] <= native.MAX_COL16 else 4
+        w = m.weight.reshape(m.weight.shape[0], -1)
+        index = native.col_dtype(w.shape[1]).itemsize
         total += int((w != 0).sum()) * (w.element_size() + index) + 4 * (w.shape[0] + 1)
     return total
 
@@ -772,11 +767,16 @@ def _settle_native_loop(model: nn.Module, example_inputs: Any, report: List[Dict
     """Time the whole converted model with each native loop, as chosen per layer or the same for all layers,
     and keep the fastest: which loop wins depends on what the *other* layers leave in the cache, which
     timing one layer alone cannot see (a 95%-sparse MLP fits in the cache as a whole, a 90% one does not)."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear) and m.native_max_batch is not None}
+    # the two loops differ at batch 1 only: settle the layers that run one of them there
+    at_one = {r["name"] for r in report if r["converted"] and r["batch"] == 1 and r["kernel"] in NATIVE_KERNELS}
+    layers = {n: m for n, m in model.named_modules() if n in at_one}
     if not layers:
         return
     chosen = {n: m.native_kernel for n, m in layers.items()}
-    options = {"as measured": chosen, **{k: {n: k for n in layers} for k in NATIVE_KERNELS}}
+    options = {"as measured": chosen}
+    for k in NATIVE_KERNELS:
+        if set(chosen.values()) != {k}:  # the same assignment is not timed twice
+            options[k] = {n: k for n in layers}
 
     def run_with(assign):
         for n, m in layers.items():
@@ -790,7 +790,7 @@ def _settle_native_loop(model: nn.Module, example_inputs: Any, report: List[Dict
         m.native_kernel = best[n]
     for entry in report:
         name = entry["name"]
-        if name in best and best[name] != chosen[name] and entry.get("kernel") == chosen[name]:
+        if name in best and best[name] != chosen[name]:
             entry["kernel"] = best[name]
             entry["sparse_ms"] = entry["kernels_ms"][best[name]]
             entry["speedup"] = entry["dense_ms"] / entry["sparse_ms"]

@@ -291,8 +291,9 @@ def test_the_whole_model_settles_which_native_loop_runs(monkeypatch):
     def timer(fns, repeat, warmup=2, evict=None):
         for f in fns.values():
             f()
-        if set(fns) == set(whole):
-            return dict(whole)
+        if "as measured" in fns:  # the whole-model timing (an assignment equal to the chosen one is skipped)
+            assert "native_simd" not in fns  # every layer chose it: not timed twice
+            return {k: whole[k] for k in fns}
         per_layer = {"native": 0.5, "native_simd": 0.4, "linear": 1.0, "mm": 2.0}
         return {k: 10.0 if k.startswith("d_") else per_layer[k[2:] if k[:2] == "s_" else k] for k in fns}
 

@@ -280,7 +280,7 @@ def test_apply_allocation_matches_prune_with_the_same_options():
     twin = copy.deepcopy(model)
     plan = sensitivity.apply_allocation(model, {"0.weight": 0.5, "2.weight": 0.25}, criterion="wanda",
                                         stats=stats, scope="row", bias_correction=True)
-    assert plan.meta["bias_correction"] is True and plan.meta["scope"] == "row"
+    assert plan.meta["bias_correction"] == ["0.bias", "2.bias"] and plan.meta["scope"] == "row"
     # the same statistics (of the dense model) for both layers, as one allocation uses them
     prunekit.prune(twin, 0.5, criterion="wanda", scope="row", include="0", stats=stats, bias_correction=True)
     prunekit.prune(twin, 0.25, criterion="wanda", scope="row", include="2", stats=stats, bias_correction=True)

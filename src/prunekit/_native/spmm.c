@@ -96,7 +96,7 @@ static void run_batched(const job_t *j) {
         for (int64_t t = 0; t < nb; ++t) acc[t] += v * xr[t];
       }
       const float bi = j->bias ? j->bias[i] : 0.0f;
-      for (int64_t t = 0; t < nb; ++t) yr[b0 + t] = j->bias ? acc[t] + bi : acc[t];
+      for (int64_t t = 0; t < nb; ++t) yr[b0 + t] = acc[t] + bi;
     }
   }
 }
