@@ -54,3 +54,30 @@ def mlp_factory():
 @pytest.fixture
 def cnn_factory():
     return make_cnn
+
+
+@pytest.fixture
+def fake_ladder(monkeypatch):
+    """Replace prunekit.sparse's timer by ``times(key, batch) -> ms`` and record the batch of every candidate
+    set timed; returns that list. Keys: "d_<dense form>" and "<sparse kernel>" for one layer, and
+    "model:<option>" ("as measured", "native", "native_simd") for the whole-model native-loop check."""
+    from prunekit import sparse
+
+    calls = []
+    real = sparse._linear_candidates
+
+    def spy(w, b, x2):
+        calls.append(x2.shape[0])
+        return real(w, b, x2)
+
+    def install(times):
+        def timer(fns, repeat, warmup=2, evict=None):
+            for f in fns.values():  # still run them: the code paths must work
+                f()
+            whole = "as measured" in fns
+            return {k: times(f"model:{k}" if whole else k.removeprefix("s_"), calls[-1] if calls else None)
+                    for k in fns}
+        monkeypatch.setattr(sparse, "_median_ms", timer)
+        monkeypatch.setattr(sparse, "_linear_candidates", spy)
+        return calls
+    return install

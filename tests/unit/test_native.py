@@ -189,31 +189,19 @@ def test_built_once_into_the_cache(fresh_native):
 
 
 @needs_native
-def test_to_sparse_sets_the_native_rule_from_the_ladder(monkeypatch):
+def test_to_sparse_sets_the_native_rule_from_the_ladder(fake_ladder):
     # native measured fastest up to 4 rows, slower from 16 on: native_max_batch must be 4
-    calls = []
+    whole_model = {"model:as measured": 1.0, "model:native": 2.0}  # agrees with the per-layer choice
 
-    def timer(fns, repeat, warmup=2, evict=None):
-        for f in fns.values():
-            f()
-        if "as measured" in fns:  # the whole-model check: agree with the per-layer choice
-            return {"as measured": 1.0, "native": 2.0, "native_simd": 1.5}
-        n = calls[-1]
-        out = {}
-        for k in fns:
-            name = k[2:] if k[:2] in ("d_", "s_") else k
-            out[k] = 10.0 if k.startswith("d_") else {"native": 0.5 if n <= 4 else 3.0, "linear": 1.0, "mm": 2.0,
-                                                       "native_simd": 0.4 if n <= 4 else 3.0}[name]
-        return out
+    def times(key, batch):
+        if key in whole_model:
+            return whole_model[key]
+        if key.startswith("d_"):
+            return 10.0
+        return {"native": 0.5 if batch <= 4 else 3.0, "native_simd": 0.4 if batch <= 4 else 3.0,
+                "linear": 1.0, "mm": 2.0}[key]
 
-    real = sparse._linear_candidates
-
-    def spy(w, b, x2):
-        calls.append(x2.shape[0])
-        return real(w, b, x2)
-
-    monkeypatch.setattr(sparse, "_median_ms", timer)
-    monkeypatch.setattr(sparse, "_linear_candidates", spy)
+    fake_ladder(times)
     lin = sparse_linear(16, 12, 0.3)
     new, (entry,) = to_sparse(lin, torch.randn(2, 12))
     assert new.native_max_batch == 4 and entry["native_max_batch"] == 4 and new.mm_min_batch is None
@@ -284,20 +272,12 @@ def test_arguments_that_would_read_outside_the_buffers_are_refused():
 
 
 @needs_native
-def test_the_whole_model_settles_which_native_loop_runs(monkeypatch):
-    # per layer the vectorised loop measures faster; timed as a whole model the scalar one wins: it is kept
-    whole = {"as measured": 2.0, "native": 1.0, "native_simd": 2.5}
-
-    def timer(fns, repeat, warmup=2, evict=None):
-        for f in fns.values():
-            f()
-        if "as measured" in fns:  # the whole-model timing (an assignment equal to the chosen one is skipped)
-            assert "native_simd" not in fns  # every layer chose it: not timed twice
-            return {k: whole[k] for k in fns}
-        per_layer = {"native": 0.5, "native_simd": 0.4, "linear": 1.0, "mm": 2.0}
-        return {k: 10.0 if k.startswith("d_") else per_layer[k[2:] if k[:2] == "s_" else k] for k in fns}
-
-    monkeypatch.setattr(sparse, "_median_ms", timer)
+def test_the_whole_model_settles_which_native_loop_runs(fake_ladder):
+    # per layer the vectorised loop measures faster; timed as a whole model the scalar one wins: it is kept.
+    # Every layer chose the vectorised loop, so "model:native_simd" (the same assignment) is never timed.
+    times = {"model:as measured": 2.0, "model:native": 1.0, "native": 0.5, "native_simd": 0.4, "linear": 1.0,
+             "mm": 2.0}
+    fake_ladder(lambda key, batch: 10.0 if key.startswith("d_") else times[key])
     model = nn.Sequential(sparse_linear(16, 12, 0.3), nn.ReLU(), sparse_linear(8, 16, 0.3, seed=1))
     x = torch.randn(1, 12)
     new, report = to_sparse(model, x)

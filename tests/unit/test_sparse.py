@@ -205,31 +205,14 @@ def test_conversion_follows_the_measurement(monkeypatch, sparse_ms, converted):
         assert torch.allclose(new(x), model(x), atol=ATOL, rtol=0)
 
 
-def test_kernel_rule_comes_from_the_ladder(monkeypatch):
+def test_kernel_rule_comes_from_the_ladder(fake_ladder):
     # "mm" measured faster only from 16 rows on: the rule must say 16, and the report the kernel for batch 4
-    calls = []
+    def times(key, batch):
+        if key.startswith("d_"):
+            return 10.0
+        return (1.0 if key == "mm" else 2.0) if batch >= 16 else (2.0 if key == "mm" else 1.0)
 
-    def ladder_timer(fns, repeat, warmup=2, evict=None):
-        out = {}
-        for k, f in fns.items():
-            f()
-        n = calls[-1] if calls else 4
-        for k in fns:
-            name = k[2:] if k[:2] in ("d_", "s_") else k
-            if k.startswith("d_"):
-                out[k] = 10.0
-            else:
-                out[k] = (1.0 if name == "mm" else 2.0) if n >= 16 else (2.0 if name == "mm" else 1.0)
-        return out
-
-    real_candidates = sparse._linear_candidates
-
-    def spy(w, b, x2):
-        calls.append(x2.shape[0])
-        return real_candidates(w, b, x2)
-
-    monkeypatch.setattr(sparse, "_median_ms", ladder_timer)
-    monkeypatch.setattr(sparse, "_linear_candidates", spy)
+    calls = fake_ladder(times)
     lin = pruned_linear(out_f=16, in_f=12)
     new, (entry,) = to_sparse(lin, torch.randn(4, 12))
     assert sorted(set(calls)) == [1, 4, 16, 64]

@@ -485,29 +485,29 @@ def _chunk(prop: Propagation, node: fx.Node) -> None:
 
 def _split(prop: Propagation, node: fx.Node) -> None:
     """torch.split along other dims keeps the channels; along them the sizes are literals: blocked."""
-    x = node.args[0]
-    t = prop.tag(x)
-    if t is None:
-        return None
-    shape = prop.shape(x)
-    sizes, dim = _arg(node, 1, "split_size_or_sections"), int(_arg(node, 2, "dim", 0)) % len(shape)
-    if dim == t.dim:
-        return _block_all(prop, [(x, t)], f"{describe_node(prop, node)} splits the channels into fixed sizes "
-                                          "(use chunk, or keep them)")
-    count = len(sizes) if isinstance(sizes, (list, tuple)) else len(range(0, shape[dim], int(sizes)))
-    return _pieces(prop, node, t, dim, count)
+    def count(shape, dim):
+        sizes = _arg(node, 1, "split_size_or_sections")
+        return len(sizes) if isinstance(sizes, (list, tuple)) else len(range(0, shape[dim], int(sizes)))
+    return _split_like(prop, node, int(_arg(node, 2, "dim", 0)), count,
+                       "splits the channels into fixed sizes (use chunk, or keep them)")
 
 
 def _unbind(prop: Propagation, node: fx.Node) -> None:
+    return _split_like(prop, node, int(_arg(node, 1, "dim", 0)), lambda shape, dim: shape[dim],
+                       "unbinds the channels", drop_dim=True)
+
+
+def _split_like(prop: Propagation, node: fx.Node, dim: int, count, blocked: str, drop_dim: bool = False) -> None:
+    """Pieces of ``node``'s input along ``dim`` follow its channels; cutting the channels dim itself blocks them."""
     x = node.args[0]
     t = prop.tag(x)
     if t is None:
         return None
     shape = prop.shape(x)
-    dim = int(_arg(node, 1, "dim", 0)) % len(shape)
+    dim %= len(shape)
     if dim == t.dim:
-        return _block_all(prop, [(x, t)], f"{describe_node(prop, node)} unbinds the channels")
-    return _pieces(prop, node, t, dim, shape[dim], drop_dim=True)
+        return _block_all(prop, [(x, t)], f"{describe_node(prop, node)} {blocked}")
+    return _pieces(prop, node, t, dim, count(shape, dim), drop_dim=drop_dim)
 
 
 def _passthrough(prop: Propagation, node: fx.Node) -> Optional[Tag]:
