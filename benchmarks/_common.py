@@ -1,7 +1,8 @@
-"""Shared helpers for the scripts under ``benchmarks/`` (see /work/shared/BENCHMARKS.md).
+"""Shared helpers for the scripts under ``benchmarks/`` (see ../shared/BENCHMARKS.md).
 
 Benchmarks are run as scripts (``python benchmarks/<name>.py [--quick]``); each
-script puts its own directory on ``sys.path`` and then ``import _common``.
+script imports ``_common`` from its own folder, which Python puts first on ``sys.path`` when it runs a
+script; ``prunekit`` is the installed package.
 
 - :func:`emit` prints one result as a JSON line on stdout (the only thing a
   benchmark may print there); :func:`log` writes progress to stderr.

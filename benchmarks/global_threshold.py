@@ -9,7 +9,7 @@ Model: ``layers`` x ``nn.Linear(width, width)`` (full: 24 x 2048 -> 100.7M param
   as its own case ``.../plan_only``, which has no torch peer.
 - torch: ``prune.global_unstructured([(m, "weight") ...], prune.L1Unstructured, amount)``.
 
-Metrics (JSON lines on stdout, see /work/shared/BENCHMARKS.md):
+Metrics (JSON lines on stdout, see ../shared/BENCHMARKS.md):
 - ``time_s``: median of ``n`` runs after a warm-up, each on a freshly built model
   (built outside the timed region), prunekit and torch alternating run by run;
 - ``peak_rss_mb`` and ``extra_rss_frac``: each method runs once in its own child
@@ -35,18 +35,14 @@ import argparse
 import gc
 import json
 import os
-import sys
 from typing import Dict, List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+from torch import nn
+from torch.nn.utils import prune as tprune
 
-import _common as C  # noqa: E402
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn.utils import prune as tprune  # noqa: E402
-
-from prunekit.api import plan_pruning, prune as pk_prune  # noqa: E402
+import _common as C
+from prunekit.api import plan_pruning, prune as pk_prune
 
 BENCH = "global_threshold"
 PEER = "torch.nn.utils.prune"
@@ -280,7 +276,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     if args.no_memory:
         return
-    del plan_model, probe
+    plan_model = probe = None  # free the model before the memory runs
     gc.collect()
     base = measure_memory(script, args, "baseline", amounts[0])
     mem_n = args.mem_reps if args.mem_reps > 1 else None

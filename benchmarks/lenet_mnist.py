@@ -16,7 +16,7 @@ Sparsity is counted over the pruned layers, fc1 and fc2 (``classifier.1``, ``cla
 the final classifier is spared, prunekit's default. The dense and every pruned model are
 scored on the same test set (all 10,000 MNIST test images in the full setting).
 
-Metrics (JSON lines on stdout, see /work/shared/BENCHMARKS.md; logs on stderr), per point
+Metrics (JSON lines on stdout, see ../shared/BENCHMARKS.md; logs on stderr), per point
 ``lenet300/<method>/sparsity=<s>/seed=<n>``:
 
 - ``accuracy`` (frac) and ``accuracy_drop_pp`` (dense minus pruned accuracy of the same seed,
@@ -52,19 +52,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
-import sys
 import time
 from typing import Any, Dict, List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import _common as C  # noqa: E402
-
-import torch  # noqa: E402
-
-from prunekit.experiment import dense_model, run_method  # noqa: E402
+import _common as C
+from prunekit.experiment import dense_model, run_method
 
 BENCH = "lenet_mnist"
 MODEL = "lenet300"
@@ -180,9 +175,9 @@ def run(args) -> None:
             raise SystemExit(f"unknown method(s) {sorted(unknown)}; known: {[m['name'] for m in methods]}")
         methods = [m for m in methods if m["name"] in args.methods]
     seeds = list(range(args.seed, args.seed + (args.seeds if args.seeds is not None else 1 if args.quick else 3)))
+    from prunekit.analysis.metrics import evaluate
     from prunekit.api import select_targets
-    from prunekit.data import get_loaders
-    from prunekit.metrics import evaluate
+    from prunekit.zoo.data import get_loaders
 
     C.log(f"{BENCH}: {'quick' if args.quick else 'full'} setting, seeds {seeds}, torch threads "
           f"{torch.get_num_threads()}, methods {[m['name'] for m in methods]}")

@@ -1,6 +1,6 @@
 """Lottery tickets on MNIST: a ticket rewound to an early step vs the same masks randomly re-initialised.
 
-For every seed, ``prunekit.lottery.lottery_ticket`` runs iterative global magnitude pruning on
+For every seed, ``prunekit.train.lottery.lottery_ticket`` runs iterative global magnitude pruning on
 LeNet-300-100 (``--model lenet300``, the default) or a small VGG-style CNN (``--model vgg``: models.py's
 ``vgg_small`` with widths 16/32/64, BatchNorm, a 64-wide hidden layer; 75,664 prunable conv/fc weights)
 (Frankle & Carbin 2019): round 0 trains the dense network from its random init and records the
@@ -15,7 +15,7 @@ Sparsity is over the pruned layers (LeNet: fc1 and fc2; VGG: the six convolution
 the classifier stays dense, prunekit's default); accuracy is on all 10,000 MNIST test images unless
 ``--limit-test`` says otherwise. The case names start with the ``--model`` value.
 
-Metrics (JSON lines on stdout, /work/shared/BENCHMARKS.md; logs on stderr):
+Metrics (JSON lines on stdout, ../shared/BENCHMARKS.md; logs on stderr):
 
 - ``<model>/dense/seed=<n>``: ``accuracy``;
 - ``<model>/<method>/sparsity=<s>/seed=<n>`` for ``lottery_rewind`` and ``random_reinit``:
@@ -48,17 +48,13 @@ and its advantage grows with sparsity (+0.61, +1.14, +1.31, +2.46, +4.74 pp).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from typing import Any, Dict, List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import _common as C  # noqa: E402
-
-import torch  # noqa: E402
+import _common as C
 
 BENCH = "lottery_mnist"
 # The targets of the pruning rounds: IMP keeps ~half, then ~0.4, 0.5, 0.5, 0.4 of the survivors.
@@ -86,9 +82,9 @@ def fmt(s: float) -> str:
 
 def run_seed(seed: int, setting: Dict[str, Any], args, rewind, reinit: bool):
     """One IMP run; returns the LotteryResult."""
-    from prunekit.data import get_loaders
-    from prunekit.lottery import lottery_ticket
-    from prunekit.models import build_model
+    from prunekit.train.lottery import lottery_ticket
+    from prunekit.zoo.data import get_loaders
+    from prunekit.zoo.models import build_model
 
     train, test, info = get_loaders("mnist", batch_size=128, seed=seed, limit_train=setting["limit_train"],
                                     limit_test=setting["limit_test"])

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-
-import prunekit  # noqa: E402
-from prunekit.metrics import measure_latency  # noqa: E402
-from prunekit.models import build_model  # noqa: E402
+import _common as C
+import prunekit
+from prunekit.analysis.metrics import measure_latency
+from prunekit.zoo.models import build_model
 
 BENCH = "masked_latency"
 

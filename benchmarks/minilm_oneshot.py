@@ -11,11 +11,11 @@ one-shot, without fine-tuning, at 50% unstructured and at 2:4:
 - ``wanda+bc``: Wanda, then bias correction (``bias_correction=True``: each bias moves by the mean
   contribution of the weights removed from its row, from the same calibration pass);
 - ``wanda+bc+alloc`` (50% only): the same, with per-layer sparsities from a sensitivity analysis
-  (:mod:`prunekit.sensitivity`: each layer pruned alone over a grid of sparsities, scored by the cosine to
+  (:mod:`prunekit.analysis.sensitivity`: each layer pruned alone over a grid of sparsities, scored by the cosine to
   the dense embeddings of *calibration* sentences, never the held-out ones; then the least-loss allocation
   of 50% of the weights overall).
 
-Calibration: sentences written by :mod:`prunekit.textdata` (256 by default); evaluation: a disjoint
+Calibration: sentences written by :mod:`prunekit.zoo.textdata` (256 by default); evaluation: a disjoint
 held-out set of paraphrase pairs (100 pairs = 200 sentences), compared with the dense model.
 
 JSON lines (../shared/BENCHMARKS.md); ``case`` = ``minilm/<method>/sparsity=0.5`` or ``minilm/<method>/2:4``
@@ -40,17 +40,21 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship in the package: never reach the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-
-import prunekit  # noqa: E402
-from prunekit.criteria import calibrate  # noqa: E402
-from prunekit.nm import validate_nm  # noqa: E402
-from prunekit.sensitivity import analyze, apply_allocation  # noqa: E402
-from prunekit.textdata import (calibration_sentences, embedding_agreement, encode, heldout_sentences,  # noqa: E402
-                               st_forward, token_batches)
+import _common as C
+import prunekit
+from prunekit.analysis.nm_check import validate_nm
+from prunekit.analysis.sensitivity import analyze, apply_allocation
+from prunekit.criteria import calibrate
+from prunekit.zoo.textdata import (
+    calibration_sentences,
+    embedding_agreement,
+    encode,
+    heldout_sentences,
+    st_forward,
+    token_batches,
+)
 
 BENCH = "minilm_oneshot"
 METHODS = ("magnitude", "wanda", "sparsegpt", "wanda+bc", "wanda+bc+alloc")
@@ -77,7 +81,7 @@ def method_kwargs(method: str, calib) -> dict:
 
 def allocated_wanda(model, amount: float, include, calib, seed: int, quick: bool = False):
     """Wanda + bias correction at per-layer sparsities chosen by a sensitivity analysis on calibration data."""
-    names = prunekit.select_targets(model, include=include)
+    names = prunekit.targets.select_targets(model, include=include)
     stats = calibrate("wanda", model, calib, names, forward_fn=st_forward)
     scored = token_batches(model, calibration_sentences(16 if quick else ALLOC_SENTENCES, seed), batch_size=64)
     ref = encode(model, *scored)
@@ -107,7 +111,7 @@ def run_one(dense, method, setting, include, calib, held, dense_emb, seed=0, qui
         if bad:
             raise AssertionError(f"{method}: not 2:4: {bad}")
     metrics = embedding_agreement(dense_emb, encode(model, *held))
-    metrics["sparsity"] = prunekit.global_sparsity(model, names)
+    metrics["sparsity"] = prunekit.apply.global_sparsity(model, names)
     return metrics, seconds, len(names)
 
 

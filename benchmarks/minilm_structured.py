@@ -9,7 +9,7 @@ neurons (intermediate rows + output columns) are the units; the 384-wide residua
 
 Criteria: ``l1`` (L2 norm of each unit's weights, summed over its members) and ``random`` (the
 baseline any criterion must beat). Quality is measured on the held-out paraphrase sentences of
-:mod:`prunekit.textdata` against the dense model, latency on the encoder alone (``BertModel``).
+:mod:`prunekit.zoo.textdata` against the dense model, latency on the encoder alone (``BertModel``).
 
 JSON lines (../shared/BENCHMARKS.md), ``case`` = ``minilm/structured_<criterion>/ratio=<r>``:
 
@@ -20,7 +20,7 @@ JSON lines (../shared/BENCHMARKS.md), ``case`` = ``minilm/structured_<criterion>
   median of ``n`` rounds), and ``speedup`` (dense / pruned latency, x).
 
 Recovery (``--distill-steps N``, 0 to skip): each ``l1`` student is distilled from the dense model
-(:func:`prunekit.distill.distill`: AdamW, cosine loss on the sentence embeddings, cosine lr decay) on
+(:func:`prunekit.train.distill.distill`: AdamW, cosine loss on the sentence embeddings, cosine lr decay) on
 generated *calibration* sentences only, one pass, never the held-out ones (textdata splits their frames;
 checked here too). Held-out and training sentences share templates and vocabulary: this measures
 in-domain recovery, not quality on general text. Matching hidden states too (``hidden=`` the six
@@ -42,16 +42,20 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship in the package: never reach the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-
-from prunekit import surgery  # noqa: E402
-from prunekit.distill import distill  # noqa: E402
-from prunekit.metrics import count_macs, measure_latency  # noqa: E402
-from prunekit.textdata import (calibration_sentences, embedding_agreement, encode, heldout_sentences,  # noqa: E402
-                               st_forward, token_batches)
+import _common as C
+from prunekit import surgery
+from prunekit.analysis.metrics import count_macs, measure_latency
+from prunekit.train.distill import distill
+from prunekit.zoo.textdata import (
+    calibration_sentences,
+    embedding_agreement,
+    encode,
+    heldout_sentences,
+    st_forward,
+    token_batches,
+)
 
 BENCH = "minilm_structured"
 CRITERIA = ("random", "l1")

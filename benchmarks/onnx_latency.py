@@ -1,9 +1,9 @@
 """Does structured pruning + surgery make models faster in onnxruntime too, not only in torch?
 
-For VGG-style (with BN), ResNet-18 (CIFAR) and MobileNetV2 (CIFAR) from ``prunekit.models`` (random
+For VGG-style (with BN), ResNet-18 (CIFAR) and MobileNetV2 (CIFAR) from ``prunekit.zoo.models`` (random
 init, trained-looking BN statistics), the dense model and the models with 25/50/75% of channels
 removed (``prunekit.surgery.plan_groups(..., scope="layer", round_to=8)`` + ``compact``, as in
-``structured_speed.py``) are exported with ``prunekit.export.export_onnx`` (verified there: onnxruntime
+``structured_speed.py``) are exported with ``prunekit.deploy.export.export_onnx`` (verified there: onnxruntime
 within 1e-4 of torch at batch 1 and 2) and timed on onnxruntime's CPU provider with a fixed number of
 threads (``--threads``, default 1, for torch too). All models of one network are timed in rounds, one
 after the other (dense, pruned..., each in onnxruntime then in torch eager), after a warm-up; a value
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import tempfile
 import time
@@ -40,12 +39,10 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-import structured_speed as S  # noqa: E402  (the same models and pruning as the torch speed benchmark)
-from structured_speed import _prune  # noqa: E402
-
-from prunekit.export import export_onnx, onnx_session  # noqa: E402
+import _common as C
+import structured_speed as S  # the same models and pruning as the torch speed benchmark
+from prunekit.deploy.export import export_onnx, onnx_session
+from structured_speed import _prune
 
 BENCH = "onnx_latency"
 

@@ -4,7 +4,7 @@ For each width ``w`` an MLP of 4 x Linear(w, w) (ReLU between; ``mlp4x<w>``, ran
 pruned per layer with ``prunekit.prune`` (magnitude, all 4 layers, masks kept) at each sparsity, then:
 
 - saved with ``prunekit.save(compressed=True)`` and loaded back (checked bit-exact);
-- converted by ``prunekit.sparse.to_sparse`` at each batch size, which *measures* every layer on this
+- converted by ``prunekit.deploy.sparse.to_sparse`` at each batch size, which *measures* every layer on this
   machine and converts only those whose CSR form is >= 1.1x faster than their best dense form (the CSR
   kernel, torch's ``linear``/``mm`` or prunekit's ``native`` C kernel, is chosen per layer by measurement;
   ``kernels`` in the JSON line lists what the 4 layers run);
@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import os
 import sys
 import tempfile
 import time
@@ -48,12 +47,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-
-import prunekit  # noqa: E402
-from prunekit import compress, io, masking  # noqa: E402
-from prunekit.sparse import DENSE_FORMS, measure_break_even, to_dense_form, to_sparse  # noqa: E402
+import _common as C
+import prunekit
+from prunekit.apply import masking
+from prunekit.deploy import compress, io
+from prunekit.deploy.sparse import DENSE_FORMS, measure_break_even, to_dense_form, to_sparse
 
 BENCH = "sparse_speed"
 FULL = dict(widths=(1024, 2048, 4096), batches=(1, 8, 64), sparsities=(0.5, 0.7, 0.8, 0.9, 0.95), n=11,

@@ -1,6 +1,6 @@
 """Structured pruning side by side with Torch-Pruning: accuracy after the same fine-tune, MACs, time to prune.
 
-A VGG-style CNN with BatchNorm (``prunekit.models.VGGSmall``) is trained on MNIST
+A VGG-style CNN with BatchNorm (``prunekit.zoo.models.VGGSmall``) is trained on MNIST
 (``prunekit.experiment.dense_model``, cached). For each ratio of channels removed, two copies of
 the same dense model are pruned in the same run, with the same criterion (L2 magnitude of each
 channel, per layer, the final classifier kept, the same ``round_to``):
@@ -8,7 +8,7 @@ channel, per layer, the final classifier kept, the same ``round_to``):
 - prunekit: ``surgery.plan_groups`` + ``surgery.compact``;
 - Torch-Pruning (``torch-pruning`` on PyPI, benchmark-only): ``MagnitudePruner`` + ``step()``.
 
-Both slim models are then fine-tuned by the same ``prunekit.finetune`` call (same epochs, learning
+Both slim models are then fine-tuned by the same ``prunekit.train.loop`` call (same epochs, learning
 rate, schedule, seed, and therefore the same batches) and scored on the same test set.
 
 JSON lines (../shared/BENCHMARKS.md), ``case`` = ``vgg_mnist/ratio=<r>/seed=<s>``:
@@ -31,22 +31,19 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import os
 import sys
 import time
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-
-from prunekit import surgery  # noqa: E402
-from prunekit.criteria import calibrate  # noqa: E402
-from prunekit.data import get_loaders  # noqa: E402
-from prunekit.experiment import dense_model, seed_everything  # noqa: E402
-from prunekit.finetune import finetune  # noqa: E402
-from prunekit.metrics import count_macs, count_parameters, evaluate  # noqa: E402
+import _common as C
+from prunekit import surgery
+from prunekit.analysis.metrics import count_macs, count_parameters, evaluate
+from prunekit.criteria import calibrate
+from prunekit.experiment import dense_model, seed_everything
+from prunekit.train.loop import finetune
+from prunekit.zoo.data import get_loaders
 
 try:
     import torch_pruning as tp  # optional benchmark-only peer

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import os
 import sys
 from typing import Optional, Tuple
 
@@ -54,13 +53,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-
-from prunekit import masking  # noqa: E402
-from prunekit import surgery  # noqa: E402
-from prunekit.metrics import count_macs, count_parameters, measure_latency  # noqa: E402
-from prunekit.models import MobileNetV2CIFAR, ResNetCIFAR, VGGSmall  # noqa: E402
+import _common as C
+from prunekit import surgery
+from prunekit.analysis.metrics import count_macs, count_parameters, measure_latency
+from prunekit.apply import masking
+from prunekit.zoo.models import MobileNetV2CIFAR, ResNetCIFAR, VGGSmall
 
 try:
     import torch_pruning as tp  # optional benchmark-only peer

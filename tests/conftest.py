@@ -58,11 +58,10 @@ def cnn_factory():
 
 @pytest.fixture
 def fake_ladder(monkeypatch):
-    """Replace prunekit.sparse's timer by ``times(key, batch) -> ms`` and record the batch of every candidate
+    """Replace prunekit.deploy.sparse's timer by ``times(key, batch) -> ms`` and record the batch of every candidate
     set timed; returns that list. Keys: "d_<dense form>" and "<sparse kernel>" for one layer, and
     "model:<option>" ("as measured", "native", "native_simd") for the whole-model native-loop check."""
-    from prunekit import sparse
-
+    from prunekit.deploy import sparse
     calls = []
     real = sparse._linear_candidates
 

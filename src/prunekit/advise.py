@@ -6,7 +6,7 @@
     print(advice.recommended, "-", advice.reason)
 
 Each candidate (dense; whole channels/neurons removed by surgery; unstructured
-masks, with CSR kernels where :func:`prunekit.sparse.to_sparse` measures that a
+masks, with CSR kernels where :func:`prunekit.deploy.sparse.to_sparse` measures that a
 layer pays, both forms then timed in the whole model and the faster kept; N:M)
 is built from a copy of the model, measured here, and ranked by what the target
 rewards:
@@ -31,8 +31,6 @@ import copy
 import hashlib
 import json
 import math
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -41,13 +39,28 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import masking
-from .api import prune
-from .experiment import seed_everything
-from .finetune import _progress_enabled, finetune
-from .metrics import (_batch_of, _call, _eval_mode, _with_batch, count_macs, count_parameters,
-                      evaluate, format_table, size_on_disk)
-from .nm import _check_nm_args, validate_nm
+from prunekit._util import (
+    atomic_write_text,
+    batch_of,
+    call_model,
+    eval_mode,
+    median,
+    progress_enabled,
+    seed_everything,
+    spread,
+    time_calls,
+    to_jsonable,
+    with_batch,
+)
+from prunekit.analysis.metrics import count_macs, count_parameters, evaluate, format_table, size_on_disk
+from prunekit.analysis.nm_check import validate_nm
+from prunekit.api import prune
+from prunekit.apply import masking
+from prunekit.deploy.sparse import to_sparse
+from prunekit.errors import InvalidTypeError, PrunekitError, UnknownNameError
+from prunekit.select.nm import parse_nm
+from prunekit.surgery import compact, plan_groups
+from prunekit.train.loop import finetune
 
 __all__ = ["Advice", "advise", "build_candidate", "parse_candidate", "TargetUnavailable", "TARGETS", "KINDS",
            "DEFAULT_CANDIDATES"]
@@ -66,12 +79,11 @@ FORMAT = "prunekit.advice/1"
 #: a latency whose interquartile range exceeds this fraction of its median is flagged in the reason
 NOISY = 0.25
 PLAIN_SUFFIX = " (plain)"  # timing key of a candidate's form without sparse kernels
-_SAMPLE_MS, _MAX_INNER = 2.0, 200  # a timed sample repeats a fast model's call to last ~2 ms (timer resolution)
 _DROP_EPS = 1e-9                   # float noise in 100 * (a - b): a drop equal to the budget is within it
 
 
-class TargetUnavailable(ValueError):
-    """The target's hardware is not on this machine (a ValueError: the CLI prints it as one line)."""
+class TargetUnavailable(PrunekitError):
+    """The target's hardware is not on this machine (a PrunekitError: the CLI prints it as one line)."""
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -79,19 +91,17 @@ def _fraction(value: Any, spec: Any) -> float:
     try:
         amount = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"candidate {spec!r}: amount {value!r} must be a fraction in (0, 1), e.g. 0.5") from None
+        raise PrunekitError(f"candidate {spec!r}: amount {value!r} must be a fraction in (0, 1), e.g. 0.5") from None
     if not 0.0 < amount < 1.0:
-        raise ValueError(f"candidate {spec!r}: amount {amount} must be a fraction in (0, 1)")
+        raise PrunekitError(f"candidate {spec!r}: amount {amount} must be a fraction in (0, 1)")
     return amount
 
 
 def _nm_pair(value: Any, spec: Any) -> List[int]:
     try:
-        n, m = (int(v) for v in (value.split(":") if isinstance(value, str) else value))
-    except (TypeError, ValueError):
-        raise ValueError(f"candidate {spec!r}: nm {value!r} must look like 2:4") from None
-    _check_nm_args(n, m)
-    return [n, m]
+        return list(parse_nm(value))
+    except PrunekitError as e:
+        raise PrunekitError(f"candidate {spec!r}: {e}") from None
 
 
 def _default_name(kind: str, amount: Optional[float], nm: Optional[List[int]]) -> str:
@@ -113,10 +123,10 @@ def parse_candidate(spec: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
     elif isinstance(spec, Mapping):
         d = dict(spec)
     else:
-        raise TypeError(f"a candidate is a string like 'structured:0.5' or a dict, got {type(spec).__name__}")
+        raise InvalidTypeError(f"a candidate is a string like 'structured:0.5' or a dict, got {type(spec).__name__}")
     kind = d.pop("kind", None)
     if kind not in KINDS:
-        raise ValueError(f"unknown candidate kind {kind!r} in {spec!r}; allowed: dense, structured:<fraction>, "
+        raise PrunekitError(f"unknown candidate kind {kind!r} in {spec!r}; allowed: dense, structured:<fraction>, "
                          "unstructured:<fraction>, nm:<N>:<M>")
     name, amount, nm = d.pop("name", None), d.pop("amount", None), d.pop("nm", None)
     if kind in ("structured", "unstructured"):
@@ -124,25 +134,25 @@ def parse_candidate(spec: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
     elif kind == "nm":
         nm, amount = _nm_pair(nm if nm is not None else (2, 4), spec), None
     elif amount is not None or nm is not None:
-        raise ValueError(f"candidate {spec!r}: dense takes no amount")
+        raise PrunekitError(f"candidate {spec!r}: dense takes no amount")
     bad = sorted(set(d) - set(OPTIONS[kind]))
     if bad:
-        raise ValueError(f"candidate {spec!r}: unknown option(s) {bad} for {kind}; "
+        raise PrunekitError(f"candidate {spec!r}: unknown option(s) {bad} for {kind}; "
                          f"allowed: {', '.join(OPTIONS[kind]) or 'none'}")
     return {"name": str(name or _default_name(kind, amount, nm)), "kind": kind, "amount": amount, "nm": nm,
             "options": d}
 
 
-def _parse_all(candidates: Optional[Sequence[Any]]) -> List[Dict[str, Any]]:
+def check_candidates(candidates: Optional[Sequence[Any]]) -> List[Dict[str, Any]]:
     specs = [parse_candidate(c) for c in (DEFAULT_CANDIDATES if candidates is None else candidates)]
     if not any(s["kind"] == "dense" for s in specs):
         specs.insert(0, parse_candidate("dense"))  # the reference every speedup and drop is measured against
     names = [s["name"] for s in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ValueError(f"candidate names must be unique; repeated: {', '.join(dupes)}")
+        raise PrunekitError(f"candidate names must be unique; repeated: {', '.join(dupes)}")
     if sum(s["kind"] == "dense" for s in specs) > 1:
-        raise ValueError("give at most one dense candidate (it is the reference)")
+        raise PrunekitError("give at most one dense candidate (it is the reference)")
     return specs
 
 
@@ -165,7 +175,6 @@ def build_candidate(model: nn.Module, example_inputs: Any, spec: Union[str, Mapp
     if s["kind"] == "dense":
         return new, notes
     if s["kind"] == "structured":
-        from .surgery import compact, plan_groups
 
         kw = {"criterion": "l1", "scope": "global", **opts}
         plan = plan_groups(new, example_inputs, s["amount"], seed=seed, **kw)
@@ -233,37 +242,6 @@ def _to_device(inputs: Any, device: torch.device, dtype: Optional[torch.dtype]) 
     return fix(inputs)
 
 
-def _alternating_ms(fns: Mapping[str, Callable[[], Any]], repeat: int, warmup: int,
-                    sync: Callable[[], None]) -> Dict[str, Tuple[float, float]]:
-    """(median ms per call, spread) of each fn, timed in turn (A B C, B C A, ...) so that noise hits all
-    alike; each fn's sample repeats its call to last ~_SAMPLE_MS (calibrated in the warm-up, per fn)."""
-    inner = {k: 1 for k in fns}
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    names = list(fns)
-    with torch.no_grad():
-        for r in range(max(1, warmup) + repeat):
-            for k in names[r % len(names):] + names[:r % len(names)]:  # rotate: no fn always follows the same one
-                fn = fns[k]
-                sync()
-                t0 = time.perf_counter()
-                for _ in range(inner[k]):
-                    fn()
-                sync()
-                times[k].append((time.perf_counter() - t0) * 1000.0 / inner[k])
-            if r == max(1, warmup) - 1:
-                inner = {k: max(1, min(_MAX_INNER, int(_SAMPLE_MS / max(min(v), 1e-4)))) for k, v in times.items()}
-                times = {k: [] for k in fns}
-    return {k: (statistics.median(v), _spread(v)) for k, v in times.items()}
-
-
-def _spread(values: Sequence[float]) -> float:
-    """Interquartile range over the median: how far one run's number can be trusted (0 = perfectly stable)."""
-    if len(values) < 2:
-        return 0.0
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return (q[2] - q[0]) / statistics.median(values)
-
-
 def _semi_structured(model: nn.Module, nm: Sequence[int], notes: List[str]) -> List[str]:
     """Put 2:4 Linear weights on CUDA sparse tensor cores (Ampere+), in place; returns the layers converted."""
     if list(nm) != [2, 4]:
@@ -290,7 +268,6 @@ def _deploy(spec: Dict[str, Any], model: nn.Module, xb: Any, device: torch.devic
         opts = spec["options"]
         if spec["kind"] != "unstructured" or not opts.get("sparse_kernels", True):
             return model, []
-        from .sparse import to_sparse
 
         sparse_model, report = to_sparse(model, xb, min_speedup=opts.get("min_speedup", 1.1), threads=threads,
                                          repeat=min(repeat, 7))
@@ -301,10 +278,10 @@ def _deploy(spec: Dict[str, Any], model: nn.Module, xb: Any, device: torch.devic
         return run, []
     layers = _semi_structured(run, spec["nm"], notes)
     try:  # 2:4 kernels have shape and dtype rules of their own: a form that cannot run is not a candidate form
-        with torch.no_grad(), _eval_mode(run):
-            _call(run, _to_device(xb, device, dtype))
+        with torch.no_grad(), eval_mode(run):
+            call_model(run, _to_device(xb, device, dtype))
     except (RuntimeError, ValueError, TypeError) as e:
-        notes.append(f"2:4 kernels failed at batch {_batch_of(xb)} ({str(e).splitlines()[0][:120]}); "
+        notes.append(f"2:4 kernels failed at batch {batch_of(xb)} ({str(e).splitlines()[0][:120]}); "
                      "measured masked")
         return copy.deepcopy(model).to(device=device, dtype=dtype), []
     return run, [{"name": n, "speedup": None, "kernel": "semi_structured"} for n in layers]
@@ -325,23 +302,26 @@ def _forms(rows, built, xb, device, threads, repeat, dtype) -> Dict[str, Tuple[s
 
 def _time_batch(rows, built, example_inputs, batch, device, threads, repeat, warmup, dtype) -> Dict[str, Any]:
     """Deploy forms at ``batch``, timed alternately; the faster form of each candidate fills its ``batches``."""
-    xb = _with_batch(example_inputs, batch)
+    xb = with_batch(example_inputs, batch)
     xdev = _to_device(xb, device, dtype) if device.type != "cpu" else xb
     forms = _forms(rows, built, xb, device, threads, repeat, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with contextlib.ExitStack() as stack:
         for _, run, _ in forms.values():
-            stack.enter_context(_eval_mode(run))
-        ms = _alternating_ms({k: (lambda r=run: _call(r, xdev)) for k, (_, run, _) in forms.items()}, repeat,
-                             warmup, sync)
+            stack.enter_context(eval_mode(run))
+        stack.enter_context(torch.no_grad())
+        # in turn (A B C, B C A, ...) so that noise hits all alike; a sample of a fast model repeats its call
+        samples = time_calls({k: (lambda r=run: call_model(r, xdev)) for k, (_, run, _) in forms.items()},
+                             repeat=repeat, warmup=warmup, sync=sync)
+    ms = {k: (median(v), spread(v)) for k, v in samples.items()}
     chosen: Dict[str, str] = {}
     for key, (name, _, _) in forms.items():
         if name not in chosen or ms[key][0] < ms[chosen[name]][0]:
             chosen[name] = key
     dense_ms = ms[next(n for n, (s, _) in built.items() if s["kind"] == "dense")][0]
     for name, key in chosen.items():
-        (t, spread), layers = ms[key], forms[key][2]
-        entry = {"batch": batch, "latency_ms": t, "speedup": dense_ms / t, "spread": spread,
+        (t, noise), layers = ms[key], forms[key][2]
+        entry = {"batch": batch, "latency_ms": t, "speedup": dense_ms / t, "spread": noise,
                  "sparse_layers": layers, "device": device.type}
         if name + PLAIN_SUFFIX in forms:
             entry["forms_ms"] = {"sparse_kernels": ms[name][0], "plain": ms[name + PLAIN_SUFFIX][0]}
@@ -355,21 +335,21 @@ _BUILD_ERRORS = (ValueError, RuntimeError, TypeError, KeyError, NotImplementedEr
 
 def _batches(batch: Union[None, int, Sequence[int]], example_inputs: Any) -> List[int]:
     if batch is None:
-        return [_batch_of(example_inputs)]
+        return [batch_of(example_inputs)]
     values = [batch] if isinstance(batch, int) else list(batch)
     if not values or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in values):
-        raise ValueError(f"batch={batch!r} must be a positive int or a non-empty list of them (e.g. [1, 256])")
+        raise PrunekitError(f"batch={batch!r} must be a positive int or a non-empty list of them (e.g. [1, 256])")
     return list(dict.fromkeys(values))
 
 
-def _where(target: str, allow_proxy: bool, dtype: Optional[torch.dtype]) -> Tuple[torch.device, bool, str]:
+def check_target(target: str, allow_proxy: bool, dtype: Optional[torch.dtype]) -> Tuple[torch.device, bool, str]:
     """(device to time on, whether the ranking measure is measured on the target, the ranking key)."""
     if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; allowed: {', '.join(TARGETS)}")
+        raise PrunekitError(f"unknown target {target!r}; allowed: {', '.join(TARGETS)}")
     if target == "gpu" and torch.cuda.is_available():
         return torch.device("cuda"), True, "latency_ms"
     if dtype is not None:
-        raise ValueError("dtype applies only to target='gpu' measured on a CUDA device")
+        raise PrunekitError("dtype applies only to target='gpu' measured on a CUDA device")
     if target == "gpu":
         if not allow_proxy:
             raise TargetUnavailable(
@@ -382,16 +362,16 @@ def _where(target: str, allow_proxy: bool, dtype: Optional[torch.dtype]) -> Tupl
 
 def _check_numbers(budget_pp, repeat, warmup, finetune_epochs, train_loader, threads, latency_tie) -> None:
     if isinstance(budget_pp, bool) or not isinstance(budget_pp, (int, float)) or not 0 <= budget_pp < math.inf:
-        raise ValueError(f"budget_pp={budget_pp!r} must be a number >= 0 (percentage points of accuracy)")
+        raise PrunekitError(f"budget_pp={budget_pp!r} must be a number >= 0 (percentage points of accuracy)")
     for name, value, low in (("repeat", repeat, 1), ("warmup", warmup, 0), ("finetune_epochs", finetune_epochs, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}={value!r} must be an int >= {low}")
+            raise PrunekitError(f"{name}={value!r} must be an int >= {low}")
     if finetune_epochs > 0 and train_loader is None:
-        raise ValueError(f"finetune_epochs={finetune_epochs} needs train_loader")
+        raise PrunekitError(f"finetune_epochs={finetune_epochs} needs train_loader")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads={threads!r} must be an int >= 1 or None")
+        raise PrunekitError(f"threads={threads!r} must be an int >= 1 or None")
     if not isinstance(latency_tie, (int, float)) or not 0 <= latency_tie < 1:
-        raise ValueError(f"latency_tie={latency_tie!r} must be a fraction in [0, 1)")
+        raise PrunekitError(f"latency_tie={latency_tie!r} must be a fraction in [0, 1)")
 
 
 FINETUNE_OPTIONS = ("lr", "optimizer", "momentum", "weight_decay", "lr_schedule", "max_steps", "loss_fn")
@@ -400,16 +380,16 @@ FINETUNE_OPTIONS = ("lr", "optimizer", "momentum", "weight_decay", "lr_schedule"
 def _check_finetune(kwargs: Optional[Mapping[str, Any]]) -> None:
     bad = sorted(set(kwargs or {}) - set(FINETUNE_OPTIONS))
     if bad:  # caught here: inside a candidate's build it would only mark every candidate failed
-        raise ValueError(f"finetune_kwargs: unknown option(s) {bad}; allowed: {', '.join(FINETUNE_OPTIONS)} "
+        raise PrunekitError(f"finetune_kwargs: unknown option(s) {bad}; allowed: {', '.join(FINETUNE_OPTIONS)} "
                          "(the epochs are finetune_epochs)")
 
 
 def _scorer(model: nn.Module, eval_fn, eval_loader) -> Callable[[nn.Module], float]:
     if (eval_fn is None) == (eval_loader is None):
-        raise ValueError("advise needs exactly one of eval_fn (model -> metric, higher is better, a fraction "
+        raise PrunekitError("advise needs exactly one of eval_fn (model -> metric, higher is better, a fraction "
                          "like accuracy) or eval_loader (yields (x, y); accuracy): the budget is checked on it")
     if any(t.device.type != "cpu" for t in list(model.parameters()) + list(model.buffers())):
-        raise ValueError("pass the model on the CPU: advise builds and evaluates candidates there, and moves "
+        raise PrunekitError("pass the model on the CPU: advise builds and evaluates candidates there, and moves "
                          "copies to the GPU itself for target='gpu'")
     if eval_fn is not None:
         return lambda m: float(eval_fn(m))
@@ -496,22 +476,22 @@ def advise(model: nn.Module, example_inputs: Any, *, target: str = "cpu", budget
     CUDA timing (2:4 kernels need float16/bfloat16). ``keep_models``: keep the built candidates in
     ``Advice.models``. ``model`` is never modified.
     """
-    device, measured, rank_by = _where(target, allow_proxy, dtype)
+    device, measured, rank_by = check_target(target, allow_proxy, dtype)
     _check_numbers(budget_pp, repeat, warmup, finetune_epochs, train_loader, threads, latency_tie)
     _check_finetune(finetune_kwargs)
     score = _scorer(model, eval_fn, eval_loader)
-    specs, batches = _parse_all(candidates), _batches(batch, example_inputs)
+    specs, batches = check_candidates(candidates), _batches(batch, example_inputs)
     ft = {"train_loader": train_loader, "finetune_epochs": finetune_epochs, "finetune_kwargs": finetune_kwargs}
-    x1 = _with_batch(example_inputs, 1)
+    x1 = with_batch(example_inputs, 1)
     rows, built = {}, {}
-    for spec in tqdm(specs, desc="advise: build", disable=not _progress_enabled(progress), leave=False):
+    for spec in tqdm(specs, desc="advise: build", disable=not progress_enabled(progress), leave=False):
         rows[spec["name"]], m = _build_row(model, example_inputs, x1, spec, score, ft, seed)
         if m is not None:
             built[spec["name"]] = (spec, m)
     _judge(rows, budget_pp)
     with _threads(threads) as used:  # the threads you deploy with: for timing only, not for fine-tuning
         primary = None
-        for b in tqdm(batches, desc="advise: time", disable=not _progress_enabled(progress), leave=False):
+        for b in tqdm(batches, desc="advise: time", disable=not progress_enabled(progress), leave=False):
             runs = _time_batch(rows, built, example_inputs, b, device, threads, repeat, warmup, dtype)
             primary = runs if primary is None else primary
         _finish(rows, primary, model, rank_by)
@@ -675,10 +655,9 @@ class Advice:
         for r in self.candidates:
             if r["name"] == name:
                 return r
-        raise KeyError(f"no candidate {name!r}; known: {', '.join(r['name'] for r in self.candidates)}")
+        raise UnknownNameError(f"no candidate {name!r}; known: {', '.join(r['name'] for r in self.candidates)}")
 
     def to_dict(self) -> Dict[str, Any]:
-        from .report.render import to_jsonable
 
         return {"format": FORMAT, **to_jsonable({k: getattr(self, k) for k in _FIELDS})}
 
@@ -688,10 +667,10 @@ class Advice:
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> "Advice":
         if doc.get("format") != FORMAT:
-            raise ValueError(f"not a prunekit advice document (format {doc.get('format')!r}, expected {FORMAT!r})")
+            raise PrunekitError(f"not a prunekit advice document (format {doc.get('format')!r}, expected {FORMAT!r})")
         missing = [k for k in _FIELDS if k not in doc]
         if missing:
-            raise ValueError(f"advice document lacks {', '.join(missing)}")
+            raise PrunekitError(f"advice document lacks {', '.join(missing)}")
         return cls(**{k: copy.deepcopy(doc[k]) for k in _FIELDS})
 
     @classmethod
@@ -701,12 +680,9 @@ class Advice:
     def save(self, folder: Union[str, Path]) -> Tuple[Path, Path]:
         """Write ``advice.json`` and ``advice.md`` into ``folder``; returns their paths."""
         out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
         paths = (out / "advice.json", out / "advice.md")
         for path, text in zip(paths, (self.to_json(), self.to_markdown())):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+            atomic_write_text(path, text)
         return paths
 
     def rows(self) -> List[Dict[str, Any]]:

@@ -1,285 +1,160 @@
-"""The user-facing pruning calls: choose tensors → score → select → apply.
+"""The front door: one call per pipeline step, composed from the stages below.
 
     plan = prunekit.prune(model, 0.9, criterion="l1", scope="global")
 
-is ``select_targets`` + ``compute_scores`` + :func:`prunekit.plan.select` +
-:func:`prunekit.masking.apply`. ``plan_pruning`` stops before applying, so a
-plan can be inspected, saved, or applied to another copy of the model.
+is ``select_targets`` (:mod:`prunekit.targets`) + ``compute_scores`` (:mod:`prunekit.criteria`) +
+``select`` (:mod:`prunekit.select`) + ``apply`` (:mod:`prunekit.apply`). ``plan_pruning`` stops
+before applying, so a plan can be inspected, saved, or applied to another copy of the model. Keyword
+options build a :class:`~prunekit.spec.PruneSpec` and a :class:`~prunekit.spec.Calibration`, checked
+before anything runs; a criterion name found in :data:`~prunekit.pruners.PRUNERS` (``sparsegpt``) goes
+to that whole-model pruner.
 """
 from __future__ import annotations
 
-import fnmatch
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, Optional, Tuple
 
-import torch
 from torch import nn
 
-from . import masking
-from .criteria import CRITERIA, Criterion, ScoreContext, get_criterion
-from .biascorr import SUPPORTED as BIAS_LAYERS
-from .biascorr import apply_with_correction
-from .criteria.calibrate import COLLECTORS, calibrate
-from .criteria.rowwise import select_rows
-from .plan import Amount, Plan, TensorPlan, select
-from .threshold import Elementwise
-
-DEFAULT_TYPES: Tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")
-Patterns = Optional[Union[str, Sequence[str]]]
-
-
-def _as_list(p: Patterns) -> List[str]:
-    if p is None:
-        return []
-    return [p] if isinstance(p, str) else list(p)
+from prunekit.apply import masking
+from prunekit.apply.biascorr import apply_with_correction
+from prunekit.criteria.base import data_aware, get_criterion
+from prunekit.criteria.score import compute_scores
+from prunekit.criteria.stats import FEATURE_LAYERS, calibrate
+from prunekit.errors import PrunekitError
+from prunekit.plan import Plan
+from prunekit.pruners import PRUNERS
+from prunekit.select.amount import Amount
+from prunekit.select.coupling import couple_biases
+from prunekit.select.ranking import select
+from prunekit.select.rows import select_rows
+from prunekit.spec import Calibration, PruneSpec, split_options
+from prunekit.targets import select_targets
 
 
-def _type_matcher(types: Optional[Iterable[Union[str, type]]]):
-    wanted = list(DEFAULT_TYPES if types is None else types)
-    classes = []
-    for t in wanted:
-        if isinstance(t, type):
-            classes.append(t)
-        elif isinstance(getattr(nn, str(t), None), type):
-            classes.append(getattr(nn, t))
-        else:
-            raise ValueError(f"unknown module type {t!r}; give torch.nn class names such as "
-                             f"{', '.join(DEFAULT_TYPES)}, 'Embedding', or classes")
-    return tuple(classes)
-
-
-def _matches(name: str, module_name: str, patterns: List[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(module_name, p) for p in patterns)
-
-
-def classifier_name(model: nn.Module) -> Optional[str]:
-    """The final classifier: the last Linear/Conv module in registration order."""
-    last = None
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            last = name
-    return last
-
-
-def select_targets(model: nn.Module, *, types=None, include: Patterns = None, exclude: Patterns = None,
-                   include_classifier: bool = False, param: str = "weight") -> List[str]:
-    """Dotted names of the parameters to prune.
-
-    Default: the weights of Linear and Conv layers, without the final classifier
-    (pruning it hurts accuracy most and saves least). ``include``/``exclude`` are
-    glob patterns matched against module or parameter names (``"features.*"``).
-    """
-    classes = _type_matcher(types)
-    inc, exc = _as_list(include), _as_list(exclude)
-    clf = None if include_classifier else classifier_name(model)
-    found = []
-    for mod_name, module in model.named_modules():
-        p = module._parameters.get(param)
-        if p is None and (param + "_orig") in module._parameters:
-            raise ValueError(f"{mod_name}.{param} is pruned by torch.nn.utils.prune; call "
-                             f"torch.nn.utils.prune.remove(module, {param!r}) before using prunekit")
-        if p is None or not isinstance(module, classes):
-            continue
-        name = f"{mod_name}.{param}" if mod_name else param
-        if inc and not _matches(name, mod_name, inc):
-            continue
-        if _matches(name, mod_name, exc):
-            continue
-        if mod_name == clf and not (inc and _matches(name, mod_name, inc)):
-            continue  # an explicit include still wins over the classifier default
-        found.append(name)
-    for pat in inc:
-        if not any(fnmatch.fnmatchcase(n, pat) or fnmatch.fnmatchcase(n.rpartition(".")[0], pat) for n in found):
-            avail = [n for n, m in model.named_modules() if isinstance(m, classes)]
-            raise ValueError(f"include pattern {pat!r} matches no prunable layer; layers of the "
-                             f"selected types: {', '.join(avail) or '(none)'}")
-    if not found:
-        raise ValueError("no parameters selected for pruning (check types/include/exclude; "
-                         "the final classifier is excluded unless include_classifier=True)")
-    return found
-
-
-def _checked(fn: Criterion, param: torch.Tensor, ctx: ScoreContext):
-    def scores() -> torch.Tensor:
-        s = fn(param, ctx)
-        if not isinstance(s, torch.Tensor) or tuple(s.shape) != tuple(param.shape):
-            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-            raise ValueError(f"criterion for {ctx.name} returned {got}; expected a tensor of shape "
-                             f"{tuple(param.shape)}")
-        return s.detach().float()
-    scores.shape = tuple(param.shape)  # lets select() validate without computing scores
-    return scores
-
-
-def compute_scores(model: nn.Module, names: Sequence[str], criterion: Union[str, Criterion] = "l1", *,
-                   seed: int = 0, stats: Optional[Mapping[str, Dict[str, Any]]] = None):
-    """Lazy scores per parameter: recomputed on demand, never all held at once."""
-    fn = get_criterion(criterion)
-    params = dict(model.named_parameters())
-    modules = dict(model.named_modules())
-    out = {}
-    for name in names:
-        if name not in params:
-            raise KeyError(f"unknown parameter {name!r}")
-        p = params[name]
-        if getattr(fn, "elementwise", None) is not None:
-            out[name] = Elementwise(p, fn.elementwise)
-            continue
-        ctx = ScoreContext(name, modules.get(name.rpartition(".")[0]), seed, dict((stats or {}).get(name, {})))
-        out[name] = _checked(fn, p, ctx)
-    return out
-
-
-def _couple_biases(model: nn.Module, plan: Plan) -> None:
-    """Rows removed from a weight take their bias entries with them (torch's ln_structured does not)."""
-    params = dict(model.named_parameters())
-    for tp in list(plan):
-        if tp.pattern != "structured" or tp.dim != 0 or not tp.name.endswith(".weight"):
-            continue
-        bname = tp.name[: -len("weight")] + "bias"
-        b = params.get(bname)
-        if b is None or bname in plan.tensors or b.dim() != 1 or b.shape[0] != tp.shape[0]:
-            continue
-        plan.tensors[bname] = TensorPlan(bname, tuple(b.shape), "structured", units=b.shape[0],
-                                         pruned_units=len(tp.pruned_idx), dim=0,
-                                         pruned_idx=list(tp.pruned_idx), coupled_to=tp.name)
-
-
-def plan_pruning(model: nn.Module, amount: Optional[Amount] = None, *, criterion: Union[str, Criterion] = "l1",
-                 scope: str = "layer", pattern: str = "unstructured", dim: int = 0, norm: float = 1.0,
-                 nm: Tuple[int, int] = (2, 4), types=None, include: Patterns = None, exclude: Patterns = None,
-                 include_classifier: bool = False, min_keep: Amount = 0.01, seed: int = 0,
-                 stats: Optional[Mapping[str, Dict[str, Any]]] = None, normalize: Optional[bool] = None,
-                 data: Optional[Iterable] = None, loss_fn: Optional[Callable] = None,
-                 forward_fn: Optional[Callable] = None) -> Plan:
+def plan_pruning(model: nn.Module, amount: Optional[Amount] = None, *, spec: Optional[PruneSpec] = None,
+                 **options: Any) -> Plan:
     """Decide what to prune without touching the model.
 
-    Data-aware criteria (``taylor``, ``wanda``) take ``stats`` from
-    :func:`prunekit.criteria.collect`, or ``data`` (calibration batches; with
-    ``forward_fn``/``loss_fn``, see :mod:`prunekit.criteria.calibrate`), which
-    runs them through the model with its state restored afterwards.
-    ``scope="row"`` prunes the same fraction of every output row (Wanda's rule).
+    Options (the fields of :class:`~prunekit.spec.PruneSpec`): ``criterion`` (a registered name, a
+    Criterion or ``fn(param, ctx)``), ``scope`` (``layer``, ``global``, ``row``), ``pattern``
+    (``unstructured``, ``structured`` with ``dim``/``norm``, ``nm`` with ``nm=(N, M)``), ``types``,
+    ``include``/``exclude`` globs, ``include_classifier``, ``min_keep`` (per-layer floor of global
+    ranking), ``seed``, ``normalize``. Data-aware criteria (``taylor``, ``wanda``) take ``stats`` from
+    :func:`prunekit.criteria.collect`, or ``data`` (calibration batches, with ``forward_fn``/``loss_fn``),
+    which runs them through the model with its state restored afterwards.
     """
-    _check_data_args(criterion, scope, pattern, stats, data, loss_fn, forward_fn)
-    names = select_targets(model, types=types, include=include, exclude=exclude,
-                           include_classifier=include_classifier)
-    if data is not None:
-        stats = calibrate(criterion, model, data, names, forward_fn=forward_fn, loss_fn=loss_fn)
+    spec, calib, _ = split_options(options, spec)
+    return _plan(model, amount, spec, calib)
+
+
+def _plan(model: nn.Module, amount: Optional[Amount], spec: PruneSpec, calib: Calibration) -> Plan:
+    crit = _criterion(spec, calib)
+    names = select_targets(model, types=spec.types, include=spec.include, exclude=spec.exclude,
+                           include_classifier=spec.include_classifier)
+    stats = calib.stats
+    if calib.data is not None:
+        stats = calibrate(crit.collector, model, calib.data, names, forward_fn=calib.forward_fn,
+                          loss_fn=calib.loss_fn)
     current = masking.masks(model)
     current = {n: current[n] for n in names if n in current}
-    scores = compute_scores(model, names, criterion, seed=seed, stats=stats)
-    if scope == "row" and pattern != "nm":
-        plan = select_rows(scores, amount, min_keep=min_keep, current=current)
+    scores = compute_scores(model, names, crit, seed=spec.seed, stats=stats)
+    if spec.scope == "row" and spec.pattern != "nm":
+        plan = select_rows(scores, amount, min_keep=spec.min_keep, current=current)
     else:
-        plan = select(scores, amount, scope="layer" if scope == "row" else scope, pattern=pattern, dim=dim,
-                      norm=norm, nm=tuple(nm), min_keep=min_keep, current=current, normalize=normalize)
-    _couple_biases(model, plan)
-    plan.meta.update(criterion=criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "custom"),
-                     seed=seed, targets=names)
+        plan = select(scores, amount, scope="layer" if spec.scope == "row" else spec.scope, pattern=spec.pattern,
+                      dim=spec.dim, norm=spec.norm, nm=spec.nm, min_keep=spec.min_keep, current=current,
+                      normalize=spec.normalize)
+    couple_biases(model, plan)
+    plan.meta.update(criterion=spec.criterion_name, seed=spec.seed, targets=names)
     return plan
 
 
+def _criterion(spec: PruneSpec, calib: Calibration):
+    """The criterion, with clear errors for calibration arguments it cannot use, before anything runs."""
+    if isinstance(spec.criterion, str) and spec.criterion in PRUNERS:
+        raise PrunekitError(f"{spec.criterion} rewrites the kept weights, so it cannot only plan: use "
+                            f"prunekit.prune(model, amount, criterion={spec.criterion!r}, data=...)")
+    crit = get_criterion(spec.criterion)
+    if calib.data is not None and not crit.needs_data:
+        raise PrunekitError(f"data=... is used by data-aware criteria only ({', '.join(data_aware())}, or "
+                            f"prune(..., criterion='sparsegpt'), or prune(..., bias_correction=True)); "
+                            f"got criterion={spec.criterion_name!r}")
+    return crit
+
+
+def needs_data(criterion: Any) -> bool:
+    """Whether pruning with ``criterion`` (a criterion or a whole-model pruner) reads calibration batches."""
+    if isinstance(criterion, str) and criterion in PRUNERS:
+        return PRUNERS.get(criterion).needs_data
+    return get_criterion(criterion).needs_data
+
+
 def prune(model: nn.Module, amount: Optional[Amount] = None, *, keep_original: bool = False,
-          bias_correction: bool = False, **kwargs) -> Plan:
+          bias_correction: bool = False, spec: Optional[PruneSpec] = None, **options: Any) -> Plan:
     """Score, select and apply in one call; returns the Plan that was applied.
 
-    Keyword arguments are those of :func:`plan_pruning`. The model is pruned in
-    place with masks (dense speed, see :mod:`prunekit.masking`); on any error
-    it is left unchanged. ``criterion="sparsegpt"`` (with ``data=...``) runs
-    :func:`prunekit.sparsegpt.sparsegpt_prune`, which also rewrites the kept weights.
-    ``bias_correction=True`` (needs ``data=...``, or wanda/input_mean ``stats``) also moves each pruned
-    layer's bias by what its removed weights contributed on average (:mod:`prunekit.biascorr`).
+    Options are those of :func:`plan_pruning`. The model is pruned in place with masks (dense speed,
+    see :mod:`prunekit.apply.masking`); on any error it is left unchanged. A whole-model pruner
+    (``criterion="sparsegpt"`` with ``data=...``) also rewrites the kept weights and takes its own
+    options (``blocksize``, ``damp``, ...). ``bias_correction=True`` (needs ``data=...``, or
+    wanda/input_mean ``stats``) also moves each pruned layer's bias by what its removed weights
+    contributed on average (:mod:`prunekit.apply.biascorr`).
     """
-    if kwargs.get("criterion") == "sparsegpt":  # a pruner that also rewrites the kept weights
-        if bias_correction:
-            raise ValueError("bias_correction is for criteria that only mask: sparsegpt already rewrites the "
-                             "kept weights (and the mean with them)")
-        from .sparsegpt import prune_with_sparsegpt
-        return prune_with_sparsegpt(model, amount, keep_original=keep_original, **kwargs)
+    name = (spec.criterion if spec is not None else options.get("criterion", "l1"))
+    if isinstance(name, str) and name in PRUNERS:
+        return _prune_with(PRUNERS.get(name), model, amount, options, spec, keep_original, bias_correction)
+    spec, calib, _ = split_options(options, spec)
     if not bias_correction:
-        plan = plan_pruning(model, amount, **kwargs)
+        plan = _plan(model, amount, spec, calib)
         masking.apply(model, plan, keep_original=keep_original)
         return plan
     if keep_original:
-        raise ValueError("bias_correction rewrites biases, which keep_original could not give back: "
-                         "use one or the other")
-    kwargs, means = _calibrate_means(model, dict(kwargs))
-    return apply_with_correction(model, plan_pruning(model, amount, **kwargs), means)
+        raise PrunekitError("bias_correction rewrites biases, which keep_original could not give back: "
+                            "use one or the other")
+    calib, means = _calibrate_means(model, spec, calib)
+    return apply_with_correction(model, _plan(model, amount, spec, calib), means)
 
 
-def _calibrate_means(model: nn.Module, kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], Mapping[str, Any]]:
-    """(kwargs for plan_pruning, stats holding input means) for bias correction.
+def _prune_with(pruner, model, amount, options, spec, keep_original: bool, bias_correction: bool) -> Plan:
+    spec, calib, extra = split_options(options, spec, extra=pruner.options)
+    if pruner.rewrites_weights and (keep_original or bias_correction):
+        what = "keep_original=True cannot undo" if keep_original else "bias_correction is for criteria that only " \
+            "mask:"
+        raise PrunekitError(f"{what} {pruner.name}: it rewrites the kept weights (and their mean with them)")
+    if spec.pattern not in pruner.patterns:
+        raise PrunekitError(f"{pruner.name} supports pattern {' or '.join(map(repr, pruner.patterns))}, not "
+                            f"{spec.pattern!r}")
+    if spec.scope not in pruner.scopes:
+        raise PrunekitError(f"{pruner.name} takes scope {' or '.join(map(repr, pruner.scopes))}, not {spec.scope!r}")
+    defaults = PruneSpec()
+    ignored = [k for k in ("dim", "norm", "normalize", "min_keep") if getattr(spec, k) != getattr(defaults, k)]
+    if ignored:
+        raise PrunekitError(f"{pruner.name} does not take {', '.join(ignored)}")
+    return pruner.prune(model, amount, spec, calib, **extra)
+
+
+def _calibrate_means(model: nn.Module, spec: PruneSpec, calib: Calibration) -> Tuple[Calibration, Mapping[str, Any]]:
+    """(calibration for plan_pruning, stats holding input means) for bias correction.
 
     Wanda's statistics already hold the means: one calibration pass serves both, and plan_pruning gets
     the stats instead of the data. Other criteria get a separate forward pass over ``data``.
     """
-    data, stats = kwargs.get("data"), kwargs.get("stats")
-    if data is None:
-        if stats is None:
-            raise ValueError("bias_correction needs calibration data: pass data=... (batches), or stats "
-                             "collected with prunekit.criteria.collect('input_mean' or 'wanda', ...)")
-        return kwargs, stats
-    criterion = kwargs.get("criterion", "l1")
-    if not _data_aware(criterion) and kwargs.get("loss_fn") is not None:
-        raise ValueError(f"loss_fn is only used by criteria that need gradients (taylor), not {criterion!r}")
-    names = [n for n in select_targets(model, types=kwargs.get("types"), include=kwargs.get("include"),
-                                       exclude=kwargs.get("exclude"),
-                                       include_classifier=kwargs.get("include_classifier", False))
-             if isinstance(model.get_submodule(n.rpartition(".")[0]), BIAS_LAYERS)]
-    if criterion == "wanda":  # its statistics hold the means too: one pass, handed to plan_pruning as stats
-        kwargs["stats"] = calibrate("wanda", model, kwargs.pop("data"), names,
-                                    forward_fn=kwargs.pop("forward_fn", None))
-        return kwargs, kwargs["stats"]
-    means = calibrate("input_mean", model, data, names, forward_fn=kwargs.get("forward_fn"))
-    if not _data_aware(criterion):  # data served the means only
-        kwargs.pop("data")
-        kwargs.pop("forward_fn", None)
-    return kwargs, means
+    if calib.data is None:
+        if calib.stats is None:
+            raise PrunekitError("bias_correction needs calibration data: pass data=... (batches), or stats "
+                                "collected with prunekit.criteria.collect('input_mean' or 'wanda', ...)")
+        return calib, calib.stats
+    crit = get_criterion(spec.criterion)
+    if not crit.needs_data and calib.loss_fn is not None:
+        raise PrunekitError(f"loss_fn is only used by criteria that need gradients (taylor), not {crit.name!r}")
+    names = [n for n in select_targets(model, types=spec.types, include=spec.include, exclude=spec.exclude,
+                                       include_classifier=spec.include_classifier)
+             if isinstance(model.get_submodule(n.rpartition(".")[0]), FEATURE_LAYERS)]
+    if crit.collector == "wanda":  # its statistics hold the means too: one pass, handed to plan_pruning as stats
+        stats = calibrate("wanda", model, calib.data, names, forward_fn=calib.forward_fn)
+        return Calibration(stats=stats), stats
+    means = calibrate("input_mean", model, calib.data, names, forward_fn=calib.forward_fn)
+    if not crit.needs_data:  # data served the means only
+        return Calibration(), means
+    return calib, means
 
-
-def _data_aware(criterion: Any) -> bool:
-    """A criterion that scores from calibration statistics (its collector has the same name)."""
-    return isinstance(criterion, str) and criterion in COLLECTORS and criterion in CRITERIA
-
-
-def _check_data_args(criterion, scope, pattern, stats, data, loss_fn, forward_fn) -> None:
-    """Clear errors for the calibration arguments, before anything runs."""
-    if criterion == "sparsegpt":
-        raise ValueError("sparsegpt rewrites the kept weights, so it cannot only plan: use "
-                         "prunekit.prune(model, amount, criterion='sparsegpt', data=...) or "
-                         "prunekit.sparsegpt.sparsegpt_prune")
-    if scope == "row" and pattern == "structured":
-        raise ValueError("scope='row' works with pattern='unstructured' (or 'nm', which is per row anyway); "
-                         "structured pruning removes whole rows or columns: use scope='layer' or 'global'")
-    if scope not in ("layer", "global", "row"):
-        raise ValueError(f"unknown scope {scope!r}; allowed: layer, global, row")
-    if data is None:
-        if loss_fn is not None or forward_fn is not None:
-            raise ValueError("loss_fn and forward_fn are only used with data=... (calibration batches)")
-        return
-    if stats is not None:
-        raise ValueError("pass either stats (already collected) or data (to collect them), not both")
-    if not _data_aware(criterion):
-        aware = [c for c in COLLECTORS.names() if _data_aware(c)]
-        raise ValueError(f"data=... is used by data-aware criteria only ({', '.join(aware)}, "
-                         f"or prune(..., criterion='sparsegpt'), or prune(..., bias_correction=True)); "
-                         f"got criterion={criterion!r}")
-
-
-def global_sparsity(model: nn.Module, names: Optional[Sequence[str]] = None) -> float:
-    """Fraction of zeros over the given parameters (default: all masked ones)."""
-    params = dict(model.named_parameters())
-    names = list(names) if names is not None else [n for n, _, _ in masking.masked_parameters(model)]
-    total = sum(params[n].numel() for n in names)
-    zeros = sum(int((params[n] == 0).sum()) for n in names)
-    return zeros / total if total else 0.0
-
-
-def current_plan(model: nn.Module) -> Plan:
-    """The masks a model carries now, as an (unstructured) Plan that can be saved and re-applied."""
-    from .compress import pack_bits
-
-    plan = Plan(meta={"source": "masks of a model"})
-    for name, keep in masking.masks(model).items():
-        plan.tensors[name] = TensorPlan(name, tuple(keep.shape), "unstructured", units=keep.numel(),
-                                        pruned_units=int((~keep).sum()), keep_bits=pack_bits(keep.reshape(-1)))
-    return plan

@@ -26,14 +26,24 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__, distributed, io, masking
-from .api import global_sparsity, prune, select_targets
-from .data import default_cache_dir, example_batch
-from .finetune import _progress_enabled, finetune, gradual_prune, iterative_prune
-from .criteria import get_criterion
-from .metrics import evaluate, summarize
-from .models import build_model
-from .plan import PATTERNS, SCOPES, _check_choice, resolve_amount
+from prunekit._util import check_choice, default_cache_dir, progress_enabled, seed_everything
+from prunekit._version import __version__
+from prunekit.analysis.metrics import evaluate, summarize
+from prunekit.api import needs_data, prune
+from prunekit.apply import masking
+from prunekit.apply.masking import global_sparsity
+from prunekit.criteria import calibrate, get_criterion
+from prunekit.deploy import io
+from prunekit.errors import PrunekitError
+from prunekit.select.amount import resolve_amount
+from prunekit.select.ranking import PATTERNS, SCOPES
+from prunekit.surgery import compact, plan_groups
+from prunekit.targets import select_targets
+from prunekit.train import distributed
+from prunekit.train.callbacks import gradual_prune, iterative_prune
+from prunekit.train.loop import finetune
+from prunekit.zoo.data import example_batch, get_loaders
+from prunekit.zoo.models import build_model
 
 log = logging.getLogger("prunekit")
 KINDS = ("oneshot", "gradual", "iterative", "surgery")
@@ -58,8 +68,6 @@ def env_info() -> Dict[str, Any]:
             "cuda_available": torch.cuda.is_available(), "cache_dir": str(default_cache_dir())}
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- dense model
@@ -112,33 +120,33 @@ def _point(model, test, info, target: float, names: Sequence[str], extra: Dict[s
 
 def _check_method(method: Dict[str, Any]) -> None:
     if method.get("kind") not in KINDS:
-        raise ValueError(f"method {method.get('name')!r}: kind must be one of {', '.join(KINDS)}")
+        raise PrunekitError(f"method {method.get('name')!r}: kind must be one of {', '.join(KINDS)}")
     bad = set(method.get("prune", {})) - set(PRUNE_KEYS)
     if bad:
-        raise ValueError(f"method {method.get('name')!r}: unknown prune option(s) {sorted(bad)}; "
+        raise PrunekitError(f"method {method.get('name')!r}: unknown prune option(s) {sorted(bad)}; "
                          f"allowed: {', '.join(PRUNE_KEYS)}")
     bad = set(method.get("finetune", {})) - set(FINETUNE_KEYS)
     if bad:
-        raise ValueError(f"method {method.get('name')!r}: unknown finetune option(s) {sorted(bad)}; "
+        raise PrunekitError(f"method {method.get('name')!r}: unknown finetune option(s) {sorted(bad)}; "
                          f"allowed: {', '.join(FINETUNE_KEYS)}")
     pk = method.get("prune", {})
     if not method.get("sparsities") and pk.get("pattern") != "nm":
-        raise ValueError(f"method {method.get('name')!r}: give at least one target in 'sparsities'")
+        raise PrunekitError(f"method {method.get('name')!r}: give at least one target in 'sparsities'")
     # check values now, not after the dense model has trained for minutes
     for s in method.get("sparsities") or []:
         resolve_amount(s, 1_000_000, what="sparsity")
     crit = pk.get("criterion", "l1")
     if crit == "sparsegpt":   # a pruner, not a score: one-shot unstructured or N:M only
         if method["kind"] != "oneshot" or pk.get("pattern", "unstructured") == "structured":
-            raise ValueError(f"method {method.get('name')!r}: criterion sparsegpt rewrites weights; it works "
+            raise PrunekitError(f"method {method.get('name')!r}: criterion sparsegpt rewrites weights; it works "
                              "with kind oneshot and pattern unstructured or nm")
     else:
         get_criterion(crit)
     if pk.get("bias_correction") and (crit == "sparsegpt" or method["kind"] == "surgery"):
-        raise ValueError(f"method {method.get('name')!r}: bias_correction is for masking criteria with kind "
+        raise PrunekitError(f"method {method.get('name')!r}: bias_correction is for masking criteria with kind "
                          "oneshot, gradual or iterative (sparsegpt rewrites weights itself; surgery removes units)")
-    _check_choice(pk.get("scope", "layer"), SCOPES + ("row",), "scope")   # row: per output row (Wanda)
-    _check_choice(pk.get("pattern", "unstructured"), PATTERNS, "pattern")
+    check_choice(pk.get("scope", "layer"), SCOPES + ("row",), "scope")   # row: per output row (Wanda)
+    check_choice(pk.get("pattern", "unstructured"), PATTERNS, "pattern")
 
 
 def _ckpt(folder: Optional[Path], name: str) -> Optional[Path]:
@@ -155,15 +163,9 @@ def _finetune_point(model, method, train, seed, progress, checkpoint) -> None:
         finetune(model, train, progress=progress, desc=f"{method['name']} fine-tune", checkpoint=checkpoint, **ft)
 
 
-def _data_aware(criterion: Any) -> bool:
-    """Needs calibration batches: a statistics-based criterion, or sparsegpt (a pruner that reads data)."""
-    from .api import _data_aware as scores_from_statistics
-    return criterion == "sparsegpt" or scores_from_statistics(criterion)
-
-
 def _with_calibration(pk: Dict[str, Any], train) -> Dict[str, Any]:
     """prune() keywords, plus a few training batches for a data-aware criterion (fixed: the first ones)."""
-    if not (_data_aware(pk.get("criterion")) or pk.get("bias_correction")):
+    if not (needs_data(pk.get("criterion", "l1")) or pk.get("bias_correction")):
         return pk
     return {**pk, "data": list(itertools.islice(iter(train), CALIB_BATCHES))}
 
@@ -175,7 +177,7 @@ def _oneshot(dense, method, train, test, info, seed, progress, ckpt_dir) -> Tupl
     if pk.get("pattern") == "nm":  # the pattern fixes the sparsity
         n, m = pk.get("nm", (2, 4))
         targets = [None]
-    for target in tqdm(targets, desc=method["name"], disable=not _progress_enabled(progress), leave=False):
+    for target in tqdm(targets, desc=method["name"], disable=not progress_enabled(progress), leave=False):
         model = copy.deepcopy(dense)
         plan = prune(model, target, seed=seed, **pk)
         notes = plan.notes
@@ -222,16 +224,15 @@ def _surgery(dense, method, train, test, info, seed, progress, ckpt_dir):
     the dense one: for heatmaps) and the compacted one, which carries its plan as
     ``_prunekit_plan``.
     """
-    from .surgery import compact, plan_groups
 
     pk = {k: v for k, v in method.get("prune", {}).items() if k in SURGERY_KEYS}
     x = example_batch(info, 2)
     dense_params = sum(p.numel() for p in dense.parameters())
-    if _data_aware(pk.get("criterion")):   # every target starts from the same dense model: calibrate once
-        from .criteria.calibrate import calibrate
-        pk["stats"] = calibrate(pk["criterion"], dense, _with_calibration(pk, train)["data"])
+    if needs_data(pk.get("criterion", "l1")):   # every target starts from the same dense model: calibrate once
+        data = _with_calibration(pk, train)["data"]
+        pk["stats"] = calibrate(get_criterion(pk["criterion"]).collector, dense, data)
     points, masked, slim, notes = [], None, None, []
-    for target in tqdm(method["sparsities"], desc=method["name"], disable=not _progress_enabled(progress),
+    for target in tqdm(method["sparsities"], desc=method["name"], disable=not progress_enabled(progress),
                        leave=False):
         masked = copy.deepcopy(dense)
         plan = plan_groups(masked, x, target, seed=seed, **pk)
@@ -313,7 +314,6 @@ def run_experiment(config: Dict[str, Any], *, progress: Optional[bool] = None,
     With ``checkpoint_dir``, every training run checkpoints there at each epoch
     end and resumes from an existing checkpoint.
     """
-    from .data import get_loaders
 
     seed = int(config.get("seed", 0))
     for m in config["methods"]:

@@ -23,20 +23,15 @@ from __future__ import annotations
 import base64
 import json
 import math
-import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from .compress import pack_bits, unpack_bits
-from .threshold import Elementwise, count_split, full_scores, kth_smallest, masks_from_threshold
-
-PATTERNS = ("unstructured", "structured", "nm")
-SCOPES = ("layer", "global")
-Amount = Union[float, int]
-ScoreLike = Union[torch.Tensor, Elementwise]
+from prunekit._util import atomic_write_text
+from prunekit.bits import unpack_bits
+from prunekit.errors import PrunekitError
 
 
 @dataclass
@@ -86,14 +81,14 @@ class TensorPlan:
                 raw = base64.b64decode(d["keep_bits"], validate=True)
                 bits = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
                 if bits.numel() != (math.prod(d["shape"]) + 7) // 8:
-                    raise ValueError("keep_bits length does not match the shape")
+                    raise PrunekitError("keep_bits length does not match the shape")
             return cls(name=str(d["name"]), shape=tuple(int(s) for s in d["shape"]),
                        pattern=str(d["pattern"]), units=int(d["units"]),
                        pruned_units=int(d["pruned_units"]), keep_bits=bits, dim=d.get("dim"),
                        pruned_idx=d.get("pruned_idx"), nm=tuple(d["nm"]) if d.get("nm") else None,
                        floor_hit=bool(d.get("floor_hit", False)), coupled_to=d.get("coupled_to"))
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"malformed plan entry {d.get('name', '?')!r}: {e}") from e
+            raise PrunekitError(f"malformed plan entry {d.get('name', '?')!r}: {e}") from e
 
 
 @dataclass
@@ -124,20 +119,17 @@ class Plan:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"not a prunekit plan (invalid JSON: {e})") from e
+            raise PrunekitError(f"not a prunekit plan (invalid JSON: {e})") from e
         if not isinstance(d, dict) or d.get("format") != "prunekit.plan/1":
-            raise ValueError("not a prunekit plan: expected format 'prunekit.plan/1'")
+            raise PrunekitError("not a prunekit plan: expected format 'prunekit.plan/1'")
         entries = d.get("tensors", [])
         if not isinstance(entries, list) or not all(isinstance(t, dict) for t in entries):
-            raise ValueError("not a prunekit plan: 'tensors' must be a list of entries")
+            raise PrunekitError("not a prunekit plan: 'tensors' must be a list of entries")
         tensors = {str(t.get("key", t.get("name"))): TensorPlan.from_dict(t) for t in entries}
         return cls(tensors, dict(d.get("meta", {})), list(d.get("notes", [])))
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)  # atomic: a crash never leaves half a plan
+        atomic_write_text(path, self.to_json())  # a crash never leaves half a plan
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Plan":
@@ -147,251 +139,39 @@ class Plan:
 
 # ----------------------------------------------------------------------------- validation
 
-def resolve_amount(amount: Amount, units: int, what: str = "amount") -> int:
-    """Number of units to prune; torch's convention (fraction or absolute count)."""
-    if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
-        raise TypeError(f"{what} must be a float in [0, 1) or an int count, got {amount!r}")
-    if isinstance(amount, numbers.Integral):
-        if not 0 <= amount <= units:
-            raise ValueError(f"{what}={amount} is a count of units: it must be in [0, {units}]")
-        return int(amount)
-    if not (0.0 <= amount < 1.0) or math.isnan(amount):
-        raise ValueError(f"{what}={amount} must be a fraction in [0, 1) (or an int count of units)")
-    return int(round(amount * units))
 
 
-def resolve_floor(min_keep: Amount, units: int) -> int:
-    """Per-layer floor: the fewest units global ranking may leave in a tensor."""
-    if isinstance(min_keep, bool) or not isinstance(min_keep, numbers.Real):
-        raise TypeError(f"min_keep must be a float in (0, 1) or an int >= 1, got {min_keep!r}")
-    if isinstance(min_keep, numbers.Integral):
-        if min_keep < 0:
-            raise ValueError(f"min_keep={min_keep} must be an int >= 0 or a fraction in (0, 1)")
-        return min(int(min_keep), units)
-    if not 0.0 <= min_keep < 1.0:
-        raise ValueError(f"min_keep={min_keep} must be a fraction in [0, 1) or an int count")
-    return min(units, max(1, math.ceil(min_keep * units))) if min_keep > 0 else 0
 
 
-def _check_choice(value: str, allowed: Sequence[str], what: str) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
 
 
 # ----------------------------------------------------------------------------- unit scores
 
-def _shape_of(s) -> Tuple[int, ...]:
-    if isinstance(s, Elementwise):
-        return tuple(s.tensor.shape)
-    shape = getattr(s, "shape", None)
-    return tuple(shape) if shape is not None else tuple(s().shape)
 
 
-def _with_current(s: ScoreLike, keep: Optional[torch.Tensor]):
-    """Already-pruned entries score -inf, so they are always among the pruned."""
-    if keep is None:
-        return s
-    if isinstance(s, torch.Tensor):
-        return s.masked_fill(~keep, -math.inf)
-
-    def masked() -> torch.Tensor:
-        return full_scores(s).clone().masked_fill_(~keep, -math.inf)
-    masked.shape = _shape_of(s)
-    return masked
 
 
-def slice_scores(scores: torch.Tensor, dim: int, norm: float, normalize: bool) -> torch.Tensor:
-    """Ln norm of each slice along ``dim``; ``normalize`` divides by the slice size so that
-    slices of layers with different fan-in compare fairly in global ranking."""
-    d = dim % scores.dim()
-    moved = scores.movedim(d, 0).reshape(scores.shape[d], -1)
-    neg = torch.isneginf(moved).all(dim=1)          # fully pruned slices stay pruned
-    x = moved.masked_fill(torch.isneginf(moved), 0).abs().double()
-    if math.isinf(norm):
-        out = x.amax(dim=1)
-    else:
-        out = x.pow(norm).sum(dim=1)
-        if normalize:
-            out = out / moved.shape[1]
-        out = out.pow(1.0 / norm)
-    return out.masked_fill(neg, -math.inf)
 
 
 # ----------------------------------------------------------------------------- selection
 
-def _global_keep(sources: Dict[str, Any], k: int, floors: Dict[str, int]):
-    """Global ranking with per-layer floors.
-
-    Returns ({name: (packed keep, pruned count)}, {name: floor_hit}). A layer
-    that the global threshold would take below its floor is fixed at the floor
-    and the threshold is recomputed over the other layers, so the total target
-    is still met exactly.
-    """
-    units = {n: _numel(s) for n, s in sources.items()}
-    fixed: Dict[str, int] = {}
-    while True:
-        pool = [n for n in sources if n not in fixed]
-        k_pool = max(0, min(k - sum(fixed.values()), sum(units[n] for n in pool)))
-        thr = kth_smallest([_src(sources[n]) for n in pool], k_pool)
-        ties, over = thr.ties, []
-        for n, (below, eq) in zip(pool, count_split([_src(sources[n]) for n in pool], thr)):
-            take = min(ties, eq)
-            ties -= take
-            if units[n] - below - take < floors[n]:
-                over.append(n)
-        if not over:
-            break
-        for n in over:
-            fixed[n] = units[n] - floors[n]
-    keeps = dict(zip(pool, masks_from_threshold([_src(sources[n]) for n in pool], thr)))
-    for n, kn in fixed.items():
-        keeps[n] = next(masks_from_threshold([_src(sources[n])], kth_smallest([_src(sources[n])], kn)))
-    return keeps, {n: n in fixed for n in sources}
 
 
-def _numel(s) -> int:
-    return math.prod(_shape_of(s))
 
 
-def _src(s):
-    if isinstance(s, torch.Tensor):
-        return lambda: s
-    return s
 
 
-def _nm_keep(scores: torch.Tensor, n: int, m: int, name: str) -> torch.Tensor:
-    """Keep the n best of every m consecutive entries along the input dimension."""
-    # conv weights (out, in, kh, kw): group input channels at the same tap, as sparse
-    # tensor cores expect (the reduction dimension in NHWC order)
-    s = scores.movedim(1, -1) if scores.dim() > 2 else scores
-    if s.dim() < 2 or s.shape[-1] % m:
-        raise ValueError(f"{name}: N:M needs the input dimension ({s.shape[-1] if s.dim() else 0}) "
-                         f"divisible by M={m}")
-    groups = s.reshape(-1, m)
-    idx = groups.topk(n, dim=1).indices
-    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, idx, True)
-    keep = keep.reshape(s.shape)
-    return keep.movedim(-1, 1) if scores.dim() > 2 else keep
 
 
-def _unit_scores(sources, pattern: str, dim: int, norm: float, normalize: bool):
-    if pattern != "structured":
-        return sources
-    return {n: slice_scores(full_scores(_src(s)), dim, norm, normalize) for n, s in sources.items()}
 
 
-def _layer_keep(src, units: int, k: int, floor: int, forced: int) -> Tuple[Tuple[torch.Tensor, int], bool]:
-    floor_hit = k > units - floor
-    k = max(min(k, units - floor), forced)
-    return next(masks_from_threshold([_src(src)], kth_smallest([_src(src)], k))), floor_hit
 
 
-def _forced_units(keep: Optional[torch.Tensor], pattern: str, dim: int) -> int:
-    if keep is None:
-        return 0
-    if pattern != "structured":
-        return int((~keep).sum())
-    return int((~keep).movedim(dim % keep.dim(), 0).reshape(keep.shape[dim], -1).all(dim=1).sum())
 
 
-def _validate(scores, scope, pattern, dim, norm, nm, current):
-    _check_choice(scope, SCOPES, "scope")
-    _check_choice(pattern, PATTERNS, "pattern")
-    if not scores:
-        raise ValueError("nothing to prune: no tensors were selected")
-    if pattern == "nm":
-        n, m = nm
-        if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
-            raise ValueError(f"nm={nm!r} must be (N, M) integers with 0 < N < M, e.g. (2, 4)")
-    if pattern == "structured":
-        if not (isinstance(norm, (int, float)) and norm > 0):
-            raise ValueError(f"norm={norm!r} must be a positive number (1, 2, float('inf'), ...)")
-        for name, sc in scores.items():
-            nd = len(_shape_of(sc))
-            if not -nd <= dim < nd:
-                raise ValueError(f"dim={dim} is out of range for {name} with {nd} dims (allowed "
-                                 f"{-nd}..{nd - 1})")
-    for name, keep in (current or {}).items():
-        if name in scores and tuple(keep.shape) != _shape_of(scores[name]):
-            raise ValueError(f"current mask of {name} has shape {tuple(keep.shape)}, "
-                             f"expected {_shape_of(scores[name])}")
 
 
-def select(scores: Mapping[str, ScoreLike], amount: Optional[Amount] = None, *, scope: str = "layer",
-           pattern: str = "unstructured", dim: int = 0, norm: float = 1.0,
-           nm: Tuple[int, int] = (2, 4), min_keep: Amount = 0.01,
-           current: Optional[Mapping[str, torch.Tensor]] = None,
-           normalize: Optional[bool] = None) -> Plan:
-    """Turn scores (low = prune first) into a Plan; see the module docstring."""
-    _validate(scores, scope, pattern, dim, norm, nm, current)
-    current = current or {}
-    if pattern == "nm":
-        return _select_nm(scores, nm, current)
-    if amount is None:
-        raise ValueError("amount is required: a fraction in [0, 1) or an int count of units")
-    normalize = (scope == "global") if normalize is None else normalize
-    sources = {n: _with_current(s, current.get(n)) for n, s in scores.items()}
-    units_src = _unit_scores(sources, pattern, dim, norm, normalize)
-    units = {n: _numel(s) for n, s in units_src.items()}
-    forced = {n: _forced_units(current.get(n), pattern, dim) for n in scores}
-    floors = {n: resolve_floor(min_keep, u) for n, u in units.items()}
-    notes: List[str] = []
-    if scope == "global":
-        k = resolve_amount(amount, sum(units.values()))
-        k = max(k, sum(forced.values()))
-        keeps, hits = _global_keep(units_src, k, floors)
-    else:
-        keeps, hits = {}, {}
-        for n, src in units_src.items():
-            keeps[n], hits[n] = _layer_keep(src, units[n], resolve_amount(amount, units[n]),
-                                            floors[n], forced[n])
-    plan = Plan(meta={"scope": scope, "pattern": pattern, "amount": amount, "dim": dim, "norm": norm,
-                      "min_keep": min_keep, "normalize": normalize})
-    for n in scores:
-        plan.tensors[n] = _tensor_plan(n, _shape_of(scores[n]), pattern, keeps[n], dim, hits[n])
-        if hits[n]:
-            notes.append(f"{n}: the per-layer floor (min_keep={min_keep}) kept "
-                         f"{units[n] - plan.tensors[n].pruned_units} of {units[n]} units")
-    plan.notes = notes
-    return plan
 
 
-def _tensor_plan(name, shape, pattern, keep, dim, floor_hit) -> TensorPlan:
-    """``keep`` is a boolean mask, or (packed mask, pruned count) from masks_from_threshold."""
-    if isinstance(keep, tuple):
-        bits, pruned = keep
-        n = math.prod(shape) if pattern != "structured" else shape[dim % len(shape)]
-        if pattern == "structured":  # unit scores are tiny: unpack to list the pruned slices
-            keep = unpack_bits(bits, n)
-        else:
-            return TensorPlan(name, tuple(shape), pattern, units=n, pruned_units=pruned, keep_bits=bits,
-                              floor_hit=floor_hit)
-    pruned = int(keep.numel() - keep.sum())
-    if pattern == "structured":
-        idx = (~keep).nonzero().squeeze(1).tolist()
-        return TensorPlan(name, tuple(shape), pattern, units=keep.numel(), pruned_units=pruned,
-                          dim=dim % len(shape), pruned_idx=idx, floor_hit=floor_hit)
-    return TensorPlan(name, tuple(shape), pattern, units=keep.numel(), pruned_units=pruned,
-                      keep_bits=pack_bits(keep.reshape(-1)), floor_hit=floor_hit)
 
 
-def _select_nm(scores, nm, current) -> Plan:
-    """Layers whose input dimension is not a multiple of M are skipped with a note
-    (as sparse tensor core tooling does): the rest of the model still gets N:M."""
-    n, m = nm
-    plan = Plan(meta={"scope": "layer", "pattern": "nm", "nm": [n, m]})
-    for name, sc in scores.items():
-        s = full_scores(_src(_with_current(sc, current.get(name))))
-        try:
-            keep = _nm_keep(s, n, m, name)
-        except ValueError as e:
-            plan.notes.append(f"skipped {e}")
-            continue
-        if name in current:
-            keep &= current[name]
-        tp = _tensor_plan(name, s.shape, "nm", keep, 0, False)
-        tp.nm = (n, m)
-        plan.tensors[name] = tp
-    if not plan.tensors:
-        raise ValueError(f"no selected tensor can take the {n}:{m} pattern: " + "; ".join(plan.notes))
-    return plan

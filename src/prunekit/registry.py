@@ -1,12 +1,15 @@
 """One small registry class, shared by criteria, schedules, models and layer handlers.
 
-A registry maps a name to an object (usually a callable). Unknown names raise a
-``KeyError`` that lists the known ones, so a typo on the command line tells the
-user what they could have written.
+A registry maps a name to an object (usually a callable). Unknown names raise
+:class:`~prunekit.errors.UnknownNameError` (a ``PrunekitError`` and a ``KeyError``) that lists the
+known ones, so a typo on the command line tells the user what they could have written; registering
+a name twice raises :class:`~prunekit.errors.PrunekitError`.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterator, List, Optional
+
+from prunekit.errors import PrunekitError, UnknownNameError
 
 
 class Registry:
@@ -20,7 +23,7 @@ class Registry:
         def deco(obj: Any) -> Any:
             key = name or obj.__name__
             if key in self._items and not overwrite:
-                raise ValueError(f"{self.kind} {key!r} is already registered; pass overwrite=True to replace it")
+                raise PrunekitError(f"{self.kind} {key!r} is already registered; pass overwrite=True to replace it")
             self._items[key] = obj
             return obj
 
@@ -29,8 +32,8 @@ class Registry:
     def get(self, name: str) -> Any:
         try:
             return self._items[name]
-        except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
+        except (KeyError, TypeError):  # TypeError: an unhashable "name" (a list from a recipe) is unknown too
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
 
     def names(self) -> List[str]:
         return sorted(self._items)

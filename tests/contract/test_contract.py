@@ -1,7 +1,7 @@
 """Contract tests over the registries (timm style): every registered criterion and schedule
 must honour the same promises, so a newly registered one is tested without writing a test.
 
-Grid: criterion (``prunekit.CRITERIA.names()``) x scope (layer, global) x pattern
+Grid: criterion (``prunekit.criteria.CRITERIA.names()``) x scope (layer, global) x pattern
 (unstructured, structured dim 0, structured dim 1, and N:M 2:4 once per criterion, since
 N:M ignores the scope) x model (a small MLP and a small CNN from ``tests/conftest.py``).
 """
@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import prunekit
-from prunekit import masking
-from prunekit.data import TensorLoader
-from prunekit.plan import Plan, resolve_floor
+from prunekit.apply import masking
+from prunekit.plan import Plan
+from prunekit.select.amount import resolve_floor
+from prunekit.zoo.data import TensorLoader
 
 AMOUNT = 0.6
 MIN_KEEP = 0.01  # prunekit's default floor: global ranking never empties a tensor
@@ -43,7 +44,7 @@ PATTERNS = {
 
 def _cases():
     out = []
-    for crit in prunekit.CRITERIA.names():
+    for crit in prunekit.criteria.CRITERIA.names():
         for model in ("mlp", "cnn"):
             for pattern in ("unstructured", "structured0", "structured1"):
                 for scope in ("layer", "global"):
@@ -91,7 +92,7 @@ def _stats(crit, model, kw):
     fn = CRITERION_STATS.get(crit)
     if fn is None:
         return {}
-    return {"stats": fn(model, prunekit.select_targets(model, include=kw.get("include")))}
+    return {"stats": fn(model, prunekit.targets.select_targets(model, include=kw.get("include")))}
 
 
 def _do_prune(model, crit, scope, pattern, model_name, seed=SEED, amount=AMOUNT):
@@ -128,7 +129,7 @@ def _nm_groups(t, m=4):
 
 
 def _assert_same_masks(a, b):
-    ma, mb = prunekit.masks(a), prunekit.masks(b)
+    ma, mb = prunekit.apply.masks(a), prunekit.apply.masks(b)
     assert ma.keys() == mb.keys()
     for name in ma:
         assert torch.equal(ma[name], mb[name]), name
@@ -136,7 +137,7 @@ def _assert_same_masks(a, b):
 
 def _assert_pruned_are_zero(model):
     params = _params(model)
-    masks = prunekit.masks(model)
+    masks = prunekit.apply.masks(model)
     assert masks, "the model carries no masks"
     for name, keep in masks.items():
         assert keep.shape == params[name].shape
@@ -150,7 +151,7 @@ def test_achieved_sparsity_matches_the_target(crit, scope, pattern, model_name):
     model = _make(model_name)
     plan = _do_prune(model, crit, scope, pattern, model_name)
     names = plan.meta["targets"]
-    masks = prunekit.masks(model)
+    masks = prunekit.apply.masks(model)
     params = _params(model)
     assert set(names) <= set(masks), "every targeted tensor must carry a mask"
     _assert_pruned_are_zero(model)
@@ -251,13 +252,13 @@ def test_pruning_calls_keep_the_training_flag(crit, scope, pattern, model_name, 
 
     plan = prunekit.plan_pruning(model, amount, **kw)
     check(model, "plan_pruning")
-    prunekit.apply(model, plan)
+    prunekit.apply_plan(model, plan)
     check(model, "apply")
     prunekit.prune(model, amount, **kw)
     check(model, "prune")
-    prunekit.masks(model), prunekit.global_sparsity(model), masking.sparsity(model)
+    prunekit.apply.masks(model), prunekit.apply.global_sparsity(model), masking.sparsity(model)
     check(model, "masks / global_sparsity / sparsity")
-    prunekit.enforce(model)
+    prunekit.apply.enforce(model)
     check(model, "enforce")
     check(copy.deepcopy(model), "deepcopy")
     fresh = _make(model_name, seed=1).train(mode)
@@ -269,8 +270,8 @@ def test_pruning_calls_keep_the_training_flag(crit, scope, pattern, model_name, 
 @pytest.mark.parametrize("mode", [True, False], ids=["train", "eval"])
 def test_other_calls_keep_the_training_flag(model_name, mode, tmp_path):
     """The calls whose behaviour does not depend on the criterion or pattern, once per model and mode."""
-    from prunekit.api import current_plan
-    from prunekit.metrics import evaluate, summarize
+    from prunekit.analysis.metrics import evaluate, summarize
+    from prunekit.apply.masking import current_plan
 
     model = _make(model_name).train(mode)
     flags = _every_flag(model)
@@ -295,10 +296,10 @@ def test_other_calls_keep_the_training_flag(model_name, mode, tmp_path):
     prunekit.load(tmp_path / "m", other)
     check(other, "load")
     twin = copy.deepcopy(model)
-    prunekit.make_permanent(twin)
+    prunekit.apply.make_permanent(twin)
     check(twin, "make_permanent")
     twin = copy.deepcopy(model)
-    prunekit.remove(twin)
+    prunekit.apply.remove(twin)
     check(twin, "remove")
 
 
@@ -307,10 +308,10 @@ def test_other_calls_keep_the_training_flag(model_name, mode, tmp_path):
 def test_scheduled_pruning_keeps_the_training_flag(model_name, mode):
     loader = _loader(n=32)
     model = _make(model_name).train(mode)
-    prunekit.gradual_prune(model, loader, final=0.5, epochs=2, prune_epochs=1, every=1, lr=0.01)
+    prunekit.train.gradual_prune(model, loader, final=0.5, epochs=2, prune_epochs=1, every=1, lr=0.01)
     assert model.training is mode and all(f is mode for f in _every_flag(model))
     model = _make(model_name).train(mode)
-    prunekit.iterative_prune(model, loader, sparsities=[0.3, 0.5], lr=0.01)
+    prunekit.train.iterative_prune(model, loader, sparsities=[0.3, 0.5], lr=0.01)
     assert model.training is mode and all(f is mode for f in _every_flag(model))
 
 
@@ -328,14 +329,14 @@ def test_finetune_restores_every_submodule_flag():
 def test_pruned_weights_stay_zero_through_finetune(crit, scope, pattern, model_name):
     model = _make(model_name)
     _do_prune(model, crit, scope, pattern, model_name)
-    masks_before = prunekit.masks(model)
+    masks_before = prunekit.apply.masks(model)
     kept_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     # momentum and weight decay are what push pruned weights off zero
     state = prunekit.finetune(model, _loader(), epochs=2, max_steps=3, lr=0.1, optimizer="sgd",
                               momentum=0.9, weight_decay=0.05)
     assert state.step == 3
     _assert_pruned_are_zero(model)
-    masks_after = prunekit.masks(model)
+    masks_after = prunekit.apply.masks(model)
     assert masks_after.keys() == masks_before.keys()
     for name in masks_before:
         assert torch.equal(masks_after[name], masks_before[name]), f"{name}: the mask changed"
@@ -359,14 +360,14 @@ def test_same_seed_same_masks_and_plans_replay(crit, scope, pattern, model_name,
     replay = Plan.from_json(text)
     assert replay.to_json() == text
     c = _make(model_name)
-    prunekit.apply(c, replay)
+    prunekit.apply_plan(c, replay)
     _assert_same_masks(a, c)
     x = _inputs()
     with torch.no_grad():
         assert torch.equal(a.eval()(x), c.eval()(x))
     plan_a.save(tmp_path / "plan.json")
     d = _make(model_name)
-    prunekit.apply(d, Plan.load(tmp_path / "plan.json"))
+    prunekit.apply_plan(d, Plan.load(tmp_path / "plan.json"))
     _assert_same_masks(a, d)
 
     # planning alone (no apply) agrees with prune, and does not touch the model
@@ -383,7 +384,7 @@ def test_random_criterion_depends_on_the_seed():
     for seed in (1, 2):
         m = _make("mlp")
         prunekit.prune(m, 0.5, criterion="random", seed=seed)
-        masks.append(prunekit.masks(m))
+        masks.append(prunekit.apply.masks(m))
     assert any(not torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
 
 
@@ -402,7 +403,7 @@ STEPS = list(range(-2, 60)) + [100, 10_000]
 
 def _schedule_cases():
     out = []
-    for name in prunekit.SCHEDULES.names():
+    for name in prunekit.train.SCHEDULES.names():
         for i, params in enumerate(SCHEDULE_PARAMS.get(name, [None])):
             out.append(pytest.param(name, params, id=f"{name}-{i}"))
     return out
@@ -411,7 +412,7 @@ def _schedule_cases():
 @pytest.mark.parametrize("name,params", _schedule_cases())
 def test_schedule_contract(name, params):
     assert params is not None, f"schedule {name!r} has no sensible parameters in SCHEDULE_PARAMS: add some"
-    sched = prunekit.make_schedule(name, **params)
+    sched = prunekit.train.make_schedule(name, **params)
     first = [sched(t) for t in STEPS]
     second = [sched(t) for t in reversed(STEPS)][::-1]  # another order: no hidden state
     assert first == second, "not a pure function of the step"

@@ -21,8 +21,9 @@ import torch
 import yaml
 
 import prunekit
-from prunekit import masking
+from prunekit.apply import masking
 from prunekit.plan import Plan
+from prunekit.pruners import PRUNERS
 
 pytestmark = pytest.mark.slow
 
@@ -192,17 +193,17 @@ def test_prune_writes_model_plan_config_results_and_report(pruned):
 
     # the saved model and the saved plan carry the same ~70% masks
     model = prunekit.load(out / "model")
-    masks = prunekit.masks(model)
+    masks = prunekit.apply.masks(model)
     assert masks
     pruned_n = sum(int((~k).sum()) for k in masks.values())
     total = sum(k.numel() for k in masks.values())
     assert pruned_n / total == pytest.approx(0.7, abs=1e-3)
-    assert prunekit.global_sparsity(model) == pytest.approx(0.7, abs=1e-3)
+    assert prunekit.apply.global_sparsity(model) == pytest.approx(0.7, abs=1e-3)
     plan = Plan.load(out / "plan.json")
     fresh = prunekit.load(out / "model")
     masking.remove(fresh)
-    prunekit.apply(fresh, plan)
-    for name, keep in prunekit.masks(fresh).items():
+    prunekit.apply_plan(fresh, plan)
+    for name, keep in prunekit.apply.masks(fresh).items():
         assert torch.equal(keep, masks[name]), name
 
 
@@ -216,7 +217,7 @@ def test_eval_prints_consistent_json(pruned):
     assert 0.0 <= res["accuracy"] <= 1.0 and res["latency_ms"] > 0 and res["size_bytes"] > 0
     model = prunekit.load(out / "model")
     params = sum(p.numel() for p in model.parameters())
-    masks = prunekit.masks(model)
+    masks = prunekit.apply.masks(model)
     pruned_n = sum(int((~k).sum()) for k in masks.values())
     targeted = sum(k.numel() for k in masks.values())
     assert res["params"] == params
@@ -281,7 +282,7 @@ def test_unknown_recipe_field_names_the_allowed_ones(tmp_path, field, allowed):
 def test_unknown_criterion_lists_the_known_ones(pruned):
     _, cwd, _ = pruned
     proc = cli(["prune", "--recipe", "recipe.yaml", "--criterion", "nope", "--out", "bad2", "--no-progress"], cwd)
-    _user_error(proc, "nope", *prunekit.CRITERIA.names())
+    _user_error(proc, "nope", *prunekit.criteria.CRITERIA.names(), *PRUNERS.names())  # sparsegpt too
 
 
 def test_eval_of_a_missing_folder_exits_2(tmp_path):
@@ -316,7 +317,7 @@ def test_recipe_model_kwargs_are_accepted(tmp_path):
     config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert config["model_kwargs"] == {"in_features": 64, "hidden": [16]}
     model = prunekit.load(tmp_path / "run" / "model")
-    assert prunekit.global_sparsity(model) == pytest.approx(0.5, abs=1e-2)
+    assert prunekit.apply.global_sparsity(model) == pytest.approx(0.5, abs=1e-2)
 
 
 def test_prune_with_bias_correction_moves_only_the_pruned_layers_biases(tmp_path):
@@ -350,7 +351,7 @@ def test_prune_with_surgery_saves_the_compacted_model_and_its_plan(tmp_path):
     model = prunekit.load(tmp_path / "run" / "model")
     widths = [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert widths == [16, 8, 10]                      # hidden layers halved, classifier kept
-    assert not prunekit.masks(model)                   # physically smaller, no masks
+    assert not prunekit.apply.masks(model)                   # physically smaller, no masks
     plan = prunekit.Plan.load(tmp_path / "run" / "plan.json")
     assert plan.meta["applier"] == "surgery" and plan.tensors["classifier.1.weight"].pruned_units == 16
     final = json.loads((tmp_path / "run" / "results.json").read_text())["methods"][0]["final"]
@@ -376,4 +377,4 @@ def test_prune_under_torchrun_with_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("pruned model:") == 1
     model = prunekit.load(tmp_path / "run" / "model")
-    assert prunekit.global_sparsity(model) == pytest.approx(0.5, abs=1e-2)
+    assert prunekit.apply.global_sparsity(model) == pytest.approx(0.5, abs=1e-2)

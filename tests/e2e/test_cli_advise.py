@@ -13,7 +13,7 @@ import torch
 import prunekit
 from prunekit.advise import Advice
 from prunekit.cli.__main__ import main
-from prunekit.models import build_model
+from prunekit.zoo.models import build_model
 
 MLP = ["--model", "mlp", "--set", "model_kwargs={in_features: 64, hidden: [64, 32]}", "--data", "digits"]
 CANDIDATES = "dense,structured:0.5,unstructured:0.9,nm:2:4"

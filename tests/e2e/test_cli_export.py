@@ -13,8 +13,8 @@ ort = pytest.importorskip("onnxruntime")
 import prunekit  # noqa: E402
 from prunekit.cli.__main__ import main  # noqa: E402
 from prunekit.cli.export import _SHAPES, spec_input_shape  # noqa: E402
-from prunekit.models import build_model, model_spec  # noqa: E402
 from prunekit.surgery import compact, plan_groups  # noqa: E402
+from prunekit.zoo.models import build_model, model_spec  # noqa: E402
 
 TOL = 1e-4
 

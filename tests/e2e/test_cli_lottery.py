@@ -9,10 +9,10 @@ from contextlib import redirect_stdout
 import pytest
 
 import prunekit
+from prunekit.analysis.metrics import evaluate
 from prunekit.cli.__main__ import main
-from prunekit.data import get_loaders
-from prunekit.lottery import LotteryRecord
-from prunekit.metrics import evaluate
+from prunekit.train.lottery import LotteryRecord
+from prunekit.zoo.data import get_loaders
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PRUNED = ["classifier.1.weight", "classifier.3.weight"]   # LeNet-300-100 without its classifier
@@ -46,7 +46,7 @@ def test_writes_the_record_the_figure_and_the_ticket(quick_run):
     assert (out / "lottery.png").read_bytes()[:8] == PNG_MAGIC
     # the saved ticket is the last round's model: its sparsity and its accuracy on the same test images
     ticket = prunekit.load(out / "ticket")
-    assert prunekit.global_sparsity(ticket, PRUNED) == pytest.approx(0.8, abs=1e-4)
+    assert prunekit.apply.global_sparsity(ticket, PRUNED) == pytest.approx(0.8, abs=1e-4)
     _, test, _ = get_loaders("digits", seed=0, limit_train=1000, limit_test=300)
     assert evaluate(ticket, test)["accuracy"] == pytest.approx(rec.rounds[-1].accuracy, abs=1e-9)
     for needle in ("ticket_acc", "reinit_acc", "lottery.json", "prunekit report"):

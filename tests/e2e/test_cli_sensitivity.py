@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import prunekit
-import prunekit.data
+import prunekit.zoo.data
+from prunekit.analysis.sensitivity import SensitivityResult
 from prunekit.cli.__main__ import main
-from prunekit.models import build_model
 from prunekit.plan import Plan
-from prunekit.sensitivity import SensitivityResult
+from prunekit.zoo.models import build_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = ["classifier.1.weight", "classifier.3.weight"]
@@ -65,10 +65,10 @@ def test_writes_curves_plot_allocation_and_plan(quick_run):
     # the plan prunes a fresh LeNet to the allocation, layer by layer
     plan = Plan.load(out / "plan.json")
     net = build_model("lenet300")
-    prunekit.apply(net, plan)
+    prunekit.apply_plan(net, plan)
     for name, s in alloc["sparsities"].items():
-        assert prunekit.global_sparsity(net, [name]) == pytest.approx(s, abs=1e-4)
-    assert prunekit.global_sparsity(net, LAYERS) == pytest.approx(0.8, abs=1e-4)
+        assert prunekit.apply.global_sparsity(net, [name]) == pytest.approx(s, abs=1e-4)
+    assert prunekit.apply.global_sparsity(net, LAYERS) == pytest.approx(0.8, abs=1e-4)
 
 
 @pytest.mark.slow
@@ -94,7 +94,7 @@ def test_a_saved_checkpoint_on_digits_is_analysed_and_is_deterministic(tmp_path,
     assert a == b and a.metric == "loss" and a.meta["criterion"] == "random"
     assert list(a.curves) == ["classifier.1.weight", "classifier.3.weight", "classifier.5.weight"]
     assert (tmp_path / "a" / "plan.json").read_text() == (tmp_path / "b" / "plan.json").read_text()
-    assert not list(prunekit.data.default_cache_dir().glob("dense-*"))  # nothing was trained
+    assert not list(prunekit.zoo.data.default_cache_dir().glob("dense-*"))  # nothing was trained
 
 
 def test_wanda_with_bias_correction_analyses_per_row_and_corrects_the_allocation(tmp_path, monkeypatch, capsys):
@@ -134,5 +134,5 @@ def test_bad_input_is_one_clear_line_before_any_training(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("prunekit sensitivity: error:"), err
-    assert not list(prunekit.data.default_cache_dir().glob("dense-*"))
+    assert not list(prunekit.zoo.data.default_cache_dir().glob("dense-*"))
     assert not (tmp_path / "run").exists()

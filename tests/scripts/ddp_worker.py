@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit import distributed as pkdist
-from prunekit.data import TensorLoader
-from prunekit.finetune import Callback, GradualPruner, finetune
-from prunekit.schedules import make_schedule
+from prunekit.train import distributed as pkdist
+from prunekit.train.callbacks import GradualPruner
+from prunekit.train.loop import Callback, finetune
+from prunekit.train.schedules import make_schedule
+from prunekit.zoo.data import TensorLoader
 
 
 def make_loader(batch=16):
@@ -57,7 +58,7 @@ def part_equivalence(model, out, rank):
     torch.save(model.state_dict(), out / f"rank{rank}-ddp.pt")
     if rank == 0:  # the same training in one process: batch 32 = the two shards' batches of 16
         single = make_model()
-        prunekit.masking.load_state_dict(single, init)
+        prunekit.apply.masking.load_state_dict(single, init)
         finetune(single, make_loader(32), epochs=1, lr=0.1, lr_schedule="constant", momentum=0.0,
                  distributed=False)
         torch.save(single.state_dict(), out / "single.pt")

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.data import TensorLoader
-from prunekit.finetune import Callback, Checkpointer, GradualPruner, finetune
-from prunekit.schedules import make_schedule
+from prunekit.train.callbacks import GradualPruner
+from prunekit.train.loop import Callback, Checkpointer, finetune
+from prunekit.train.schedules import make_schedule
+from prunekit.zoo.data import TensorLoader
 
 EPOCHS, EVERY, N, BATCH = 3, 5, 200, 16  # 13 batches per epoch, a checkpoint every 5 steps
 

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.models import BasicBlock, InvertedResidual
+from prunekit.zoo.models import BasicBlock, InvertedResidual
 
 
 def mlp():

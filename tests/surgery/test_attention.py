@@ -7,9 +7,16 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit import masking
-from prunekit.surgery import (SlimMultiheadAttention, TraceError, build_groups, compact, compact_shapes,
-                              plan_groups, rebuild)
+from prunekit.apply import masking
+from prunekit.surgery import (
+    SlimMultiheadAttention,
+    TraceError,
+    build_groups,
+    compact,
+    compact_shapes,
+    plan_groups,
+    rebuild,
+)
 from prunekit.surgery.attention import _MHA_CUTS
 
 

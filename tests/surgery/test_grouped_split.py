@@ -2,11 +2,11 @@
 import copy
 
 import pytest
+import surgery_nets as nets
 import torch
 from torch import nn
 
-import surgery_nets as nets
-from prunekit import masking
+from prunekit.apply import masking
 from prunekit.surgery import build_groups, compact, compact_shapes, plan_groups, rebuild
 
 

@@ -3,14 +3,14 @@ import copy
 import json
 
 import pytest
+import surgery_nets as nets
 import torch
 from torch import nn
 
-import surgery_nets as nets
-from prunekit import masking
-from prunekit.models import LeNet5, VGGSmall
+from prunekit.apply import masking
 from prunekit.plan import Plan
 from prunekit.surgery import compact, compact_shapes, plan_groups, rebuild
+from prunekit.zoo.models import LeNet5, VGGSmall
 
 
 def _lenet():
@@ -141,7 +141,7 @@ def test_plan_round_trips_through_json():
 
 def test_compacted_model_saves_and_loads_as_slim_builtin(tmp_path):
     import prunekit
-    from prunekit.models import build_model
+    from prunekit.zoo.models import build_model
 
     torch.manual_seed(0)
     model = build_model("lenet5").eval()

@@ -2,11 +2,11 @@
 import json
 
 import pytest
+import surgery_nets as nets
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import surgery_nets as nets
 from prunekit.surgery import ChannelGraph, TraceError, build_groups, plan_groups
 
 X = torch.randn(2, 3, 16, 16)
@@ -70,7 +70,7 @@ def test_depthwise_couples_its_input_and_output():
 
 
 def test_flatten_expands_each_channel_to_its_features():
-    from prunekit.models import LeNet5
+    from prunekit.zoo.models import LeNet5
     g = build_groups(LeNet5(), torch.randn(2, 1, 28, 28))
     fc = next(m for m in _groups_with(g, "features.2.weight").members if m.name == "classifier.1.weight")
     assert (fc.dim, fc.inner) == (1, 16)                             # 4x4 map: 16 features per channel

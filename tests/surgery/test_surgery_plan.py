@@ -3,15 +3,22 @@ import copy
 import math
 
 import pytest
+import surgery_nets as nets
 import torch
 from torch import nn
 
-import surgery_nets as nets
 import prunekit
-from prunekit import masking
-from prunekit.models import VGGSmall
-from prunekit.surgery import (build_groups, compact, group_scores, plan_groups, register_layer_handler,
-                              register_module_rule, slice_tensors)
+from prunekit.apply import masking
+from prunekit.surgery import (
+    build_groups,
+    compact,
+    group_scores,
+    plan_groups,
+    register_layer_handler,
+    register_module_rule,
+    slice_tensors,
+)
+from prunekit.zoo.models import VGGSmall
 
 X = torch.randn(2, 3, 16, 16)
 

@@ -4,10 +4,10 @@ import importlib.util
 
 import pytest
 import torch
-
-from prunekit import masking
-from prunekit.surgery import build_groups, compact, compact_shapes, plan_groups, rebuild
 from timm_compat import import_timm
+
+from prunekit.apply import masking
+from prunekit.surgery import build_groups, compact, compact_shapes, plan_groups, rebuild
 
 timm = import_timm()
 needs_timm = pytest.mark.skipif(timm is None, reason="timm not installed")

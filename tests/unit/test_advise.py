@@ -11,9 +11,18 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.advise import (DEFAULT_CANDIDATES, LATENCY_TIE, Advice, TargetUnavailable, _digest, _pick,
-                             advise, build_candidate, parse_candidate)
-from prunekit.metrics import count_parameters
+from prunekit.advise import (
+    DEFAULT_CANDIDATES,
+    LATENCY_TIE,
+    Advice,
+    TargetUnavailable,
+    _digest,
+    _pick,
+    advise,
+    build_candidate,
+    parse_candidate,
+)
+from prunekit.analysis.metrics import count_parameters
 
 FAST = {"repeat": 2, "warmup": 1, "threads": 1}
 
@@ -84,7 +93,7 @@ def test_parse_candidate_forms_and_names():
     ("pruned:0.5", "unknown candidate kind 'pruned'.*allowed: dense, structured"),
     ("structured:1.5", "fraction in \\(0, 1\\)"),
     ("unstructured", "must be a fraction"),
-    ("nm:4:2", "0 <= n < m"),
+    ("nm:4:2", "0 < N < M"),
     ({"kind": "structured", "amount": 0.5, "sparse_kernels": True}, "unknown option.*allowed: criterion, scope"),
     ("dense:0.5", "dense takes no amount"),
 ])

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit import biascorr
+from prunekit.apply import biascorr
 from prunekit.criteria import calibrate, collect
 
 
@@ -49,7 +49,7 @@ def test_mean_output_is_kept(make, shape):
     data = [torch.randn(*shape, generator=g) + 1.5 for _ in range(3)]
     dense = copy.deepcopy(layer)
     prunekit.prune(layer, 0.6, include_classifier=True, data=data, bias_correction=True)
-    assert prunekit.global_sparsity(layer, ["weight"]) == pytest.approx(0.6, abs=0.05)
+    assert prunekit.apply.global_sparsity(layer, ["weight"]) == pytest.approx(0.6, abs=0.05)
     dims = [0] + list(range(2, len(shape))) if len(shape) > 2 else [0]
     with torch.no_grad():
         got = torch.stack([layer(x).mean(dims) for x in data]).mean(0)
@@ -116,7 +116,7 @@ def test_bad_requests_leave_the_model_unchanged():
     taylor_only = calibrate("taylor", model, [(x, torch.zeros(16, dtype=torch.long)) for x in offset_batches()])
     with pytest.raises(ValueError, match="input means of 0.weight"):  # taylor stats hold no means
         prunekit.prune(model, 0.5, criterion="taylor", stats=taylor_only, bias_correction=True)
-    assert same(before, state(model)) and not prunekit.masking.is_masked(model)
+    assert same(before, state(model)) and not prunekit.apply.masking.is_masked(model)
 
 
 def test_input_mean_collector_refuses_other_parameters():

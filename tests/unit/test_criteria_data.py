@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.criteria import calibrate, collect, select_rows
-from prunekit.data import TensorLoader
+from prunekit.criteria import calibrate, collect
+from prunekit.select.rows import select_rows
+from prunekit.zoo.data import TensorLoader
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +32,7 @@ def _sum_loss(out, target):
 
 
 def _keep(model, name="0.weight"):
-    return prunekit.masks(model)[name]
+    return prunekit.apply.masks(model)[name]
 
 
 # ----------------------------------------------------------------------------- Taylor
@@ -42,7 +43,7 @@ def test_taylor_is_the_batch_mean_of_abs_w_times_grad_and_picks_other_weights_th
     data = [torch.tensor([[0.1, 5.0]]), torch.tensor([[0.3, 1.0]])]
     stats = calibrate("taylor", model, data, ["0.weight"], loss_fn=_sum_loss)
     assert stats["0.weight"]["taylor_batches"] == 2
-    scores = prunekit.compute_scores(model, ["0.weight"], "taylor", stats=stats)["0.weight"]()
+    scores = prunekit.criteria.compute_scores(model, ["0.weight"], "taylor", stats=stats)["0.weight"]()
     torch.testing.assert_close(scores, torch.tensor([[0.6, 3.0]]))
 
     taylor = copy.deepcopy(model)
@@ -134,7 +135,7 @@ X = torch.tensor([[4.0, 1.0, 1.0, 0.1], [-4.0, -1.0, 1.0, -0.1]])
 def test_wanda_scores_are_abs_weight_times_input_rms():
     model = _linear(W)
     stats = calibrate("wanda", model, [X])
-    scores = prunekit.compute_scores(model, ["0.weight"], "wanda", stats=stats)["0.weight"]()
+    scores = prunekit.criteria.compute_scores(model, ["0.weight"], "wanda", stats=stats)["0.weight"]()
     torch.testing.assert_close(scores, torch.tensor([[4.0, 2.0, 3.0, 0.4], [160.0, 30.0, 20.0, 1.0]]))
 
 
@@ -173,7 +174,7 @@ def test_wanda_on_convolutions_uses_the_input_channel_rms_with_groups():
     x[0, 0] = 3.0                 # RMS of channel 0 = 3
     x[0, 1, 0, 0] = 2.0           # RMS of channel 1 = sqrt(4 / 4) = 1
     stats = calibrate("wanda", model, [x])
-    scores = prunekit.compute_scores(model, ["0.weight"], "wanda", stats=stats)["0.weight"]()
+    scores = prunekit.criteria.compute_scores(model, ["0.weight"], "wanda", stats=stats)["0.weight"]()
     torch.testing.assert_close(scores.reshape(-1), torch.tensor([3.0, 6.0, 3.0, 4.0]))
 
 
@@ -224,7 +225,7 @@ def test_bad_data_arguments_get_clear_errors_and_leave_the_model(kwargs, match):
     before = model[0].weight.detach().clone()
     with pytest.raises(ValueError, match=match):
         prunekit.plan_pruning(model, 0.5, include_classifier=True, **kwargs)
-    assert torch.equal(model[0].weight, before) and not prunekit.masking.is_masked(model)
+    assert torch.equal(model[0].weight, before) and not prunekit.apply.masking.is_masked(model)
 
 
 # ----------------------------------------------------------------------------- per-row selection

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from prunekit import data
+from prunekit.zoo import data
 
 
 @pytest.fixture

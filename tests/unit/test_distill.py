@@ -1,4 +1,4 @@
-"""prunekit.distill: a pruned student trained to match a frozen teacher."""
+"""prunekit.train.distill: a pruned student trained to match a frozen teacher."""
 import copy
 import math
 
@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.data import TensorLoader
-from prunekit.distill import LOSSES, Distiller, agreement, distill, make_loss, pick_output
-from prunekit.finetune import Callback
+from prunekit.train.distill import LOSSES, Distiller, agreement, distill, make_loss, pick_output
+from prunekit.train.loop import Callback
+from prunekit.zoo.data import TensorLoader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,7 +100,7 @@ def test_masks_stay_zero_and_teacher_is_untouched():
     teacher = _mlp(seed=0)
     student = copy.deepcopy(teacher)
     prunekit.prune(student, 0.5, scope="global")
-    masks = {k: v.clone() for k, v in prunekit.masks(student).items()}
+    masks = {k: v.clone() for k, v in prunekit.apply.masks(student).items()}
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
     batches = _inputs(seed=3)
     start = agreement(student, teacher, batches)["mse"]
@@ -108,12 +108,12 @@ def test_masks_stay_zero_and_teacher_is_untouched():
     class Zeros(Callback):
         def on_step_end(self, state):
             params = dict(student.named_parameters())
-            for name, keep in prunekit.masks(student).items():
+            for name, keep in prunekit.apply.masks(student).items():
                 assert (params[name][~keep] == 0).all(), f"{name} moved at step {state.step}"
 
     state = distill(student, teacher, batches, epochs=10, lr=0.01, callbacks=[Zeros()])
     assert state.step == 10 * len(batches)
-    assert {k: v.tolist() for k, v in prunekit.masks(student).items()} == {k: v.tolist() for k, v in masks.items()}
+    assert {k: v.tolist() for k, v in prunekit.apply.masks(student).items()} == {k: v.tolist() for k, v in masks.items()}
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, teacher_state[k]), k
     assert agreement(student, teacher, batches)["mse"] < 0.5 * start
@@ -223,7 +223,7 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
 def test_inputs_are_moved_to_each_models_device_keeping_their_type():
     from collections import namedtuple
 
-    from prunekit.distill import _to
+    from prunekit.train.distill import _to
 
     meta = torch.device("meta")
     Pair = namedtuple("Pair", "a b")

@@ -1,4 +1,4 @@
-"""prunekit.distill on a tiny random-init Hugging Face BertModel pruned by surgery (heads + FFN neurons)."""
+"""prunekit.train.distill on a tiny random-init Hugging Face BertModel pruned by surgery (heads + FFN neurons)."""
 import copy
 import importlib.util
 
@@ -7,7 +7,7 @@ import torch
 
 import prunekit
 from prunekit import surgery
-from prunekit.distill import agreement, distill
+from prunekit.train.distill import agreement, distill
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
@@ -43,7 +43,7 @@ KW = dict(output="last_hidden_state", forward_fn=_bert_forward, pairs=False, los
 def test_compacted_and_masked_students_recover_and_stay_equivalent():
     teacher, batches, plan = _setup()
     slim = surgery.compact(teacher, plan, batches[0])
-    masked = prunekit.apply(copy.deepcopy(teacher), plan)
+    masked = prunekit.apply_plan(copy.deepcopy(teacher), plan)
     ev = dict(output="last_hidden_state", forward_fn=_bert_forward, pairs=False)
     before = agreement(slim, teacher, batches, **ev)
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}

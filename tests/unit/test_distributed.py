@@ -11,10 +11,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, TensorDataset
 
 import prunekit
-from prunekit import distributed as pkdist
-from prunekit.compress import unpack_bits
-from prunekit.data import TensorLoader
-from prunekit.finetune import finetune
+from prunekit.deploy.compress import unpack_bits
+from prunekit.train import distributed as pkdist
+from prunekit.train.loop import finetune
+from prunekit.zoo.data import TensorLoader
 
 WORKER = Path(__file__).resolve().parents[1] / "scripts" / "ddp_worker.py"
 

@@ -11,10 +11,10 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 import prunekit  # noqa: E402
-from prunekit import masking  # noqa: E402
-from prunekit.export import ExportError, export_onnx, onnx_latency, onnx_session  # noqa: E402
-from prunekit.models import LeNet5, MLP, MobileNetV2CIFAR, ResNetCIFAR, VGGSmall  # noqa: E402
+from prunekit.apply import masking  # noqa: E402
+from prunekit.deploy.export import ExportError, export_onnx, onnx_latency, onnx_session  # noqa: E402
 from prunekit.surgery import compact, plan_groups  # noqa: E402
+from prunekit.zoo.models import MLP, LeNet5, MobileNetV2CIFAR, ResNetCIFAR, VGGSmall  # noqa: E402
 
 TOL = 1e-4
 
@@ -214,14 +214,14 @@ def test_low_opset_falls_back_to_torchscript_with_a_note(tmp_path):
 
 
 def test_dynamo_failure_falls_back_to_torchscript_with_the_reason(tmp_path, monkeypatch, caplog):
-    import prunekit.export as E
+    import prunekit.deploy.export as E
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated dynamo failure\nwith details")
 
     monkeypatch.setattr(E, "_export_dynamo", broken)
     model, x = build("mlp")
-    with caplog.at_level("WARNING", logger="prunekit.export"):
+    with caplog.at_level("WARNING", logger="prunekit.deploy.export"):
         res = export_onnx(model, x, tmp_path / "m.onnx")
     assert res.exporter == "torchscript" and res.max_abs_diff <= TOL
     assert res.notes == ("dynamo exporter failed: RuntimeError: simulated dynamo failure",)

@@ -3,10 +3,10 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.data import TensorLoader
-from prunekit.finetune import Callback, GradualPruner, finetune, gradual_prune, iterative_prune
-from prunekit.schedules import make_schedule
-
+from prunekit.train.callbacks import GradualPruner, gradual_prune, iterative_prune
+from prunekit.train.loop import Callback, finetune
+from prunekit.train.schedules import make_schedule
+from prunekit.zoo.data import TensorLoader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,7 +25,7 @@ class ZeroWatcher(Callback):
         self.checked = 0
 
     def on_step_end(self, state):
-        for name, keep in prunekit.masks(state.model).items():
+        for name, keep in prunekit.apply.masks(state.model).items():
             p = dict(state.model.named_parameters())[name]
             assert (p[~keep] == 0).all(), f"{name} moved at step {state.step}"
         self.checked += 1
@@ -72,13 +72,13 @@ def test_gradual_pruner_follows_schedule(mlp):
     targets = [e["target"] for e in pruner.events]
     assert targets == sorted(targets) and targets[-1] == pytest.approx(0.8)
     assert len(targets) == 4  # steps 2, 4, 6, 8 (step 0 has sparsity 0)
-    assert prunekit.global_sparsity(mlp, ["1.weight", "3.weight"]) == pytest.approx(0.8, abs=1e-3)
+    assert prunekit.apply.global_sparsity(mlp, ["1.weight", "3.weight"]) == pytest.approx(0.8, abs=1e-3)
 
 
 def test_gradual_and_iterative_helpers(mlp_factory):
     m = mlp_factory()
     state = gradual_prune(m, _loader(), final=0.9, epochs=3, prune_kwargs={"scope": "global"}, lr=0.05)
-    assert prunekit.global_sparsity(m, ["1.weight", "3.weight"]) == pytest.approx(0.9, abs=1e-3)
+    assert prunekit.apply.global_sparsity(m, ["1.weight", "3.weight"]) == pytest.approx(0.9, abs=1e-3)
     assert any(h.get("event") == "prune" for h in state.history)
     m = mlp_factory()
     state = iterative_prune(m, _loader(), sparsities=[0.5, 0.75], eval_loader=_loader(64, 1), lr=0.05)
@@ -126,7 +126,7 @@ def test_corrupt_checkpoint_is_a_clear_error(mlp, tmp_path):
 def test_gradual_must_reach_its_target_before_training_ends(mlp):
     with pytest.raises(ValueError, match=r"prune_epochs=4 must be in \[1, epochs=2\]"):
         gradual_prune(mlp, _loader(), final=0.9, epochs=2, prune_epochs=4)
-    assert not prunekit.masking.is_masked(mlp)
+    assert not prunekit.apply.masking.is_masked(mlp)
 
 
 # ----------------------------------------------------------------------------- mid-epoch checkpoints
@@ -136,7 +136,8 @@ import random  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from prunekit.finetune import Checkpointer, read_checkpoint  # noqa: E402
+from prunekit.train.checkpoint import read_checkpoint  # noqa: E402
+from prunekit.train.loop import Checkpointer  # noqa: E402
 
 
 class _NoisyDataset(torch.utils.data.Dataset):

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import prunekit
-from prunekit import io, masking
-from prunekit.models import build_model
+from prunekit.apply import masking
+from prunekit.deploy import io
+from prunekit.zoo.models import build_model
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import prunekit
-from prunekit import io, masking
-from prunekit.models import build_model
+from prunekit.apply import masking
+from prunekit.deploy import io
+from prunekit.zoo.models import build_model
 
 
 def small_model(seed=0):

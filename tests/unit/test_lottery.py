@@ -7,11 +7,10 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit import masking
-from prunekit.data import TensorLoader
-from prunekit.finetune import Callback
-from prunekit.lottery import (LotteryRecord, LotteryRound, capture_state, imp_schedule, lottery_ticket,
-                              rewind_to)
+from prunekit.apply import masking
+from prunekit.train.loop import Callback
+from prunekit.train.lottery import LotteryRecord, LotteryRound, capture_state, imp_schedule, lottery_ticket, rewind_to
+from prunekit.zoo.data import TensorLoader
 
 TRAIN = {"lr": 0.05, "lr_schedule": "constant", "momentum": 0.9}
 
@@ -85,7 +84,7 @@ def test_rewind_to_init_and_sparsity_follows_the_schedule():
     for a, b in zip(res.plans, res.plans[1:]):
         for name in a.tensors:
             assert not torch.any(b.tensors[name].keep_mask() & ~a.tensors[name].keep_mask())
-    assert prunekit.global_sparsity(res.model, ["1.weight", "3.weight"]) == pytest.approx(0.875, abs=1 / n)
+    assert prunekit.apply.global_sparsity(res.model, ["1.weight", "3.weight"]) == pytest.approx(0.875, abs=1 / n)
     assert all(masking.masks(res.model)[k].equal(res.plans[-1].tensors[k].keep_mask()) for k in res.plans[-1].tensors)
 
 

@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import prunekit
-from prunekit import masking
+from prunekit.apply import masking
 
 
 def test_masked_model_has_no_hooks_or_parametrizations(cnn):
@@ -28,8 +28,8 @@ def test_deepcopy_keeps_masks_and_outputs(cnn):
     twin = copy.deepcopy(cnn)
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(cnn(x), twin(x))
-    for name, keep in prunekit.masks(cnn).items():
-        assert torch.equal(keep, prunekit.masks(twin)[name])
+    for name, keep in prunekit.apply.masks(cnn).items():
+        assert torch.equal(keep, prunekit.apply.masks(twin)[name])
 
 
 def test_state_dict_round_trip_into_fresh_model(mlp, mlp_factory):
@@ -40,7 +40,7 @@ def test_state_dict_round_trip_into_fresh_model(mlp, mlp_factory):
     masking.load_state_dict(fresh, sd)
     x = torch.randn(4, 64)
     assert torch.equal(fresh(x), mlp(x))
-    assert prunekit.masks(fresh).keys() == prunekit.masks(mlp).keys()
+    assert prunekit.apply.masks(fresh).keys() == prunekit.apply.masks(mlp).keys()
     # and plain load_state_dict into an already masked model works too
     other = copy.deepcopy(fresh)
     other.load_state_dict(sd)
@@ -100,7 +100,7 @@ def test_training_flag_is_never_changed(mlp, mlp_factory):
         prunekit.prune(m, 0.5, scope="global")
         prunekit.plan_pruning(m, 0.7)
         masking.enforce(m)
-        prunekit.masks(m)
+        prunekit.apply.masks(m)
         assert m.training is mode and all(sub.training is mode for sub in m.modules())
 
 
@@ -108,7 +108,7 @@ def test_model_pruned_by_torch_is_refused_clearly(mlp, mlp_factory):
     plan = prunekit.plan_pruning(mlp_factory(), 0.5)
     torch_prune.l1_unstructured(mlp[1], "weight", 0.5)
     with pytest.raises(ValueError, match="torch.nn.utils.prune.remove"):
-        prunekit.apply(mlp, plan)
+        prunekit.apply_plan(mlp, plan)
     with pytest.raises(ValueError, match="torch.nn.utils.prune.remove"):
         prunekit.prune(mlp, 0.5)
 
@@ -117,22 +117,30 @@ def test_plan_for_wrong_shape_is_refused_before_any_change(mlp):
     plan = prunekit.plan_pruning(nn.Sequential(nn.Flatten(), nn.Linear(64, 33), nn.Linear(33, 2)), 0.5)
     before = mlp[1].weight.detach().clone()
     with pytest.raises(ValueError, match="shape"):
-        prunekit.apply(mlp, plan)
+        prunekit.apply_plan(mlp, plan)
     assert torch.equal(before, mlp[1].weight) and not masking.is_masked(mlp)
 
 
-def test_masked_model_runs_at_dense_speed():
-    # the forward path is the plain module's: compare against an identical unmasked copy
+def test_masked_model_runs_the_plain_forward_path():
+    # why masked models run at dense speed (benchmarks/masked_latency.py measures it): no hooks, no
+    # reparametrisation, plain Parameters holding exact zeros, masks as 1-bit buffers only
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
     plain = copy.deepcopy(m)
     prunekit.prune(m, 0.9, scope="global")
+    for mod, ref in zip(m.modules(), plain.modules()):
+        assert type(mod) is type(ref)
+        assert not (mod._forward_hooks or mod._forward_pre_hooks or getattr(mod, "parametrizations", None))
+        assert "forward" not in vars(mod)
+    for name, p in m.named_parameters():
+        assert type(p) is nn.Parameter, name
+    for name, keep in masking.masks(m).items():
+        w = m.get_parameter(name)
+        assert torch.equal(w[~keep], torch.zeros_like(w[~keep]))
+        buf = m.get_buffer(name + masking.MASK_SUFFIX)
+        assert buf.dtype == torch.uint8 and buf.numel() == (w.numel() + 7) // 8
     x = torch.randn(8, 256)
-    from prunekit.metrics import measure_latency
-
-    times = {"plain": [], "masked": []}
-    for _ in range(5):  # alternate so machine noise hits both equally
-        times["plain"].append(measure_latency(plain, x, repeats=50)["median_ms"])
-        times["masked"].append(measure_latency(m, x, repeats=50)["median_ms"])
-    ratio = sorted(times["masked"])[2] / sorted(times["plain"])[2]
-    assert ratio < 1.25, times  # generous for noisy CI; the benchmark measures the real ratio
+    with torch.no_grad():
+        for name, keep in masking.masks(m).items():
+            plain.get_parameter(name).mul_(keep)
+    assert torch.allclose(m(x), plain(x), atol=1e-6)  # the same function as a plain model with zeroed weights

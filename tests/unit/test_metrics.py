@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from prunekit.metrics import (
+from prunekit.analysis.metrics import (
     count_macs,
     count_parameters,
     evaluate,
@@ -190,7 +190,7 @@ def test_format_table():
 
 
 def test_multihead_attention_macs_are_counted():
-    from prunekit.metrics import count_macs
+    from prunekit.analysis.metrics import count_macs
 
     n, seq, e = 2, 10, 64
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit import models
+from prunekit.zoo import models
 
 
 def _n_params(model: nn.Module) -> int:
@@ -132,7 +132,7 @@ def test_unknown_model_lists_known():
 @pytest.mark.parametrize("name,kwargs", [("resnet18_cifar", {"widths": [8, 16, 32, 64]}),
                                          ("mobilenetv2_cifar", {"stem": 8, "last": 64})])
 def test_cifar_reference_nets(name, kwargs):
-    from prunekit.models import build_model, model_spec
+    from prunekit.zoo.models import build_model, model_spec
 
     model = build_model(name, num_classes=7, **kwargs).eval()
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)

@@ -6,12 +6,11 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load as st_load, save as st_save
 from torch import nn
 
-from prunekit import native, sparse
-from prunekit.sparse import SparseLinear, csr_parts, to_sparse
+from prunekit.deploy import native, sparse
+from prunekit.deploy.sparse import SparseLinear, csr_parts, to_sparse
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"no native kernel: {native.unavailable_reason()}")
 
@@ -215,8 +214,8 @@ def test_to_sparse_sets_the_native_rule_from_the_ladder(fake_ladder):
 
 def test_saving_a_converted_model_keeps_the_masked_weights(tmp_path):
     import prunekit
-    from prunekit import io as pio
-    from prunekit.models import build_model
+    from prunekit.deploy import io as pio
+    from prunekit.zoo.models import build_model
 
     model = build_model("lenet300")
     prunekit.prune(model, 0.9, include_classifier=True)

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 import prunekit
+from prunekit.analysis.nm_check import validate_nm
 from prunekit.criteria import calibrate
-from prunekit.data import TensorLoader
-from prunekit.nm import check_nm, max_nonzeros, nm_pattern, validate_nm
-from prunekit.sparsegpt import sparsegpt_prune
-
+from prunekit.pruners.sparsegpt import sparsegpt_prune
+from prunekit.select.nm import check_nm, max_nonzeros, nm_pattern
+from prunekit.zoo.data import TensorLoader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,7 +23,7 @@ def test_check_nm_counts_non_zeros_per_group_of_m_along_the_input_dim():
     assert check_nm(t, 4, 8) and not check_nm(t, 3, 8)
     assert not check_nm(t, 2, 3)                  # 8 is not a multiple of 3: no N:3 claim
     assert check_nm(t.T, 2, 4, dim=0) and not check_nm(t.T, 2, 4)  # transposed: (8, 2), last dim of 2
-    with pytest.raises(ValueError, match="0 <= n < m"):
+    with pytest.raises(ValueError, match="0 < N < M"):
         check_nm(t, 4, 4)
 
 
@@ -43,7 +43,7 @@ def test_nm_pattern_reports_the_tightest_pattern():
     assert nm_pattern(one_eight) == (1, 8)         # sparser than 1:4, which it also satisfies
     assert nm_pattern(torch.ones(3, 16)) is None   # dense
     assert nm_pattern(torch.ones(3, 6)) is None    # no M in (4, 8, ...) divides 6
-    assert nm_pattern(torch.zeros(2, 8)) == (0, 4)
+    assert nm_pattern(torch.zeros(2, 8)) == (1, 8)    # all zero: every 1:M holds (N >= 1, the one N:M rule)
 
 
 def test_validate_nm_lists_offending_tensors_with_the_reason(mlp):
@@ -71,10 +71,10 @@ def _loader(n=32, seed=0):
 def _prune_nm(model, criterion, nm, include=None):
     loader = _loader()
     if criterion == "sparsegpt":
-        return sparsegpt_prune(model, loader, nm=nm, names=prunekit.select_targets(model, include=include))
+        return sparsegpt_prune(model, loader, nm=nm, names=prunekit.targets.select_targets(model, include=include))
     stats = None
     if criterion in ("taylor", "wanda"):
-        stats = calibrate(criterion, model, loader, prunekit.select_targets(model, include=include))
+        stats = calibrate(criterion, model, loader, prunekit.targets.select_targets(model, include=include))
     return prunekit.prune(model, pattern="nm", nm=nm, criterion=criterion, include=include, stats=stats)
 
 
@@ -86,7 +86,7 @@ def test_every_criterion_produces_valid_nm(mlp_factory, criterion, nm):
     n, m = nm
     assert set(plan.tensors) == {"1.weight", "3.weight"}
     assert validate_nm(model, n, m) == {}
-    for name, keep in prunekit.masks(model).items():
+    for name, keep in prunekit.apply.masks(model).items():
         assert (keep.reshape(-1, m).sum(1) == n).all(), name      # exactly N kept per group
         assert nm_pattern(dict(model.named_parameters())[name]) is not None
 
@@ -101,8 +101,8 @@ def test_nm_on_convolutions(cnn_factory, criterion):
 def test_nm_keeps_weights_pruned_before(mlp):
     before = copy.deepcopy(mlp)
     prunekit.prune(mlp, 0.9, include="1")
-    old = prunekit.masks(mlp)["1.weight"]
+    old = prunekit.apply.masks(mlp)["1.weight"]
     prunekit.prune(mlp, pattern="nm", nm=(2, 4), include="1", criterion="l1")
-    new = prunekit.masks(mlp)["1.weight"]
+    new = prunekit.apply.masks(mlp)["1.weight"]
     assert not (new & ~old).any() and check_nm(mlp[1].weight, 2, 4)
     assert validate_nm(before, 2, 4, names=["1.weight"])          # the untouched copy is dense

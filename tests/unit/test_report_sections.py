@@ -6,11 +6,11 @@ import re
 
 import pytest
 
+from prunekit.analysis.sensitivity import SensitivityResult
 from prunekit.cli.__main__ import main
-from prunekit.lottery import LotteryRecord, LotteryRound
 from prunekit.report import build_report
 from prunekit.report.runs import collect_run
-from prunekit.sensitivity import SensitivityResult
+from prunekit.train.lottery import LotteryRecord, LotteryRound
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LAYERS = ["fc1.weight", "fc2.weight"]

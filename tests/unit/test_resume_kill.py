@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunekit.compress import unpack_bits
-from prunekit.finetune import read_checkpoint
+from prunekit.deploy.compress import unpack_bits
+from prunekit.train.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.slow  # three processes, then one: ~10 s on 2 idle cores
 

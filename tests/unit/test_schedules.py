@@ -1,6 +1,6 @@
 import pytest
 
-from prunekit.schedules import SCHEDULES, change_points, cubic, linear, make_schedule, oneshot
+from prunekit.train.schedules import SCHEDULES, change_points, cubic, linear, make_schedule, oneshot
 
 
 def test_oneshot():

@@ -5,7 +5,9 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.plan import Plan, TensorPlan, resolve_amount, select
+from prunekit.plan import Plan, TensorPlan
+from prunekit.select.amount import resolve_amount
+from prunekit.select.ranking import select
 
 
 def _zeros(model, name):
@@ -170,8 +172,8 @@ def test_plan_applies_to_another_copy(mlp, mlp_factory):
     plan = prunekit.plan_pruning(mlp, 0.6, scope="global")
     assert (mlp[1].weight != 0).all()  # planning alone changes nothing
     other = mlp_factory()
-    prunekit.apply(other, Plan.from_json(plan.to_json()))
-    prunekit.apply(mlp, plan)
+    prunekit.apply_plan(other, Plan.from_json(plan.to_json()))
+    prunekit.apply_plan(mlp, plan)
     x = torch.randn(3, 64)
     assert torch.equal(other(x), mlp(x))
 
@@ -181,7 +183,7 @@ def test_same_seed_same_masks_different_seed_different(mlp_factory):
     for seed in (5, 5, 6):
         m = mlp_factory()
         prunekit.prune(m, 0.5, criterion="random", seed=seed, scope="global")
-        masks.append(prunekit.masks(m)["1.weight"])
+        masks.append(prunekit.apply.masks(m)["1.weight"])
     assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
 
 

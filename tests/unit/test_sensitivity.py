@@ -7,10 +7,12 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit import masking, sensitivity
-from prunekit.data import TensorLoader
-from prunekit.metrics import evaluate
-from prunekit.sensitivity import SensitivityResult, allocation_plan, analyze, apply_allocation
+from prunekit.analysis import sensitivity
+from prunekit.analysis.metrics import evaluate
+from prunekit.analysis.sensitivity import SensitivityResult, allocation_plan, analyze, apply_allocation
+from prunekit.apply import masking
+from prunekit.report.figures import sensitivity_curves
+from prunekit.zoo.data import TensorLoader
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -197,7 +199,7 @@ def test_json_round_trip_and_plot(tmp_path):
     assert again == res
     res.save(tmp_path / "s.json")
     assert SensitivityResult.load(tmp_path / "s.json") == res
-    path = res.plot(tmp_path / "figs" / "s.png", allocation=res.allocate(0.4, min_keep=0.0))
+    path = sensitivity_curves(res.to_dict(), tmp_path / "figs" / "s.png", res.allocate(0.4, min_keep=0.0))
     assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
     with pytest.raises(ValueError, match="sensitivity"):
         SensitivityResult.from_json('{"format": "prunekit.plan/1"}')
@@ -237,9 +239,9 @@ def test_apply_allocation_prunes_each_layer_by_its_own_amount():
     params = dict(net.named_parameters())
     for name, s in alloc.items():
         n = params[name].numel()
-        assert prunekit.global_sparsity(net, [name]) == pytest.approx(s, abs=1.0 / n + 1e-9)
+        assert prunekit.apply.global_sparsity(net, [name]) == pytest.approx(s, abs=1.0 / n + 1e-9)
         assert plan.tensors[name].pruned_units == int((params[name] == 0).sum())
-    assert prunekit.global_sparsity(net, list(alloc)) == pytest.approx(0.75, abs=len(alloc) / 300)
+    assert prunekit.apply.global_sparsity(net, list(alloc)) == pytest.approx(0.75, abs=len(alloc) / 300)
     with pytest.raises(KeyError):
         apply_allocation(net, {"nope.weight": 0.5})
 

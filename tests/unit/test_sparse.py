@@ -5,13 +5,13 @@ import io as _io
 
 import pytest
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load as st_load, save as st_save
 from torch import nn
 
 import prunekit
-from prunekit import masking, sparse
-from prunekit.sparse import SparseConv2d, SparseLinear, csr_parts, to_dense, to_sparse
+from prunekit.apply import masking
+from prunekit.deploy import sparse
+from prunekit.deploy.sparse import SparseConv2d, SparseLinear, csr_parts, to_dense, to_sparse
 
 ATOL = 1e-5
 

@@ -6,11 +6,10 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit import masking
+from prunekit.apply import masking
 from prunekit.criteria import calibrate
-from prunekit.nm import check_nm
-from prunekit.sparsegpt import _record_calls, obs_prune, sparsegpt_prune
-
+from prunekit.pruners.sparsegpt import _record_calls, obs_prune, sparsegpt_prune
+from prunekit.select.nm import check_nm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,9 +140,9 @@ def test_layers_are_pruned_in_order_on_inputs_of_the_already_pruned_model():
     w2, k2, _ = obs_prune(ref[2].weight, _hessian(h2), 0.5)
     torch.testing.assert_close(model[0].weight, w0, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(model[2].weight, w2, rtol=1e-4, atol=1e-5)
-    masks = prunekit.masks(model)
+    masks = prunekit.apply.masks(model)
     assert torch.equal(masks["0.weight"], k0) and torch.equal(masks["2.weight"], k2)
-    assert prunekit.global_sparsity(model, ["0.weight", "2.weight"]) == 0.5
+    assert prunekit.apply.global_sparsity(model, ["0.weight", "2.weight"]) == 0.5
     assert plan.meta["criterion"] == "sparsegpt" and set(plan.meta["obs_loss"]) == {"0.weight", "2.weight"}
 
 
@@ -177,7 +176,7 @@ def test_layers_reading_the_same_tensor_share_one_pass():
     assert groups == [["q.weight", "k.weight"], ["o.weight"], ["shared.weight"]]
     assert count["shared.weight"] == 2
     sparsegpt_prune(model, [torch.randn(4, 8)], 0.5, names=list(count))
-    assert prunekit.global_sparsity(model, list(count)) == 0.5
+    assert prunekit.apply.global_sparsity(model, list(count)) == 0.5
 
 
 def test_failures_leave_the_model_untouched():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from prunekit import textdata as T
+from prunekit.zoo import textdata as T
 
 
 def test_sentences_are_deterministic_distinct_and_seeded():

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-import prunekit.threshold as T
-from prunekit.compress import unpack_bits
-from prunekit.threshold import Elementwise, kth_smallest, masks_from_threshold
+import prunekit.select.threshold as T
+from prunekit.deploy.compress import unpack_bits
+from prunekit.select.threshold import Elementwise, kth_smallest, masks_from_threshold
 
 
 def _sources(tensors):

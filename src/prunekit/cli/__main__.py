@@ -11,6 +11,8 @@ import logging
 import sys
 from typing import List, Optional
 
+from prunekit.errors import PrunekitError
+
 # command name -> module under prunekit.cli (one line each, imported when the parser is built)
 COMMANDS = {
     "demo": "demo",
@@ -23,6 +25,16 @@ COMMANDS = {
     "advise": "advise",
     "lottery": "lottery",
 }
+
+
+# A user's mistakes: prunekit's own errors (PrunekitError, UnknownNameError included) and a path that is not
+# there. They print as one line and exit 2 (argparse's own errors exit 2 too). Anything else is a bug: it
+# propagates with its traceback.
+USER_ERRORS = (PrunekitError, FileNotFoundError)
+
+def is_user_error(e: BaseException) -> bool:
+    """True for the exceptions the CLI prints as one line (USER_ERRORS); anything else is a bug."""
+    return isinstance(e, USER_ERRORS)
 
 
 def _command(name: str):
@@ -48,12 +60,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return _command(args.command).run(args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-        # user errors: one clear line, not a traceback (use -v to see where it came from)
-        if args.verbose:
+    except Exception as e:
+        # a user's mistake: one clear line, not a traceback (use -v to see where it came from); a bug: re-raised
+        if args.verbose or not is_user_error(e):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"prunekit {args.command}: error: {msg}", file=sys.stderr)
+        print(f"prunekit {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

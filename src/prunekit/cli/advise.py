@@ -14,10 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List
 
-from ._common import apply_quick
-from .prune import FLAGS, resolve_config
+from prunekit.advise import DEFAULT_CANDIDATES, KINDS, TARGETS
+from prunekit.cli._common import apply_quick, listed
+from prunekit.cli.prune import FLAGS, flag_help, resolve_config
+from prunekit.errors import PrunekitError
 
-HELP = "measure pruning strategies on this machine and recommend one for a target: cpu, gpu or sparse"
+HELP = f"measure pruning strategies on this machine and recommend one for a target: {listed(TARGETS)}"
 
 # the flags of `prunekit prune` that say which model and data: the rest concern pruning methods
 SHARED = ("model", "checkpoint", "data", "seed", "batch-size", "limit-train", "limit-test", "dense-epochs")
@@ -25,12 +27,10 @@ QUICK = {"limit_train": 1000, "limit_test": 300, "dense_epochs": 1}  # argparse 
 
 
 def add_arguments(p) -> None:
-    from ..advise import TARGETS
-
     p.add_argument("--recipe", help="a `prunekit prune` YAML recipe (model, data, dense training); flags override")
     for flag in SHARED:
-        _, typ, help_ = FLAGS[flag]
-        p.add_argument(f"--{flag}", type=typ, help=help_)
+        _, typ, _ = FLAGS[flag]
+        p.add_argument(f"--{flag}", type=typ, help=flag_help(flag))
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any recipe field, as for `prunekit prune` (value parsed as YAML; repeatable)")
     p.add_argument("--target", default="cpu", choices=TARGETS,
@@ -40,8 +40,9 @@ def add_arguments(p) -> None:
                    help="largest accuracy drop allowed, in percentage points (default 1.0)")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes to time; the first ranks (default 1)")
     p.add_argument("--threads", type=int, help="torch threads while timing (default: as is)")
-    p.add_argument("--candidates", help="comma-separated, e.g. dense,structured:0.5,unstructured:0.9,nm:2:4 "
-                                        "(default: dense, structured 25/50/75%%, unstructured 50/80/90/95%%, 2:4)")
+    p.add_argument("--candidates", help=f"comma-separated KIND[:AMOUNT] with KIND one of {listed(KINDS)}, e.g. "
+                                        f"dense,structured:0.5,unstructured:0.9,nm:2:4 (default: "
+                                        f"{listed(DEFAULT_CANDIDATES)})")
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="recovery fine-tune of every pruned candidate, masks fixed (default 0)")
     p.add_argument("--finetune-lr", type=float, default=0.01, help="learning rate of that fine-tune (default 0.01)")
@@ -61,41 +62,41 @@ def _parse_batches(text: str) -> List[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--batch {text!r} must be comma-separated positive ints, e.g. 1,256") from None
+        raise PrunekitError(f"--batch {text!r} must be comma-separated positive ints, e.g. 1,256") from None
     if not values or any(v < 1 for v in values):
-        raise ValueError(f"--batch {text!r}: every batch size must be >= 1")
+        raise PrunekitError(f"--batch {text!r}: every batch size must be >= 1")
     return values
 
 
 def _settings(args) -> Dict[str, Any]:
     """Resolve and check everything before any data is loaded or model trained."""
-    from ..advise import _parse_all, _where
+    from prunekit.advise import check_candidates, check_target
 
     apply_quick(args, QUICK)   # as if these flags were given, unless they were
     config = resolve_config(args)
     candidates = None if args.candidates is None else [c.strip() for c in args.candidates.split(",") if c.strip()]
-    _parse_all(candidates)
-    _where(args.target, args.allow_proxy, None)  # no GPU for --target gpu: say so before training anything
+    check_candidates(candidates)
+    check_target(args.target, args.allow_proxy, None)  # no GPU for --target gpu: say so before training anything
     if args.budget < 0:
-        raise ValueError(f"--budget {args.budget} must be >= 0 (percentage points)")
+        raise PrunekitError(f"--budget {args.budget} must be >= 0 (percentage points)")
     for flag, value, low in (("--finetune-epochs", args.finetune_epochs, 0), ("--repeat", args.repeat, 1),
                              ("--threads", args.threads, 1)):
         if value is not None and value < low:
-            raise ValueError(f"{flag} {value} must be >= {low}")
+            raise PrunekitError(f"{flag} {value} must be >= {low}")
     return {"config": config, "candidates": candidates, "batches": _parse_batches(args.batch)}
 
 
 def run(args) -> int:
-    from ..advise import advise
-    from ..data import get_loaders
-    from .sensitivity import _dense
+    from prunekit.advise import advise
+    from prunekit.cli.sensitivity import dense_for
+    from prunekit.zoo.data import get_loaders
 
     s = _settings(args)
     config = s["config"]
     progress = False if args.no_progress else None
     train, test, info = get_loaders(config["data"], batch_size=config["batch_size"], seed=config["seed"],
                                     limit_train=config["limit_train"], limit_test=config["limit_test"])
-    model = _dense(config, train, test, info, progress)
+    model = dense_for(config, train, test, info, progress)
     example = next(iter(test))[0][: s["batches"][0]]  # real images (larger batches repeat them)
     advice = advise(model, example, target=args.target, budget_pp=args.budget,
                     eval_loader=test, candidates=s["candidates"], batch=s["batches"],

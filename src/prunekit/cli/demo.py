@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
-from ._common import print_summary, write_run
+from prunekit.cli._common import check_data, check_model, dataset_names, listed, model_names, print_summary, write_run
 
 HELP = "train (or reuse) a dense LeNet on MNIST, compare pruning methods, write a report"
 
@@ -51,8 +51,9 @@ DENSE = {"epochs": 40, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "lr_sch
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="lenet300", help="built-in model: lenet300 (default), lenet5, vgg_small, mlp")
-    p.add_argument("--data", default="mnist", help="mnist (default), digits, or idx:<dir with IDX files>")
+    p.add_argument("--model", default="lenet300", help=f"built-in model: {listed(model_names(), 'lenet300')}")
+    p.add_argument("--data", default="mnist", help=f"dataset: {listed(dataset_names(), 'mnist')} "
+                                                   "(idx: a folder of IDX files)")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="seed: the same seed gives the same masks")
     p.add_argument("--quick", action="store_true", help="a tiny setting (subset of data, few epochs) for tests")
@@ -75,8 +76,10 @@ def demo_config(args) -> Dict[str, Any]:
 
 
 def run(args) -> int:
-    from ..experiment import run_experiment
+    from prunekit.experiment import run_experiment
 
+    check_model(args.model)
+    check_data(args.data)
     t0 = time.perf_counter()
     config = demo_config(args)
     results, heatmaps, _ = run_experiment(config, progress=False if args.no_progress else None)

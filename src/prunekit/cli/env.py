@@ -11,7 +11,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..experiment import env_info
+    from prunekit.experiment import env_info
 
     info = env_info()
     if args.json:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 
+from prunekit.cli._common import check_data, dataset_names, listed
+
 HELP = "evaluate a saved prunekit model folder: accuracy, params, MACs, size, latency"
 
 
 def add_arguments(p) -> None:
     p.add_argument("model", help="a model folder written by prunekit (e.g. runs/prune/model)")
-    p.add_argument("--data", default="mnist", help="mnist (default), digits or idx:<dir>")
+    p.add_argument("--data", default="mnist", help=f"dataset: {listed(dataset_names(), 'mnist')}")
     p.add_argument("--limit-test", type=int, help="use only this many test examples")
     p.add_argument("--batch", type=int, default=1, help="batch size of the latency measurement")
     p.add_argument("--threads", type=int, help="torch threads for the latency measurement")
@@ -18,10 +20,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .. import io
-    from ..data import example_batch, get_loaders
-    from ..metrics import format_table, summarize
+    from prunekit.analysis.metrics import format_table, summarize
+    from prunekit.deploy import io
+    from prunekit.zoo.data import example_batch, get_loaders
 
+    check_data(args.data)
     model = io.load(args.model)
     _, test, info = get_loaders(args.data, seed=args.seed, limit_test=args.limit_test, limit_train=1)
     res = summarize(model, example_batch(info, 1), test, batch=args.batch, threads=args.threads)

@@ -5,6 +5,10 @@ import inspect
 import json
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+from prunekit.cli._common import check_data, dataset_names, listed
+from prunekit.deploy.export import EXPORTERS
+from prunekit.errors import PrunekitError
+
 HELP = "export a saved prunekit model folder to ONNX, verified with onnxruntime (max diff, size, latency)"
 
 # built-in model name -> input shape (without batch) from its constructor arguments; the CNNs for CIFAR
@@ -26,10 +30,10 @@ def add_arguments(p) -> None:
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, 20 with torch 2.13)")
     p.add_argument("--input-shape", help="input shape without the batch, e.g. 1,28,28 (default: from the "
                    "model's spec, or from --data)")
-    p.add_argument("--data", help="take the input shape and the example batch from this dataset "
-                   "(mnist, digits or idx:<dir>)")
-    p.add_argument("--exporter", default="auto", choices=("auto", "dynamo", "torchscript"),
-                   help="auto (default: dynamo, falling back to torchscript), dynamo or torchscript")
+    p.add_argument("--data", help=f"take the input shape and the example batch from this dataset "
+                   f"({listed(dataset_names())})")
+    p.add_argument("--exporter", default="auto", choices=EXPORTERS,
+                   help=f"{listed(EXPORTERS, 'auto')} (auto: dynamo, falling back to torchscript)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch size in the graph (default: dynamic)")
     p.add_argument("--threads", type=int, default=1, help="threads for the latency measurements (default 1)")
     p.add_argument("--repeat", type=int, default=20, help="timed runs per latency (median; default 20)")
@@ -43,18 +47,18 @@ def parse_shape(text: str) -> Tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or any(d < 1 for d in shape):
-        raise ValueError(f"--input-shape {text!r} must be positive integers separated by commas, e.g. 1,28,28")
+        raise PrunekitError(f"--input-shape {text!r} must be positive integers separated by commas, e.g. 1,28,28")
     return shape
 
 
 def spec_input_shape(spec: Optional[Dict[str, Any]]) -> Tuple[int, ...]:
     """Input shape (without batch) of a built-in model from its recorded spec and constructor defaults."""
-    from ..models import MODELS
+    from prunekit.zoo.models import MODELS
 
     name = (spec or {}).get("name")
     if name not in _SHAPES:
-        raise ValueError(f"cannot tell the input shape of model {name!r} (shapes are known for "
-                         f"{', '.join(_SHAPES)}); pass --input-shape, e.g. --input-shape 3,32,32, or --data")
+        raise PrunekitError(f"cannot tell the input shape of model {name!r} (shapes are known for "
+                            f"{', '.join(_SHAPES)}); pass --input-shape, e.g. --input-shape 3,32,32, or --data")
     params = inspect.signature(MODELS.get(name)).parameters
     kwargs = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
     kwargs.update(spec.get("kwargs", {}))
@@ -65,11 +69,12 @@ def _example(args, spec) -> Any:
     import torch
 
     if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+        raise PrunekitError(f"--batch must be >= 1, got {args.batch}")
     if args.input_shape:
         shape = parse_shape(args.input_shape)
     elif args.data:
-        from ..data import get_loaders
+        from prunekit.zoo.data import get_loaders
+        check_data(args.data)
         _, test, _ = get_loaders(args.data, seed=args.seed, limit_train=1, limit_test=args.batch)
         x = next(iter(test))[0]  # real examples: activations in their usual range
         return x[torch.arange(args.batch) % len(x)]
@@ -102,12 +107,12 @@ def _print(row: Dict[str, Any], shape: Sequence[int]) -> None:
 def run(args) -> int:
     import sys
 
-    from .. import io
-    from ..export import ExportError, export_onnx, onnx_latency
-    from ..metrics import measure_latency
+    from prunekit.analysis.metrics import measure_latency
+    from prunekit.deploy import io
+    from prunekit.deploy.export import ExportError, export_onnx, onnx_latency
 
     if args.threads < 1 or args.repeat < 1:
-        raise ValueError(f"--threads and --repeat must be >= 1, got {args.threads} and {args.repeat}")
+        raise PrunekitError(f"--threads and --repeat must be >= 1, got {args.threads} and {args.repeat}")
     try:
         model = io.load(args.model)
         x = _example(args, io.read_spec(args.model).get("model"))

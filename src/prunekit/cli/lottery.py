@@ -3,12 +3,12 @@
     prunekit lottery --model lenet300 --rounds 4 --final-sparsity 0.95 --rewind 200 --epochs 6 --out runs/lottery
 
 Trains a bundled model (``lenet300``, ``vgg_small``, ...) on a bundled dataset with
-:func:`prunekit.lottery.lottery_ticket`: round 0 trains the dense network, each
+:func:`prunekit.train.lottery.lottery_ticket`: round 0 trains the dense network, each
 later round prunes the surviving weights by global magnitude, rewinds them to
 ``--rewind`` (``init`` or an optimizer step of round 0) and trains again; in every
 round a copy with the same masks and a fresh random init is trained the same way
 (the control). Writes into ``--out``: ``lottery.json`` (every round's numbers,
-:class:`prunekit.lottery.LotteryRecord`), ``lottery.png`` (accuracy vs sparsity,
+:class:`prunekit.train.lottery.LotteryRecord`), ``lottery.png`` (accuracy vs sparsity,
 ticket vs control, dense dashed) and ``ticket/`` (the last round's ticket,
 :func:`prunekit.save`). ``prunekit report <out>`` renders it as HTML.
 """
@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Union
 
-from ._common import apply_quick
+from prunekit.cli._common import apply_quick, check_data, check_model, dataset_names, listed, model_names
+from prunekit.errors import PrunekitError
 
 HELP = "lottery tickets: iterative magnitude pruning with rewinding vs the same masks randomly re-initialised"
 
@@ -31,8 +32,9 @@ DEFAULTS = {"rounds": 4, "final_sparsity": 0.95, "epochs": 2}
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="lenet300", help="built-in model: lenet300 (default), vgg_small, lenet5, mlp")
-    p.add_argument("--data", default="mnist", help="mnist (default), digits, or idx:<dir with IDX files>")
+    p.add_argument("--model", default="lenet300", help=f"built-in model: {listed(model_names(), 'lenet300')}")
+    p.add_argument("--data", default="mnist", help=f"dataset: {listed(dataset_names(), 'mnist')} "
+                                                   "(idx: a folder of IDX files)")
     p.add_argument("--seed", type=int, default=0, help="seed of the ticket's init and of training (control: seed+1)")
     p.add_argument("--rounds", type=int, help=f"pruning rounds after the dense one (default {DEFAULTS['rounds']})")
     p.add_argument("--final-sparsity", type=float,
@@ -59,33 +61,33 @@ def _rewind(text: str) -> Union[str, int]:
     except ValueError:
         step = -1
     if step < 0:
-        raise ValueError(f"--rewind {text!r} must be 'init' or an optimizer step >= 0, e.g. 200")
+        raise PrunekitError(f"--rewind {text!r} must be 'init' or an optimizer step >= 0, e.g. 200")
     return step
 
 
 def _settings(args) -> Dict[str, Any]:
     """Resolve and check every flag before any data is loaded or model trained."""
-    from ..lottery import imp_schedule
-    from ..models import MODELS
+    from prunekit.train.lottery import imp_schedule
 
     apply_quick(args, QUICK)   # as if these flags were given, unless they were
     for dest, value in DEFAULTS.items():
         if getattr(args, dest) is None:
             setattr(args, dest, value)
-    MODELS.get(args.model)   # KeyError listing the known models
+    check_model(args.model)   # names the registered models
+    check_data(args.data)
     for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
                         ("--limit-train", args.limit_train), ("--limit-test", args.limit_test)):
         if value is not None and value < 1:
-            raise ValueError(f"{flag} {value} must be >= 1")
+            raise PrunekitError(f"{flag} {value} must be >= 1")
     if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr {args.lr} must be > 0")
+        raise PrunekitError(f"--lr {args.lr} must be > 0")
     schedule = imp_schedule(args.rounds, final_sparsity=args.final_sparsity)  # checks rounds and final sparsity
     return {"schedule": schedule, "rewind": _rewind(args.rewind), "train": {**TRAIN, "lr": args.lr}}
 
 
 def model_kwargs(name: str, info: Dict[str, Any]) -> Dict[str, Any]:
     """The input and output sizes a built-in model takes, from the dataset's ``info``."""
-    from ..models import MODELS
+    from prunekit.zoo.models import MODELS
 
     params = inspect.signature(MODELS.get(name)).parameters
     shape = tuple(info["input_shape"])   # (C, H, W)
@@ -95,11 +97,11 @@ def model_kwargs(name: str, info: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def run(args) -> int:
-    from .. import io
-    from ..data import get_loaders
-    from ..lottery import lottery_ticket
-    from ..models import build_model
-    from ..report.figures import lottery_curve
+    from prunekit.deploy import io
+    from prunekit.report.figures import lottery_curve
+    from prunekit.train.lottery import lottery_ticket
+    from prunekit.zoo.data import get_loaders
+    from prunekit.zoo.models import build_model
 
     s = _settings(args)
     t0 = time.perf_counter()
@@ -126,7 +128,7 @@ def run(args) -> int:
 
 
 def _print(record, out: Path) -> None:
-    from ..metrics import format_table
+    from prunekit.analysis.metrics import format_table
 
     dense = record.dense_accuracy
     rows = [{"round": 0, "sparsity": record.rounds[0].sparsity, "ticket_acc": dense}]

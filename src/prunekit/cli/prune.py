@@ -10,11 +10,26 @@ from __future__ import annotations
 import copy
 import shutil
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import yaml
 
-from ._common import print_summary, write_run
+from prunekit._util import check_choice
+from prunekit.cli._common import (
+    check_data,
+    check_model,
+    criterion_names,
+    dataset_names,
+    listed,
+    model_names,
+    print_summary,
+    write_run,
+)
+from prunekit.errors import PrunekitError
+from prunekit.experiment import KINDS
+from prunekit.select.ranking import PATTERNS
+from prunekit.spec import SCOPES
+from prunekit.train.loop import LR_SCHEDULES, OPTIMIZERS
 
 HELP = "prune a model from a YAML recipe and/or flags; save it, its plan, config and report"
 
@@ -31,22 +46,24 @@ DEFAULTS: Dict[str, Any] = {
     "save": {"compressed": True},
 }
 
-# flag -> (path in the recipe, type, help)
+# flag -> (path in the recipe, type, help); "{names}" in a help is filled in by flag_help() with the values the
+# flag takes (CHOICES), read from their registry when the parser is built
 FLAGS = {
-    "model": ("model", str, "built-in model name (lenet300, lenet5, vgg_small, mlp)"),
+    "model": ("model", str, "built-in model name: {names}"),
     "checkpoint": ("checkpoint", str, "a model folder saved by prunekit to prune instead of training one"),
-    "data": ("data", str, "mnist, digits or idx:<dir>"),
+    "data": ("data", str, "dataset: {names}"),
     "seed": ("seed", int, "seed: the same seed gives the same masks"),
     "batch-size": ("batch_size", int, "training batch size"),
     "limit-train": ("limit_train", int, "use only this many training examples"),
     "limit-test": ("limit_test", int, "use only this many test examples"),
     "dense-epochs": ("dense.epochs", int, "epochs to train the dense model (when no checkpoint)"),
-    "schedule": ("method.kind", str, "oneshot, gradual, iterative, or surgery (whole channels/neurons "
-                 "physically removed: a smaller, faster dense model)"),
+    "schedule": ("method.kind", str, "how to prune: {names} (surgery: whole channels/neurons physically "
+                 "removed, a smaller, faster dense model)"),
     "sparsity": ("method.sparsity", float, "target sparsity in [0, 1) (a list in the recipe for iterative)"),
-    "criterion": ("method.criterion", str, "l1, random, or a registered criterion"),
-    "scope": ("method.scope", str, "layer or global"),
-    "pattern": ("method.pattern", str, "unstructured, structured or nm"),
+    "criterion": ("method.criterion", str, "a registered criterion or whole-model pruner: {names}"),
+    "scope": ("method.scope", str, "where the sparsity is met: {names} (row: the same fraction of every "
+              "output row)"),
+    "pattern": ("method.pattern", str, "what is pruned: {names}"),
     "dim": ("method.dim", int, "structured: 0 = rows/output channels, 1 = columns/input channels"),
     "norm": ("method.norm", float, "structured: the Ln norm of each slice (1, 2, inf)"),
     "nm": ("method.nm", str, "N:M pattern, e.g. 2:4"),
@@ -55,10 +72,10 @@ FLAGS = {
     "min-keep": ("method.min_keep", float, "per-layer floor in global ranking (fraction, or count if >= 1)"),
     "epochs": ("finetune.epochs", int, "fine-tuning epochs after pruning"),
     "lr": ("finetune.lr", float, "fine-tuning learning rate"),
-    "optimizer": ("finetune.optimizer", str, "sgd, adam or adamw"),
+    "optimizer": ("finetune.optimizer", str, "fine-tuning optimizer: {names}"),
     "momentum": ("finetune.momentum", float, "SGD momentum"),
     "weight-decay": ("finetune.weight_decay", float, "weight decay"),
-    "lr-schedule": ("finetune.lr_schedule", str, "constant, cosine or linear"),
+    "lr-schedule": ("finetune.lr_schedule", str, "fine-tuning learning-rate schedule: {names}"),
     "checkpoint-every": ("finetune.checkpoint_every", int, "also checkpoint every N steps (mid-epoch); "
                          "continue a killed run with --resume"),
     "gradual-epochs": ("gradual.epochs", int, "gradual: total epochs of training"),
@@ -66,15 +83,37 @@ FLAGS = {
     "out": ("out", str, "output folder"),
 }
 REPEATABLE = {"include", "exclude"}
+# flag -> the values it takes, from the registry or tuple that defines them (called, never copied)
+CHOICES: Dict[str, Callable[[], Sequence[str]]] = {
+    "model": model_names,
+    "data": dataset_names,
+    "schedule": lambda: KINDS,
+    "criterion": criterion_names,
+    "scope": lambda: SCOPES,
+    "pattern": lambda: PATTERNS,
+    "optimizer": lambda: OPTIMIZERS,
+    "lr-schedule": lambda: LR_SCHEDULES,
+}
+
+
+def flag_help(flag: str, names: Sequence[str] = ()) -> str:
+    """The help of ``--flag``, listing the values it takes (``names``, or its CHOICES now), the default marked."""
+    path, _, text = FLAGS[flag]
+    if flag in CHOICES or names:
+        default: Any = DEFAULTS
+        for part in path.split("."):
+            default = default.get(part) if isinstance(default, dict) else None
+        text = text.format(names=listed(names or CHOICES[flag](), default if isinstance(default, str) else None))
+    return text
 
 
 def add_arguments(p) -> None:
     p.add_argument("--recipe", help="YAML recipe; flags override its fields")
-    for flag, (_, typ, help_) in FLAGS.items():
+    for flag, (_, typ, _) in FLAGS.items():
         if flag in REPEATABLE:
-            p.add_argument(f"--{flag}", action="append", help=help_)
+            p.add_argument(f"--{flag}", action="append", help=flag_help(flag))
         else:
-            p.add_argument(f"--{flag}", type=typ, help=help_)
+            p.add_argument(f"--{flag}", type=typ, help=flag_help(flag))
     p.add_argument("--include-classifier", action="store_true", default=None, help="also prune the last layer")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any recipe field, e.g. --set dense.lr=0.1 --set model_kwargs={hidden: [64]} "
@@ -97,12 +136,16 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any], where: str = "") -> Dict[
     for k, v in over.items():
         if where + k in FREE_FORM:
             if not isinstance(v, dict):
-                raise ValueError(f"recipe field {where + k!r} must be a mapping of keyword arguments")
+                raise PrunekitError(f"recipe field {where + k!r} must be a mapping of keyword arguments")
             out[k] = v
             continue
         if k not in base:
-            raise ValueError(f"unknown recipe field {where + k!r}; allowed: {', '.join(where + b for b in base)}")
-        out[k] = _merge(base[k], v, f"{where}{k}.") if isinstance(base[k], dict) and isinstance(v, dict) else v
+            raise PrunekitError(f"unknown recipe field {where + k!r}; allowed: {', '.join(where + b for b in base)}")
+        if isinstance(base[k], dict) != isinstance(v, dict):
+            raise PrunekitError(f"recipe field {where + k!r} must be "
+                                + (f"a mapping of {', '.join(base[k])}" if isinstance(base[k], dict)
+                                   else "a value, not a mapping"))
+        out[k] = _merge(base[k], v, f"{where}{k}.") if isinstance(v, dict) else v
     return out
 
 
@@ -120,8 +163,11 @@ def _set(config: Dict[str, Any], path: str, value: Any) -> None:
     node[leaf] = value
 
 
-def resolve_config(args) -> Dict[str, Any]:
-    """Defaults ← recipe ← flags; validated shape, ready for run_experiment."""
+def resolve_config(args, *, criteria: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Defaults ← recipe ← flags; validated shape and names, ready for run_experiment.
+
+    ``criteria``: the criterion names the command takes (default: every criterion and whole-model pruner).
+    """
     recipe: Dict[str, Any] = {}
     if args.recipe:
         path = Path(args.recipe)
@@ -129,7 +175,7 @@ def resolve_config(args) -> Dict[str, Any]:
             raise FileNotFoundError(f"recipe {path} not found")
         recipe = yaml.safe_load(path.read_text()) or {}
         if not isinstance(recipe, dict):
-            raise ValueError(f"recipe {path} must be a YAML mapping of fields")
+            raise PrunekitError(f"recipe {path} must be a YAML mapping of fields")
     config = _merge(DEFAULTS, recipe)
     for flag, (path, _, _) in FLAGS.items():
         value = getattr(args, flag.replace("-", "_"))
@@ -138,7 +184,7 @@ def resolve_config(args) -> Dict[str, Any]:
     for item in args.set:
         path, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"--set {item!r} must look like FIELD=VALUE, e.g. dense.lr=0.1")
+            raise PrunekitError(f"--set {item!r} must look like FIELD=VALUE, e.g. dense.lr=0.1")
         _merge(config, _nested(path.strip(), yaml.safe_load(raw)))  # validates the field name
         _set(config, path.strip(), yaml.safe_load(raw))
     if args.include_classifier:
@@ -147,7 +193,24 @@ def resolve_config(args) -> Dict[str, Any]:
         config["method"]["bias_correction"] = True
     if args.no_compress:
         config["save"]["compressed"] = False
+    check_config(config, criteria)
     return config
+
+
+def check_config(config: Dict[str, Any], criteria: Optional[Sequence[str]] = None) -> None:
+    """The named choices of a resolved config are ones prunekit has (registered now), before anything runs."""
+    if not config.get("checkpoint"):
+        check_model(config["model"])
+    check_data(config["data"])
+    m = config["method"]
+    check_choice(m["kind"], CHOICES["schedule"](), "schedule (method.kind)")
+    check_choice(m["criterion"], criterion_names() if criteria is None else criteria, "criterion")
+    check_choice(m["scope"], CHOICES["scope"](), "scope")
+    check_choice(m["pattern"], CHOICES["pattern"](), "pattern")
+    for section in ("dense", "finetune"):
+        for key, flag in (("optimizer", "optimizer"), ("lr_schedule", "lr-schedule")):
+            if key in config[section]:
+                check_choice(config[section][key], CHOICES[flag](), f"{section}.{key}")
 
 
 def _parse_nm(nm) -> list:
@@ -155,7 +218,7 @@ def _parse_nm(nm) -> list:
         try:
             n, m = (int(x) for x in nm.split(":"))
         except ValueError:
-            raise ValueError(f"nm={nm!r} must look like N:M, e.g. 2:4") from None
+            raise PrunekitError(f"nm={nm!r} must look like N:M, e.g. 2:4") from None
         return [n, m]
     return list(nm)
 
@@ -190,8 +253,8 @@ def to_method(config: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def run(args) -> int:
-    from .. import distributed as pkdist
-    from ..experiment import run_experiment
+    from prunekit.experiment import run_experiment
+    from prunekit.train import distributed as pkdist
 
     config = resolve_config(args)
     method = to_method(config)
@@ -216,8 +279,8 @@ def run(args) -> int:
 
 
 def _write_outputs(out: Path, config, method, results, heatmaps, models) -> None:
-    from .. import io
-    from ..api import current_plan
+    from prunekit.apply.masking import current_plan
+    from prunekit.deploy import io
 
     write_run(out, results, heatmaps, config)
     model = models[method["name"]]

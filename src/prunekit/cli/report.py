@@ -18,8 +18,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..report import build_report
-    from ..report.runs import collect_run
+    from prunekit.report import build_report
+    from prunekit.report.runs import collect_run
 
     src = Path(args.run)
     results, notes = collect_run(src)

@@ -17,8 +17,12 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List
 
-from ._common import apply_quick
-from .prune import FLAGS, resolve_config, to_method
+from prunekit._util import atomic_write_text, check_choice
+from prunekit.analysis.sensitivity import PATTERNS, WEIGHTS
+from prunekit.cli._common import apply_quick, listed
+from prunekit.cli.prune import FLAGS, flag_help, resolve_config, to_method
+from prunekit.criteria import CRITERIA
+from prunekit.errors import PrunekitError
 
 HELP = "per-layer sensitivity curves and per-layer sparsities that meet a global target with the least loss"
 
@@ -31,8 +35,14 @@ QUICK = {"limit_train": 1000, "limit_test": 300, "dense_epochs": 1}  # argparse 
 def add_arguments(p) -> None:
     p.add_argument("--recipe", help="a `prunekit prune` YAML recipe (model, data, dense training, method); "
                                     "flags override its fields")
+    own = {  # what these two take here differs from `prunekit prune` (no whole-model pruners, no N:M)
+        "criterion": f"a registered criterion: {listed(CRITERIA.names())} (whole-model pruners such as "
+                     "sparsegpt do not prune one layer alone)",
+        "pattern": f"what is pruned: {listed(PATTERNS)} (N:M fixes the sparsity: nothing to sweep)",
+    }
     for flag in SHARED:
-        _, typ, help_ = FLAGS[flag]
+        _, typ, _ = FLAGS[flag]
+        help_ = own.get(flag) or flag_help(flag)
         if flag in ("include", "exclude"):
             p.add_argument(f"--{flag}", action="append", help=help_)
         else:
@@ -45,11 +55,12 @@ def add_arguments(p) -> None:
     p.add_argument("--target", type=float, default=0.9,
                    help="global sparsity (fraction of the analysed layers' weights) to allocate (default 0.9)")
     p.add_argument("--metric", default="accuracy", choices=("accuracy", "loss"), help="what the curves measure")
-    p.add_argument("--weights", default="params", choices=("params", "uniform"),
+    p.add_argument("--weights", default="params", choices=WEIGHTS,
                    help="params: the target counts weights (default); uniform: the mean of the layer sparsities")
     p.add_argument("--eval-on", default="test", choices=("test", "train"),
                    help="which split the curves are measured on (default test; train keeps the test set unseen)")
-    p.add_argument("--eval-batches", type=int, help="evaluate on at most this many batches (test batches hold 1000 images)")
+    p.add_argument("--eval-batches", type=int,
+                   help="evaluate on at most this many batches (test batches hold 1000 images)")
     p.add_argument("--out", default="runs/sensitivity", help="output folder (default: runs/sensitivity)")
     p.add_argument("--quick", action="store_true", help="tiny setting for tests: 1000 train / 300 test images, "
                                                         "1 dense epoch (flags still override)")
@@ -65,33 +76,28 @@ def _parse_sparsities(text: str) -> List[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--sparsities {text!r} must be comma-separated fractions, e.g. 0.5,0.9") from None
+        raise PrunekitError(f"--sparsities {text!r} must be comma-separated fractions, e.g. 0.5,0.9") from None
     if not values or any(not 0.0 < v < 1.0 for v in values):
-        raise ValueError(f"--sparsities {text!r}: every value must be a fraction in (0, 1)")
+        raise PrunekitError(f"--sparsities {text!r}: every value must be a fraction in (0, 1)")
     return sorted(set(values))
 
 
 def _settings(args) -> Dict[str, Any]:
     """Resolve and check everything before any data is loaded or model trained."""
-    from ..criteria import get_criterion
-    from ..plan import _check_choice
-    from ..sensitivity import PATTERNS
-
     apply_quick(args, QUICK)   # as if these flags were given, unless they were
-    config = resolve_config(args)
+    config = resolve_config(args, criteria=CRITERIA.names())   # scoring criteria only: no whole-model pruners
     prune_kw = to_method(config)["prune"]
-    _check_choice(prune_kw["pattern"], PATTERNS, "pattern")
-    get_criterion(prune_kw["criterion"])
+    check_choice(prune_kw["pattern"], PATTERNS, "pattern")
     if not 0.0 <= args.target < 1.0:
-        raise ValueError(f"--target {args.target} must be a fraction in [0, 1)")
+        raise PrunekitError(f"--target {args.target} must be a fraction in [0, 1)")
     if args.eval_batches is not None and args.eval_batches < 1:
-        raise ValueError(f"--eval-batches {args.eval_batches} must be >= 1")
+        raise PrunekitError(f"--eval-batches {args.eval_batches} must be >= 1")
     return {"config": config, "prune": prune_kw, "sparsities": _parse_sparsities(args.sparsities)}
 
 
-def _dense(config: Dict[str, Any], train, test, info, progress):
-    from .. import io
-    from ..experiment import dense_model
+def dense_for(config: Dict[str, Any], train, test, info, progress):
+    from prunekit.deploy import io
+    from prunekit.experiment import dense_model
 
     if config.get("checkpoint"):
         return io.load(config["checkpoint"])
@@ -105,16 +111,16 @@ def _trial_options(model, names, prune_kw, train, bias_correction: bool) -> Dict
     ranking a trial uses: per output row for Wanda (its rule), per layer otherwise."""
     import itertools
 
-    from ..api import _data_aware
-    from ..criteria import calibrate
-    from ..experiment import CALIB_BATCHES
+    from prunekit.api import needs_data
+    from prunekit.criteria import calibrate
+    from prunekit.experiment import CALIB_BATCHES
 
     crit = prune_kw["criterion"]
     scope = "row" if crit == "wanda" and prune_kw["pattern"] == "unstructured" else "layer"
-    if not (_data_aware(crit) or bias_correction):
+    if not (needs_data(crit) or bias_correction):
         return {"stats": None, "scope": scope, "bias_correction": False}
     batches = list(itertools.islice(iter(train), CALIB_BATCHES))
-    stats = calibrate(crit if _data_aware(crit) else "input_mean", model, batches, names)
+    stats = calibrate(crit if needs_data(crit) else "input_mean", model, batches, names)
     if bias_correction and crit == "taylor":  # taylor's statistics hold no input means: add them
         for name, entry in calibrate("input_mean", model, batches, names).items():
             stats[name].update(entry)
@@ -123,8 +129,8 @@ def _trial_options(model, names, prune_kw, train, bias_correction: bool) -> Dict
 
 def _measured(model, alloc, prune_kw, target, score, trial) -> Dict[str, float]:
     """The metric with the allocation, and with the two usual one-number alternatives at the same target."""
-    from ..api import prune
-    from ..sensitivity import apply_allocation
+    from prunekit.analysis.sensitivity import apply_allocation
+    from prunekit.api import prune
 
     shape = {k: prune_kw[k] for k in ("pattern", "dim", "norm") if k in prune_kw}
     layers = {k: prune_kw[k] for k in ("include", "exclude", "include_classifier") if k in prune_kw}
@@ -143,16 +149,17 @@ def _measured(model, alloc, prune_kw, target, score, trial) -> Dict[str, float]:
 
 
 def run(args) -> int:
-    from ..api import select_targets
-    from ..data import get_loaders
-    from ..sensitivity import _evaluator, allocation_plan, analyze
+    from prunekit.analysis.sensitivity import allocation_plan, analyze, evaluator
+    from prunekit.report.figures import sensitivity_curves
+    from prunekit.targets import select_targets
+    from prunekit.zoo.data import get_loaders
 
     s = _settings(args)
     config, prune_kw = s["config"], s["prune"]
     progress = False if args.no_progress else None
     train, test, info = get_loaders(config["data"], batch_size=config["batch_size"], seed=config["seed"],
                                     limit_train=config["limit_train"], limit_test=config["limit_test"])
-    model = _dense(config, train, test, info, progress)
+    model = dense_for(config, train, test, info, progress)
     names = select_targets(model, **{k: prune_kw[k] for k in ("include", "exclude", "include_classifier")
                                      if k in prune_kw})
     shape = {k: prune_kw[k] for k in ("dim", "norm") if k in prune_kw}
@@ -162,12 +169,12 @@ def run(args) -> int:
                      pattern=prune_kw["pattern"], metric=args.metric, seed=config["seed"],
                      max_batches=args.eval_batches, progress=progress, **shape, **trial)
     alloc = result.allocate(args.target, min_keep=prune_kw["min_keep"], weights=args.weights)
-    score = _evaluator(loader, args.metric, args.eval_batches)
+    score = evaluator(loader, args.metric, args.eval_batches)
     measured = _measured(model, alloc, {**prune_kw, "seed": config["seed"]}, args.target, score, trial)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result.save(out / "sensitivity.json")
-    result.plot(out / "sensitivity.png", allocation=alloc)
+    sensitivity_curves(result.to_dict(), out / "sensitivity.png", alloc)
     allocation_plan(model, alloc, criterion=prune_kw["criterion"], pattern=prune_kw["pattern"],
                     seed=config["seed"], stats=trial["stats"], scope=trial["scope"], **shape).save(out / "plan.json")
     doc = {"format": "prunekit.allocation/1", "target": args.target, "weights": args.weights,
@@ -176,15 +183,13 @@ def run(args) -> int:
            "predicted_drop": result.predicted_drop(alloc), "measured": measured,
            "criterion": prune_kw["criterion"], "pattern": prune_kw["pattern"], "seed": config["seed"],
            "scope": trial["scope"], "bias_correction": trial["bias_correction"]}
-    tmp = out / "allocation.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
-    tmp.replace(out / "allocation.json")
+    atomic_write_text(out / "allocation.json", json.dumps(doc, indent=1, allow_nan=False))
     _print(result, alloc, doc, out)
     return 0
 
 
 def _print(result, alloc, doc, out: Path) -> None:
-    from ..metrics import format_table
+    from prunekit.analysis.metrics import format_table
 
     print(f"{result.metric} with each layer pruned alone (baseline {result.baseline:.4f}, "
           f"{result.meta['criterion']}, {result.meta['pattern']}):")

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ScoreContext, register_criterion
-from .calibrate import Stats, batch_target, register_collector, resolve_names
+from prunekit.criteria.base import ScoreContext, register_criterion
+from prunekit.criteria.stats import Stats, batch_target, register_collector, resolve_names
+from prunekit.errors import PrunekitError, UnknownNameError
 
 SUM, COUNT = "taylor_sum", "taylor_batches"
 
@@ -56,7 +57,7 @@ class TaylorCollector:
         self.params = {n: params[n] for n in self.names}
         bad = [n for n, p in self.params.items() if not p.is_floating_point()]
         if bad:
-            raise ValueError(f"taylor needs floating-point parameters; not: {', '.join(bad)}")
+            raise PrunekitError(f"taylor needs floating-point parameters; not: {', '.join(bad)}")
 
     def attach(self, stats: Stats) -> list:
         handles: list = [_Restore(self.params.values())]
@@ -84,13 +85,13 @@ class TaylorCollector:
         target = batch_target(batch)
         if loss_fn is None:
             if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-                raise ValueError("taylor needs a loss: batches of (x, y) for the default cross-entropy, "
+                raise PrunekitError("taylor needs a loss: batches of (x, y) for the default cross-entropy, "
                                  "or loss_fn(output, target)")
             loss = F.cross_entropy(out, target)
         else:
             loss = loss_fn(out, target)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+            raise PrunekitError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
         loss.backward()
         for p in model.parameters():  # the hooks already took what they need: keep memory flat
             p.grad = None
@@ -99,18 +100,18 @@ class TaylorCollector:
 def stats_entry(ctx: ScoreContext, kind: str, keys: Sequence[str]) -> dict:
     """The statistics of ``ctx.name``, with an error that says how to collect them."""
     if not all(k in ctx.stats for k in keys):
-        raise KeyError(f"{kind}: no statistics for {ctx.name!r}; collect them first "
+        raise UnknownNameError(f"{kind}: no statistics for {ctx.name!r}; collect them first "
                        f"(prunekit.criteria.collect({kind!r}, model, names) or calibrate(...)), "
                        f"or pass data=... to prunekit.prune")
     return ctx.stats
 
 
-@register_criterion("taylor")
+@register_criterion("taylor", needs_data=True)
 def taylor_scores(param: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
     """mean over batches of |w * dL/dw| (needs ``stats`` from the taylor collector)."""
     st = stats_entry(ctx, "taylor", (SUM, COUNT))
     s = st[SUM]
     if tuple(s.shape) != tuple(param.shape):
-        raise ValueError(f"taylor statistics of {ctx.name} have shape {tuple(s.shape)}, the parameter "
+        raise PrunekitError(f"taylor statistics of {ctx.name} have shape {tuple(s.shape)}, the parameter "
                          f"{tuple(param.shape)}: they were collected on another model")
     return s / max(int(st[COUNT]), 1)

@@ -7,7 +7,7 @@ scores independent of the calibration set's size, which matters only for global
 ranking (per row or per layer the ordering is the same).
 
 Wanda compares scores *per output row*: use ``scope="row"`` (see
-:mod:`prunekit.criteria.rowwise`); ``scope="layer"``/``"global"`` and the N:M
+:mod:`prunekit.select.rows`); ``scope="layer"``/``"global"`` and the N:M
 and structured patterns work too, since the scores are elementwise.
 
 Convolutions: feature ``j`` is an input channel (its RMS over all positions);
@@ -20,13 +20,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import ScoreContext, register_criterion
-from .calibrate import register_collector
-from .taylor import stats_entry
-from ..biascorr import InputFeatureCollector, add_feature_sums  # also registers the "input_mean" collector
+from prunekit.criteria.base import ScoreContext, register_criterion
+from prunekit.criteria.stats import (  # also registers the "input_mean" collector
+    InputFeatureCollector,
+    add_feature_sums,
+    register_collector,
+)
+from prunekit.criteria.taylor import stats_entry
+from prunekit.errors import PrunekitError
 
 SQSUM, ROWS = "wanda_sqsum", "wanda_rows"
-SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @register_collector("wanda")
@@ -60,7 +63,7 @@ def _column_norms(norms: torch.Tensor, module: nn.Module, shape) -> torch.Tensor
     return norms[idx].reshape(out_ch, in_per_group, *([1] * (len(shape) - 2)))
 
 
-@register_criterion("wanda")
+@register_criterion("wanda", needs_data=True)
 def wanda_scores(param: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
     """|W| * RMS of the matching input feature (needs ``stats`` from the wanda collector)."""
     st = stats_entry(ctx, "wanda", (SQSUM, ROWS))
@@ -70,6 +73,6 @@ def wanda_scores(param: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
     else:
         expected = param.shape[1] * getattr(ctx.module, "groups", 1)
     if norms.numel() != expected:
-        raise ValueError(f"wanda statistics of {ctx.name} have {norms.numel()} input features, the layer "
+        raise PrunekitError(f"wanda statistics of {ctx.name} have {norms.numel()} input features, the layer "
                          f"{expected}: they were collected on another model")
     return param.detach().abs().float() * _column_norms(norms, ctx.module, tuple(param.shape))

@@ -3,6 +3,6 @@
 ``build_report(results, out_dir)`` is the entry point; the results schema is
 documented in :mod:`prunekit.report.render`.
 """
-from .render import build_report
+from prunekit.report.render import build_report
 
 __all__ = ["build_report"]

@@ -22,6 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from prunekit.errors import PrunekitError
+
 DPI = 110
 # Colour of pruned (exactly zero) weights in heatmaps: white is far from every
 # colour of the viridis map, so pruned entries cannot be mistaken for small ones.
@@ -58,7 +60,7 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- helpers
-def _num(value: Any) -> Optional[float]:
+def num(value: Any) -> Optional[float]:
     """A finite real number as float, else None (bools are flags, not metrics)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
@@ -68,7 +70,7 @@ def _num(value: Any) -> Optional[float]:
 
 def _scaled(value: Any, key: str) -> Optional[float]:
     """Metric value in the unit it is plotted in (percent, KB, or as is)."""
-    value = _num(value)
+    value = num(value)
     if value is None:
         return None
     if key in PERCENT_KEYS:
@@ -165,7 +167,7 @@ def heatmap_matrix(weights: Any, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray
     any surviving weight keeps its block visible. NaNs count as zero.
     """
     if max_side < 1:
-        raise ValueError(f"max_side must be >= 1, got {max_side}")
+        raise PrunekitError(f"max_side must be >= 1, got {max_side}")
     m = np.nan_to_num(_as_matrix(weights), nan=0.0)
     rows, cols = m.shape
     fr, fc = max(1, math.ceil(rows / max_side)), max(1, math.ceil(cols / max_side))
@@ -351,17 +353,17 @@ def sensitivity_curves(sens: Mapping[str, Any], path: Any,
     """
     metric = str(sens.get("metric") or "accuracy")
     key = metric if metric in PERCENT_KEYS else "value"
-    baseline = _num(sens.get("baseline"))
-    grid = [_num(s) for s in sens.get("sparsities") or []]
+    baseline = num(sens.get("baseline"))
+    grid = [num(s) for s in sens.get("sparsities") or []]
     base = sens.get("base_sparsity") or {}
-    alloc = {str(k): _num(v) for k, v in (allocation or {}).items()}
+    alloc = {str(k): num(v) for k, v in (allocation or {}).items()}
     fig = _new_figure(8, 5)
     ax = fig.add_subplot()
     for i, (name, values) in enumerate((sens.get("curves") or {}).items()):
-        own = _num(base.get(name)) or 0.0
+        own = num(base.get(name)) or 0.0
         # each curve starts at the layer's own sparsity with the baseline: that point is measured too
         pts = [{"sparsity": own, key: baseline}] + [
-            {"sparsity": s, key: _num(v)} for s, v in zip(grid, values or []) if s is not None and s > own]
+            {"sparsity": s, key: num(v)} for s, v in zip(grid, values or []) if s is not None and s > own]
         xs, ys = _series(pts, "sparsity", key)
         if not xs:
             continue

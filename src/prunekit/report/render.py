@@ -40,7 +40,7 @@ Input schema (a JSON-safe dict; numpy/torch scalars are accepted and converted):
         "oneshot_l1": [{"step": 0, "sparsity": 0.0, "accuracy": 0.98}, ...]},
       "sensitivity": {...},                      # optional: sensitivity.json (SensitivityResult.to_dict())
       "allocation": {...},                       # optional: allocation.json of `prunekit sensitivity`
-      "lottery": {...},                          # optional: lottery.json (prunekit.lottery.LotteryRecord)
+      "lottery": {...},                          # optional: lottery.json (prunekit.train.lottery.LotteryRecord)
       "notes": ["allocation.json not found"],    # optional: said at the top (e.g. missing files)
     }
 
@@ -54,94 +54,49 @@ The sensitivity and lottery sections are in :mod:`prunekit.report.sections`;
 from __future__ import annotations
 
 import base64
-import datetime as _dt
 import html
 import json
-import math
-import numbers
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from . import figures as F
+from prunekit._util import to_jsonable
+from prunekit.errors import PrunekitError
+from prunekit.report import figures as F
+from prunekit.report.blocks import (
+    MISSING,
+    Block,
+    Figures,
+    fmt_int,
+    fmt_kb,
+    fmt_ms,
+    fmt_pct,
+    fmt_pp,
+    fmt_ratio,
+    num,
+    table,
+)
+from prunekit.report.sections import SECTION_FIGURES, lottery_blocks, section_figures, sensitivity_blocks
 
 __all__ = ["build_report", "to_jsonable", "fmt_pct", "fmt_pp", "fmt_int", "fmt_ratio",
            "fmt_kb", "fmt_ms"]
 
-MISSING = "—"
-# A "block" is a renderer-neutral piece of the document; Markdown and HTML are two
-# views of the same block list, so the two reports can never disagree on content.
-Block = Tuple[Any, ...]
-Figures = List[Tuple[str, Path, str]]  # (key, path, caption)
 
 
-# --------------------------------------------------------------------------- JSON
-def to_jsonable(obj: Any) -> Any:
-    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts.
-
-    numpy/torch scalars and arrays become Python numbers/lists, NaN and inf become
-    None (JSON has no NaN), paths and dates become strings, unknown objects ``str``.
-    """
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in obj]
-    if hasattr(obj, "detach") and hasattr(obj, "tolist"):  # torch tensor, no torch import
-        return to_jsonable(obj.detach().cpu().tolist())
-    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy array or scalar
-        return to_jsonable(obj.tolist())
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, numbers.Integral):
-        return int(obj)
-    if isinstance(obj, numbers.Real):
-        return float(obj) if math.isfinite(float(obj)) else None
-    if isinstance(obj, (_dt.date, _dt.datetime)):
-        return obj.isoformat()
-    return str(obj)
 
 
-# --------------------------------------------------------------------------- formatting
-def _num(value: Any) -> Optional[float]:
-    return F._num(value)
 
 
-def fmt_pct(value: Any, digits: int = 2) -> str:
-    """0.9812 -> '98.12%'."""
-    v = _num(value)
-    return MISSING if v is None else f"{100 * v:.{digits}f}%"
 
 
-def fmt_pp(delta: Any) -> str:
-    """Difference of two fractions in percentage points: -0.011 -> '-1.10 pp'."""
-    v = _num(delta)
-    return MISSING if v is None else f"{100 * v:+.2f} pp"
 
 
-def fmt_int(value: Any) -> str:
-    """266610 -> '266,610'."""
-    v = _num(value)
-    return MISSING if v is None else f"{round(v):,}"
 
 
-def fmt_ratio(value: Any) -> str:
-    """12.34 -> '12.3×'."""
-    v = _num(value)
-    return MISSING if v is None else f"{v:,.1f}×"
 
 
-def fmt_kb(nbytes: Any) -> str:
-    """1067300 -> '1,042.3 KB'."""
-    v = _num(nbytes)
-    return MISSING if v is None else f"{v / 1024:,.1f} KB"
 
 
-def fmt_ms(value: Any) -> str:
-    """Latency with enough digits for sub-millisecond models."""
-    v = _num(value)
-    if v is None:
-        return MISSING
-    return f"{v:.3f} ms" if v < 10 else f"{v:,.1f} ms"
 
 
 def _fmt_value(value: Any) -> str:
@@ -184,14 +139,14 @@ def _curve_figures(results: Mapping[str, Any], out: Path) -> Figures:
                                                           x="latency_ms", y="accuracy"),
                      "Top-1 accuracy vs measured latency: only physically smaller (compacted) models "
                      "move left of the dense model's latency."))
-    if any(F._num(l.get("sparsity")) is not None for m in methods for l in m.get("layers") or []):
+    if any(F.num(l.get("sparsity")) is not None for m in methods for l in m.get("layers") or []):
         bars = [{"label": F._label(m, i), "layers": m.get("layers") or []} for i, m in enumerate(methods)]
         done.append(("layer_sparsity", F.layer_sparsity_bars(bars, out / "layer_sparsity.png"),
                      "Share of zero weights in each layer, per method."))
     history = results.get("history") or {}
     if isinstance(history, Mapping) and any(
-            isinstance(e, Mapping) and (F._num(e.get("accuracy")) is not None
-                                        or F._num(e.get("sparsity")) is not None)
+            isinstance(e, Mapping) and (F.num(e.get("accuracy")) is not None
+                                        or F.num(e.get("sparsity")) is not None)
             for h in history.values() for e in h or []):
         done.append(("history", F.history_curve(history, out / "history.png", _labels(results)),
                      "Accuracy (solid, left axis) and sparsity (dashed, right axis) "
@@ -224,7 +179,7 @@ _SUMMARY_HEADERS = ["Method", "Target sparsity", "Sparsity", "Accuracy (Δ vs de
 
 
 def _metric_row(name: str, point: Mapping[str, Any], dense: Mapping[str, Any]) -> List[str]:
-    acc, base = _num(point.get("accuracy")), _num(dense.get("accuracy"))
+    acc, base = num(point.get("accuracy")), num(dense.get("accuracy"))
     acc_cell = fmt_pct(acc)
     if acc is not None and base is not None and point is not dense:
         acc_cell += f" ({fmt_pp(acc - base)})"
@@ -234,10 +189,6 @@ def _metric_row(name: str, point: Mapping[str, Any], dense: Mapping[str, Any]) -
             fmt_kb(point.get("size_compressed_bytes")), fmt_ms(point.get("latency_ms"))]
 
 
-def _table(headers: Sequence[str], rows: List[List[str]], numeric: bool = True) -> Block:
-    """Table block without the columns (other than the first) that are empty in every row."""
-    keep = [0] + [j for j in range(1, len(headers)) if any(r[j] != MISSING for r in rows)]
-    return ("table", [headers[j] for j in keep], [[r[j] for j in keep] for r in rows], numeric)
 
 
 def _final(method: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -255,7 +206,7 @@ def _summary(results: Mapping[str, Any]) -> List[Block]:
         if any(isinstance(results.get(k), Mapping) for k in ("sensitivity", "allocation", "lottery")):
             return []  # a run of `prunekit sensitivity` or `prunekit lottery`: its own sections say it all
         return [("h", 2, "Summary"), ("p", "No results to show.")]
-    return [("h", 2, "Summary"), _table(_SUMMARY_HEADERS, rows),
+    return [("h", 2, "Summary"), table(_SUMMARY_HEADERS, rows),
             ("p", "Accuracy change is in percentage points (pp) against the dense model. "
                   "Compression is params / nonzeros; the speedup is theoretical, from "
                   "effective MACs; latency is measured.")]
@@ -270,7 +221,7 @@ def _arrow(before: Any, after: Any, fmt) -> str:
 
 
 def _times(before: Any, after: Any) -> str:
-    b, a = _num(before), _num(after)
+    b, a = num(before), num(after)
     return fmt_ratio(b / a) if b is not None and a else MISSING
 
 
@@ -281,7 +232,7 @@ def _structured_rows(results: Mapping[str, Any]) -> List[List[str]]:
     for i, method in enumerate(results.get("methods") or []):
         points = [p for p in method.get("points") or [] if isinstance(p, Mapping) and p.get("compacted")]
         for p in points:
-            acc, base = _num(p.get("accuracy")), _num(dense.get("accuracy"))
+            acc, base = num(p.get("accuracy")), num(dense.get("accuracy"))
             delta = f"{fmt_pct(acc)} ({fmt_pp(acc - base)})" if acc is not None and base is not None else MISSING
             rows.append([F._label(method, i), fmt_pct(p.get("target_sparsity"), 0),
                          _arrow(dense.get("params"), p.get("params"), fmt_int),
@@ -297,7 +248,7 @@ def _structured(results: Mapping[str, Any]) -> List[Block]:
     rows = _structured_rows(results)
     if not rows:
         return []
-    return [("h", 2, "Structured pruning: before and after surgery"), _table(_STRUCT_HEADERS, rows),
+    return [("h", 2, "Structured pruning: before and after surgery"), table(_STRUCT_HEADERS, rows),
             ("p", "These models were compacted: pruned channels are physically removed, so parameters, "
                   "MACs and the measured latency (batch 1) fall together. × is dense / compacted.")]
 
@@ -306,13 +257,13 @@ def _layer_table(layers: Sequence[Mapping[str, Any]]) -> Block:
     rows = [[str(l.get("name", MISSING)), str(l.get("type") or MISSING), fmt_int(l.get("params")),
              fmt_int(l.get("nonzeros")), fmt_pct(l.get("sparsity"), 1),
              fmt_int(l.get("macs_dense")), fmt_int(l.get("macs_effective"))] for l in layers]
-    params = [_num(l.get("params")) for l in layers]
-    nonzeros = [_num(l.get("nonzeros")) for l in layers]
+    params = [num(l.get("params")) for l in layers]
+    nonzeros = [num(l.get("nonzeros")) for l in layers]
     if None not in params and None not in nonzeros and sum(params) > 0:
         # The total row's sparsity is weighted by layer size, unlike a mean of the column.
         rows.append(["total", "", fmt_int(sum(params)), fmt_int(sum(nonzeros)),
                      fmt_pct(1 - sum(nonzeros) / sum(params), 1), "", ""])
-    return _table(["Layer", "Type", "Params", "Nonzeros", "Sparsity", "MACs (dense)",
+    return table(["Layer", "Type", "Params", "Nonzeros", "Sparsity", "MACs (dense)",
                    "MACs (effective)"], rows)
 
 
@@ -323,7 +274,7 @@ def _method_section(method: Mapping[str, Any], index: int, dense: Mapping[str, A
     points = [p for p in method.get("points") or [] if isinstance(p, Mapping)]
     if len(points) > 1:
         rows = [_metric_row(f"point {k + 1}", p, dense) for k, p in enumerate(points)]
-        blocks += [("h", 4, "Sweep"), _table(["Point"] + _SUMMARY_HEADERS[1:], rows)]
+        blocks += [("h", 4, "Sweep"), table(["Point"] + _SUMMARY_HEADERS[1:], rows)]
     layers = [l for l in method.get("layers") or [] if isinstance(l, Mapping)]
     if layers:
         blocks += [("h", 4, "Layers"), _layer_table(layers)]
@@ -345,7 +296,6 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> List[List[str]]:
 
 def document(results: Mapping[str, Any], figures: Figures) -> List[Block]:
     """The report as a renderer-neutral list of blocks."""
-    from .sections import SECTION_FIGURES, lottery_blocks, sensitivity_blocks
 
     blocks: List[Block] = [("h", 1, str(results.get("title") or "prunekit report"))]
     if results.get("created"):
@@ -368,7 +318,7 @@ def document(results: Mapping[str, Any], figures: Figures) -> List[Block]:
             blocks += _method_section(method, i, results.get("dense") or {})
     for key, heading in (("config", "Configuration"), ("env", "Environment")):
         if isinstance(results.get(key), Mapping) and results[key]:
-            blocks += [("h", 2, heading), _table(["Key", "Value"], _flatten(results[key]), False)]
+            blocks += [("h", 2, heading), table(["Key", "Value"], _flatten(results[key]), False)]
     return blocks
 
 
@@ -439,7 +389,7 @@ def _html_block(block: Block) -> str:
                 f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>')
     if kind == "table":
         return _html_table(*block[1:])
-    raise ValueError(f"unknown block kind {kind!r}")
+    raise PrunekitError(f"unknown block kind {kind!r}")
 
 
 def render_html(blocks: Sequence[Block], title: str) -> str:
@@ -467,7 +417,6 @@ def build_report(results: Mapping[str, Any], out_dir: Any, *,
     metrics = out / "metrics.json"
     metrics.write_text(json.dumps(clean, indent=2, allow_nan=False, ensure_ascii=False) + "\n",
                        encoding="utf-8")
-    from .sections import section_figures
 
     figures = _curve_figures(clean, out) + _heatmap_figures(clean, out, heatmaps) + section_figures(clean, out)
     blocks = document(clean, figures)

@@ -17,6 +17,10 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from prunekit.analysis.sensitivity import SensitivityResult
+from prunekit.errors import PrunekitError
+from prunekit.train.lottery import LotteryRecord
+
 __all__ = ["RUN_FILES", "collect_run"]
 
 RUN_FILES = ("results.json", "sensitivity.json", "allocation.json", "lottery.json")
@@ -27,11 +31,10 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        raise PrunekitError(f"{path} is not valid JSON: {e}") from e
 
 
 def _sensitivity(path: Path) -> Dict[str, Any]:
-    from ..sensitivity import SensitivityResult  # checks every field, not just the format tag
 
     return SensitivityResult.load(path).to_dict()
 
@@ -39,14 +42,13 @@ def _sensitivity(path: Path) -> Dict[str, Any]:
 def _allocation(path: Path) -> Dict[str, Any]:
     doc = _read_json(path)
     if not isinstance(doc, dict) or doc.get("format") != ALLOCATION_FORMAT:
-        raise ValueError(f"{path} is not an allocation of `prunekit sensitivity` (format {ALLOCATION_FORMAT!r})")
+        raise PrunekitError(f"{path} is not an allocation of `prunekit sensitivity` (format {ALLOCATION_FORMAT!r})")
     if not isinstance(doc.get("sparsities"), dict):
-        raise ValueError(f"{path} has no per-layer 'sparsities'")
+        raise PrunekitError(f"{path} has no per-layer 'sparsities'")
     return doc
 
 
 def _lottery(path: Path) -> Dict[str, Any]:
-    from ..lottery import LotteryRecord
 
     return LotteryRecord.load(path).to_dict()
 
@@ -54,7 +56,7 @@ def _lottery(path: Path) -> Dict[str, Any]:
 def _results(path: Path) -> Dict[str, Any]:
     doc = _read_json(path)
     if not isinstance(doc, dict):
-        raise ValueError(f"{path} must hold a JSON object (the results of 'prunekit demo' or 'prunekit prune')")
+        raise PrunekitError(f"{path} must hold a JSON object (the results of 'prunekit demo' or 'prunekit prune')")
     return doc
 
 
@@ -115,7 +117,7 @@ def collect_run(path: Any) -> Tuple[Dict[str, Any], List[str]]:
                 problems.append(f"{name} was skipped: {e}")
     if results is None and not found:
         if problems:
-            raise ValueError("nothing to report: " + "; ".join(problems))
+            raise PrunekitError("nothing to report: " + "; ".join(problems))
         raise FileNotFoundError(f"{folder} holds none of {', '.join(RUN_FILES)}: give a run folder of "
                                 "'prunekit demo', 'prune', 'sensitivity' or 'lottery'")
     notes = problems + _consistency(found)

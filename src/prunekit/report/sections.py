@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from . import figures as F
-from .render import MISSING, Block, Figures, _num, _table, fmt_int, fmt_pct, fmt_pp
+from prunekit.report import figures as F
+from prunekit.report.blocks import MISSING, Block, Figures, fmt_int, fmt_pct, fmt_pp, num, table
 
 __all__ = ["section_figures", "sensitivity_blocks", "lottery_blocks", "SECTION_FIGURES"]
 
@@ -30,21 +30,21 @@ def _mapping(results: Mapping[str, Any], key: str) -> Mapping[str, Any]:
 
 
 def _fmt_metric(value: Any, metric: str) -> str:
-    v = _num(value)
+    v = num(value)
     if v is None:
         return MISSING
     return fmt_pct(v) if metric in F.PERCENT_KEYS else f"{v:.4g}"
 
 
 def _fmt_drop(value: Any, metric: str) -> str:
-    v = _num(value)
+    v = num(value)
     if v is None:
         return MISSING
     return f"{100 * v:.2f} pp" if metric in F.PERCENT_KEYS else f"{v:.4g}"
 
 
 def _fmt_delta(value: Any, base: Any, metric: str) -> str:
-    v, b = _num(value), _num(base)
+    v, b = num(value), num(base)
     if v is None or b is None:
         return MISSING
     return fmt_pp(v - b) if metric in F.PERCENT_KEYS else f"{v - b:+.4g}"
@@ -65,7 +65,7 @@ def section_figures(results: Mapping[str, Any], out: Path) -> Figures:
                      "Metric with each layer pruned alone vs that layer's sparsity; the dashed line is the "
                      "model with no layer pruned further; stars (and dotted lines) mark the allocated sparsities."))
     rounds = [r for r in _mapping(results, "lottery").get("rounds") or [] if isinstance(r, Mapping)]
-    if any(_num(r.get(k)) is not None for r in rounds for k in ("accuracy", "reinit_accuracy")):
+    if any(num(r.get(k)) is not None for r in rounds for k in ("accuracy", "reinit_accuracy")):
         done.append(("lottery", F.lottery_curve(results["lottery"], out / "lottery.png"),
                      "Top-1 accuracy vs sparsity of the lottery ticket (survivors rewound, retrained) and of "
                      "the random re-init control (same masks, fresh random weights); dashed: round 0, dense."))
@@ -79,7 +79,7 @@ def _figure(figures: Figures, key: str) -> List[Block]:
 # --------------------------------------------------------------------------- sensitivity
 def _curve_table(sens: Mapping[str, Any], alloc: Mapping[str, Any]) -> Block:
     metric = str(sens.get("metric") or "accuracy")
-    grid = [_num(s) for s in sens.get("sparsities") or []]
+    grid = [num(s) for s in sens.get("sparsities") or []]
     params = sens.get("params") if isinstance(sens.get("params"), Mapping) else {}
     rows = []
     for name, values in (sens.get("curves") or {}).items():
@@ -87,20 +87,20 @@ def _curve_table(sens: Mapping[str, Any], alloc: Mapping[str, Any]) -> Block:
         rows.append([str(name), fmt_int(params.get(name))] + [_fmt_metric(v, metric) for v in values[:len(grid)]]
                     + [fmt_pct(alloc.get(name), 1)])
     headers = ["Layer", "Weights"] + [f"s={100 * s:g}%" if s is not None else "s=?" for s in grid] + ["Allocated"]
-    return _table(headers, rows)
+    return table(headers, rows)
 
 
 def _allocation_table(alloc: Mapping[str, Any], params: Mapping[str, Any]) -> Block:
     rows, total, kept = [], 0.0, 0.0
     for name, s in _allocated({"allocation": alloc}).items():
-        n, s = _num(params.get(name)), _num(s)
+        n, s = num(params.get(name)), num(s)
         left = None if n is None or s is None else n * (1.0 - s)
         rows.append([str(name), fmt_int(n), fmt_pct(s, 2), fmt_int(left)])
         total, kept = (total + n, kept + left) if left is not None and total is not None else (None, None)
     if rows and total:
         # weighted by layer size, as the allocation's target is (weights="params")
         rows.append(["total", fmt_int(total), fmt_pct(1.0 - kept / total, 2), fmt_int(kept)])
-    return _table(["Layer", "Weights", "Allocated sparsity", "Weights kept"], rows)
+    return table(["Layer", "Weights", "Allocated sparsity", "Weights kept"], rows)
 
 
 def _measured_table(alloc: Mapping[str, Any], baseline: Any, metric: str) -> List[Block]:
@@ -109,9 +109,9 @@ def _measured_table(alloc: Mapping[str, Any], baseline: Any, metric: str) -> Lis
         return []
     rows = [[_MEASURED.get(str(k), str(k)), _fmt_metric(v, metric), _fmt_delta(v, baseline, metric)]
             for k, v in measured.items()]
-    target = _num(alloc.get("target"))
+    target = num(alloc.get("target"))
     return [("h", 4, f"Measured at the same target ({fmt_pct(target, 1)})"),
-            _table(["Pruning", metric, "Δ vs no pruning"], rows),
+            table(["Pruning", metric, "Δ vs no pruning"], rows),
             ("p", "The same overall sparsity, three ways of spreading it over the layers; no fine-tuning.")]
 
 
@@ -147,7 +147,7 @@ def sensitivity_blocks(results: Mapping[str, Any], figures: Figures) -> List[Blo
 # --------------------------------------------------------------------------- lottery tickets
 def _describe_run(lottery: Mapping[str, Any]) -> str:
     meta = lottery.get("meta") if isinstance(lottery.get("meta"), Mapping) else {}
-    step = _num(lottery.get("rewind_step"))
+    step = num(lottery.get("rewind_step"))
     rewind = "initialisation" if step == 0 else f"optimizer step {fmt_int(step)}" if step is not None else "?"
     what = " on ".join(str(meta[k]) for k in ("model", "data") if meta.get(k) is not None)
     epochs = f", {meta['epochs_per_round']} epoch(s) per round" if meta.get("epochs_per_round") is not None else ""
@@ -159,10 +159,10 @@ def _describe_run(lottery: Mapping[str, Any]) -> str:
 
 def _lottery_row(r: Mapping[str, Any], dense: Optional[float]) -> List[str]:
     def cell(key: str) -> str:
-        v = _num(r.get(key))
+        v = num(r.get(key))
         return fmt_pct(v) + (f" ({fmt_pp(v - dense)})" if v is not None and dense is not None else "")
 
-    t, c = _num(r.get("accuracy")), _num(r.get("reinit_accuracy"))
+    t, c = num(r.get("accuracy")), num(r.get("reinit_accuracy"))
     return [str(r.get("round", "?")), fmt_pct(r.get("target"), 1), fmt_pct(r.get("sparsity"), 2),
             cell("accuracy"), cell("reinit_accuracy"), fmt_pp(t - c) if t is not None and c is not None else MISSING]
 
@@ -175,12 +175,12 @@ def lottery_blocks(results: Mapping[str, Any], figures: Figures) -> List[Block]:
     blocks: List[Block] = [("h", 2, "Lottery tickets"), ("p", _describe_run(lottery))]
     if not rounds:
         return blocks + [("p", "The lottery record holds no rounds: nothing to show.")]
-    dense = _num(rounds[0].get("accuracy"))
+    dense = num(rounds[0].get("accuracy"))
     blocks += _figure(figures, "lottery")
     first = _lottery_row(rounds[0], None)
     first[0] += " (dense)"
     rows = [first] + [_lottery_row(r, dense) for r in rounds[1:]]
-    blocks += [_table(["Round", "Target sparsity", "Sparsity", "Ticket accuracy (Δ vs dense)",
+    blocks += [table(["Round", "Target sparsity", "Sparsity", "Ticket accuracy (Δ vs dense)",
                        "Re-init accuracy (Δ vs dense)", "Ticket − re-init"], rows),
                ("p", "Δ is in percentage points against round 0 (dense). Sparsity is over the pruned layers.")]
     return blocks

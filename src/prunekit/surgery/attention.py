@@ -31,9 +31,18 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .compact import SLIM_CLASSES, Cuts, register_layer_handler, slice_tensors
-from .graph import Propagation, Seg, Tag, describe_node, register_block_rule, register_module_rule
-from .rules import _ELEMENTWISE_MODULES, _arg, _consume, _p, _produce
+from prunekit.errors import PrunekitError
+from prunekit.surgery.compact import SLIM_CLASSES, Cuts, register_layer_handler, slice_tensors
+from prunekit.surgery.graph import Propagation, Seg, Tag, describe_node, register_block_rule, register_module_rule
+from prunekit.surgery.rules import (
+    ELEMENTWISE_MODULES,
+    batchnorm_rule,
+    consume,
+    linear_rule,
+    node_arg,
+    param_name,
+    produce,
+)
 
 
 def head_group(prop: Propagation, heads: int, head_dim: int, rows: Sequence[Tuple[str, int]],
@@ -51,10 +60,10 @@ def head_group(prop: Propagation, heads: int, head_dim: int, rows: Sequence[Tupl
 def ffn_group(prop: Propagation, up: nn.Linear, up_name: str, down_name: str) -> int:
     """Hidden neurons of a feed-forward pair: rows (and bias) of ``up``, columns of ``down``."""
     g = prop.new_group(up.out_features)
-    prop.add(g, _p(up_name, "weight"), 0, "producer")
+    prop.add(g, param_name(up_name, "weight"), 0, "producer")
     if up.bias is not None:
-        prop.add(g, _p(up_name, "bias"), 0, "producer")
-    prop.add(g, _p(down_name, "weight"), 1, "consumer")
+        prop.add(g, param_name(up_name, "bias"), 0, "producer")
+    prop.add(g, param_name(down_name, "weight"), 1, "consumer")
     return g
 
 
@@ -64,11 +73,11 @@ def _mha_rows(name: str, m: nn.MultiheadAttention) -> List[Tuple[str, int]]:
     """(tensor, base) of the q, k, v rows: packed in in_proj_weight, or three separate weights."""
     e = m.embed_dim
     if m.in_proj_weight is not None:
-        rows = [(_p(name, "in_proj_weight"), k * e) for k in range(3)]
+        rows = [(param_name(name, "in_proj_weight"), k * e) for k in range(3)]
     else:
-        rows = [(_p(name, f"{w}_proj_weight"), 0) for w in "qkv"]
+        rows = [(param_name(name, f"{w}_proj_weight"), 0) for w in "qkv"]
     if m.in_proj_bias is not None:
-        rows += [(_p(name, "in_proj_bias"), k * e) for k in range(3)]
+        rows += [(param_name(name, "in_proj_bias"), k * e) for k in range(3)]
     return rows
 
 
@@ -81,7 +90,7 @@ def mha_heads_fixed(m: nn.MultiheadAttention) -> Optional[str]:
 
 @register_module_rule(nn.MultiheadAttention)
 def _mha(prop: Propagation, node: fx.Node, name: str, m: nn.MultiheadAttention) -> None:
-    q, k, v = (_arg(node, i, key) for i, key in enumerate(("query", "key", "value")))
+    q, k, v = (node_arg(node, i, key) for i, key in enumerate(("query", "key", "value")))
     # torch needs the query width to equal embed_dim (and num_heads * head_dim): keep it whole
     prop.block(prop.tag(q), f"{describe_node(prop, node)} needs its query width to stay embed_dim")
     for arg, wname in ((k, "k_proj_weight"), (v, "v_proj_weight")):
@@ -91,8 +100,8 @@ def _mha(prop: Propagation, node: fx.Node, name: str, m: nn.MultiheadAttention) 
         if m.in_proj_weight is not None or t.dim != len(prop.shape(arg)) - 1:
             prop.block(t, f"{describe_node(prop, node)} reads key/value through the packed projection")
         else:
-            _consume(prop, t, _p(name, wname), 1)
-    g = head_group(prop, m.num_heads, m.head_dim, _mha_rows(name, m), [_p(name, "out_proj.weight")])
+            consume(prop, t, param_name(name, wname), 1)
+    g = head_group(prop, m.num_heads, m.head_dim, _mha_rows(name, m), [param_name(name, "out_proj.weight")])
     why = mha_heads_fixed(m)
     if why:
         prop.block_group(g, f"{name}: {why}")
@@ -198,7 +207,7 @@ def _kept_heads(m: nn.MultiheadAttention, cuts: Cuts) -> List[int]:
     q_rows = rows[rows < inner]
     heads = sorted({int(r) // m.head_dim for r in q_rows})
     if len(q_rows) != len(heads) * m.head_dim:
-        raise ValueError("the plan removes part of an attention head; heads go whole (use plan_groups)")
+        raise PrunekitError("the plan removes part of an attention head; heads go whole (use plan_groups)")
     return [current[h] for h in heads]
 
 
@@ -211,11 +220,11 @@ _MHA_CUTS = {"in_proj_weight": {0}, "in_proj_bias": {0}, "q_proj_weight": {0},
 def _mha_handler(m: nn.MultiheadAttention, cuts: Cuts) -> None:
     for attr, dims in cuts.items():
         if not set(dims) <= _MHA_CUTS.get(attr, set()):
-            raise ValueError(f"nn.MultiheadAttention cannot lose slices of {attr} along dims {sorted(dims)}: "
+            raise PrunekitError(f"nn.MultiheadAttention cannot lose slices of {attr} along dims {sorted(dims)}: "
                              "it keeps its query width (embed_dim); heads and key/value inputs can go")
     why = mha_heads_fixed(m)
     if why and any(0 in dims for dims in cuts.values()):
-        raise ValueError(f"cannot remove heads: {why}")
+        raise PrunekitError(f"cannot remove heads: {why}")
     kept = _kept_heads(m, cuts)
     slice_tensors(m, cuts)
     m.__class__ = SlimMultiheadAttention
@@ -236,18 +245,19 @@ def _timm_attention(prop: Propagation, node: fx.Node, name: str, m: nn.Module) -
     if t is not None and t.dim != last:
         prop.block(t, f"{describe_node(prop, node)} reads features from the last dim")
         t = None
-    _consume(prop, t, _p(name, "qkv.weight"), 1)
+    consume(prop, t, param_name(name, "qkv.weight"), 1)
     gate = getattr(m, "gate", None)
     if gate is not None:
-        _consume(prop, t, _p(name, "gate.weight"), 1)
+        consume(prop, t, param_name(name, "gate.weight"), 1)
     a, hd = m.attn_dim, m.head_dim
-    rows = [(_p(name, "qkv.weight"), k * a) for k in range(3)]
-    rows += [(_p(name, "qkv.bias"), k * a) for k in range(3)] if m.qkv.bias is not None else []
+    rows = [(param_name(name, "qkv.weight"), k * a) for k in range(3)]
+    rows += [(param_name(name, "qkv.bias"), k * a) for k in range(3)] if m.qkv.bias is not None else []
     if gate is not None:
-        rows += [(_p(name, "gate.weight"), 0)] + ([(_p(name, "gate.bias"), 0)] if gate.bias is not None else [])
-    g = head_group(prop, m.num_heads, hd, rows, [_p(name, "proj.weight")])
+        rows += [(param_name(name, "gate.weight"), 0)]
+        rows += [(param_name(name, "gate.bias"), 0)] if gate.bias is not None else []
+    g = head_group(prop, m.num_heads, hd, rows, [param_name(name, "proj.weight")])
     _timm_scale_norm(prop, g, name, m)
-    return _produce(prop, _p(name, "proj"), m.proj, m.proj.out_features, last)
+    return produce(prop, param_name(name, "proj"), m.proj, m.proj.out_features, last)
 
 
 def _timm_scale_norm(prop: Propagation, g: int, name: str, m: nn.Module) -> None:
@@ -260,7 +270,7 @@ def _timm_scale_norm(prop: Propagation, g: int, name: str, m: nn.Module) -> None
         return
     for attr in ("weight", "bias"):
         if getattr(norm, attr, None) is not None:
-            prop.add(g, _p(name, f"norm.{attr}"), 0, "channelwise", Seg(g, inner=m.head_dim))
+            prop.add(g, param_name(name, f"norm.{attr}"), 0, "channelwise", Seg(g, inner=m.head_dim))
     prop.group(g).exact = False
 
 
@@ -278,20 +288,18 @@ _TIMM_NORM_ACT = "timm.layers.norm_act.BatchNormAct2d"
 @register_module_rule(_TIMM_NORM_ACT)
 def _timm_bn_act(prop: Propagation, node: fx.Node, name: str, m: nn.Module) -> Optional[Tag]:
     """timm's BatchNorm + activation in one module: a BatchNorm, then elementwise ops."""
-    from .rules import _batchnorm
     for part in ("drop", "act"):
         sub = getattr(m, part, None)
-        if sub is not None and not isinstance(sub, _ELEMENTWISE_MODULES):
+        if sub is not None and not isinstance(sub, ELEMENTWISE_MODULES):
             prop.block(prop.tag(node.args[0]), f"{name}.{part} ({type(sub).__name__}) is not elementwise")
             return None
-    return _batchnorm(prop, node, name, m)
+    return batchnorm_rule(prop, node, name, m)
 
 
 @register_module_rule("timm.layers.linear.Linear")
 def _timm_linear(prop: Propagation, node: fx.Node, name: str, m: nn.Linear) -> Tag:
     """timm's Linear only adds a TorchScript cast to nn.Linear's forward."""
-    from .rules import _linear
-    return _linear(prop, node, name, m)
+    return linear_rule(prop, node, name, m)
 
 
 # ----------------------------------------------------------------------------- block rules
@@ -299,12 +307,12 @@ def _timm_linear(prop: Propagation, node: fx.Node, name: str, m: nn.Linear) -> T
 @register_block_rule(nn.TransformerEncoderLayer)
 def _encoder_layer(prop: Propagation, name: str, m: nn.TransformerEncoderLayer) -> None:
     attn = m.self_attn
-    g = head_group(prop, attn.num_heads, attn.head_dim, _mha_rows(_p(name, "self_attn"), attn),
-                   [_p(name, "self_attn.out_proj.weight")])
+    g = head_group(prop, attn.num_heads, attn.head_dim, _mha_rows(param_name(name, "self_attn"), attn),
+                   [param_name(name, "self_attn.out_proj.weight")])
     why = mha_heads_fixed(attn)
     if why:
         prop.block_group(g, f"{name}.self_attn: {why}")
-    ffn_group(prop, m.linear1, _p(name, "linear1"), _p(name, "linear2"))
+    ffn_group(prop, m.linear1, param_name(name, "linear1"), param_name(name, "linear2"))
 
 
 def _bert_like(m: nn.Module) -> bool:
@@ -326,15 +334,15 @@ _BERT_SELF = ("transformers.models.bert.modeling_bert.BertSelfAttention",
 def _bert_layer(prop: Propagation, name: str, m: nn.Module) -> None:
     if not _bert_like(m):
         return
-    s, sname = m.attention.self, _p(name, "attention.self")
+    s, sname = m.attention.self, param_name(name, "attention.self")
     rows = []
     for proj in ("query", "key", "value"):
-        rows.append((_p(sname, f"{proj}.weight"), 0))
+        rows.append((param_name(sname, f"{proj}.weight"), 0))
         if getattr(s, proj).bias is not None:
-            rows.append((_p(sname, f"{proj}.bias"), 0))
+            rows.append((param_name(sname, f"{proj}.bias"), 0))
     head_group(prop, s.num_attention_heads, s.attention_head_size, rows,
-               [_p(name, "attention.output.dense.weight")])
-    ffn_group(prop, m.intermediate.dense, _p(name, "intermediate.dense"), _p(name, "output.dense"))
+               [param_name(name, "attention.output.dense.weight")])
+    ffn_group(prop, m.intermediate.dense, param_name(name, "intermediate.dense"), param_name(name, "output.dense"))
 
 
 @register_layer_handler(*_BERT_SELF, attrs=("num_attention_heads", "all_head_size"), refresh=True)

@@ -3,7 +3,7 @@
 ``compact(model, plan)`` returns a new, smaller, plain ``nn.Module``: the pruned
 rows/columns/channels are gone from weights, biases and BatchNorm statistics,
 and module attributes (``in_features``, ``out_channels``, ``num_features``, ...)
-match. It gives the same outputs as ``prunekit.masking.apply(model, plan)``
+match. It gives the same outputs as ``prunekit.apply.masking.apply(model, plan)``
 for plans made by :func:`prunekit.surgery.plan_groups` (exact groups).
 
 How a module is sliced is a *layer handler*, registered by type::
@@ -21,19 +21,40 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
 
-from .. import masking
-from ..plan import Plan
-from ..registry import Registry
-from .graph import Member, type_key
+from prunekit._util import eval_mode
+from prunekit.apply import masking
+from prunekit.errors import PrunekitError, UnknownNameError
+from prunekit.plan import Plan
+from prunekit.registry import Registry
+from prunekit.surgery.graph import Member, type_key
 
 LAYER_HANDLERS = Registry("layer handler")
 Cuts = Dict[str, Dict[int, torch.Tensor]]   # tensor attribute -> {dim: indices to keep}
 SHAPES_FORMAT = "prunekit.shapes/1"
+
+
+@dataclass(frozen=True)
+class LayerHandler:
+    """How to slice one layer type, with what it needs declared.
+
+    ``fn(module, cuts)`` slices the module's tensors (usually :func:`slice_tensors`) and updates its
+    attributes; ``attrs`` are the attributes that describe its shape (saved by :func:`compact_shapes`,
+    restored by :func:`rebuild`); ``refresh``: also called with empty cuts on every such module after all
+    tensors were sliced, for attributes derived from its children.
+    """
+
+    fn: Callable[[nn.Module, "Cuts"], None]
+    attrs: Tuple[str, ...] = ()
+    refresh: bool = False
+
+    def __call__(self, module: nn.Module, cuts: "Cuts") -> None:
+        self.fn(module, cuts)
 
 
 def register_layer_handler(*types: Any, attrs: Sequence[str] = (), refresh: bool = False) -> Callable:
@@ -46,10 +67,9 @@ def register_layer_handler(*types: Any, attrs: Sequence[str] = (), refresh: bool
     ``"module.QualName"`` strings (optional libraries are not imported to register them).
     """
     def deco(fn):
-        fn.attrs = tuple(attrs)
-        fn.refresh = refresh
+        handler = LayerHandler(fn, tuple(attrs), refresh)
         for t in types:
-            LAYER_HANDLERS.register(t if isinstance(t, str) else type_key(t), overwrite=True)(fn)
+            LAYER_HANDLERS.register(t if isinstance(t, str) else type_key(t), overwrite=True)(handler)
         return fn
     return deco
 
@@ -59,7 +79,7 @@ def register_layer_handler(*types: Any, attrs: Sequence[str] = (), refresh: bool
 SLIM_CLASSES: Dict[str, type] = {}
 
 
-def handler_for(module: nn.Module) -> Optional[Callable]:
+def handler_for(module: nn.Module) -> Optional[LayerHandler]:
     """The handler of the module's type or of its nearest registered base class."""
     for cls in type(module).__mro__:
         if type_key(cls) in LAYER_HANDLERS:
@@ -88,7 +108,7 @@ def same_channels(module: nn.Module, cuts: Cuts, attrs: Sequence[str], dim: int 
     first_attr, keep = keeps[0]
     for a, k in keeps[1:]:
         if not torch.equal(k, keep):
-            raise ValueError(f"{type(module).__name__}: the plan removes different channels from "
+            raise PrunekitError(f"{type(module).__name__}: the plan removes different channels from "
                              f"{first_attr} and {a}; they must go together")
     for a in attrs:
         if getattr(module, a, None) is not None:
@@ -108,7 +128,7 @@ def _linear(module: nn.Linear, cuts: Cuts) -> None:
 def _conv(module: nn.Conv2d, cuts: Cuts) -> None:
     groups = module.groups
     if groups > 1 and 1 in cuts.get("weight", {}):
-        raise ValueError(f"a grouped convolution (groups={groups}) loses whole conv-groups along dim 0 "
+        raise PrunekitError(f"a grouped convolution (groups={groups}) loses whole conv-groups along dim 0 "
                          "(with their input channels), not slices of dim 1")
     same_channels(module, cuts, ("weight", "bias"))
     rows = cuts.get("weight", {}).get(0)
@@ -116,7 +136,7 @@ def _conv(module: nn.Conv2d, cuts: Cuts) -> None:
         per = module.out_channels // groups
         blocks = torch.unique(rows // per)
         if rows.numel() != blocks.numel() * per:
-            raise ValueError(f"the plan removes part of a conv-group of {module} (groups={groups}); "
+            raise PrunekitError(f"the plan removes part of a conv-group of {module} (groups={groups}); "
                              "they go whole (make the plan with plan_groups)")
         groups = int(blocks.numel())
     slice_tensors(module, cuts)
@@ -137,7 +157,7 @@ def _groupnorm(module: nn.GroupNorm, cuts: Cuts) -> None:
     same_channels(module, cuts, ("weight", "bias"))
     keep = cuts.get("weight", {}).get(0)
     if keep is not None and keep.numel() != torch.unique(keep // per).numel() * per:
-        raise ValueError(f"the plan removes part of a channel group of {module}; groups go whole")
+        raise PrunekitError(f"the plan removes part of a channel group of {module}; groups go whole")
     slice_tensors(module, cuts)
     module.num_channels = module.weight.shape[0]
     module.num_groups = module.num_channels // per
@@ -146,7 +166,7 @@ def _groupnorm(module: nn.GroupNorm, cuts: Cuts) -> None:
 @register_layer_handler(nn.LayerNorm, attrs=("normalized_shape",))
 def _layernorm(module: nn.LayerNorm, cuts: Cuts) -> None:
     if len(module.normalized_shape) != 1:
-        raise ValueError("only a LayerNorm over one dim can lose channels")
+        raise PrunekitError("only a LayerNorm over one dim can lose channels")
     same_channels(module, cuts, ("weight", "bias"))
     slice_tensors(module, cuts)
     if module.weight is not None:
@@ -173,12 +193,12 @@ def _pruned_slices(model: nn.Module, plan: Plan) -> Dict[Tuple[str, int], Set[in
     pruned: Dict[Tuple[str, int], Set[int]] = OrderedDict()
     for tp in plan:
         if tp.pattern != "structured":
-            raise ValueError(f"compact removes whole slices, but the plan prunes {tp.name} with pattern "
-                             f"{tp.pattern!r}; apply such plans with prunekit.masking.apply")
+            raise PrunekitError(f"compact removes whole slices, but the plan prunes {tp.name} with pattern "
+                             f"{tp.pattern!r}; apply such plans with prunekit.apply.masking.apply")
         if tp.name not in tensors:
-            raise KeyError(f"the plan prunes {tp.name!r}, which {type(model).__name__} does not have")
+            raise UnknownNameError(f"the plan prunes {tp.name!r}, which {type(model).__name__} does not have")
         if tuple(tensors[tp.name].shape) != tuple(tp.shape):
-            raise ValueError(f"the plan was made for {tp.name} of shape {tuple(tp.shape)}, the model's is "
+            raise PrunekitError(f"the plan was made for {tp.name} of shape {tuple(tp.shape)}, the model's is "
                              f"{tuple(tensors[tp.name].shape)} (compact the original or masked model, once)")
         pruned.setdefault((tp.name, tp.dim), set()).update(tp.pruned_idx or [])
     for g in plan.meta.get("groups", []):
@@ -197,10 +217,10 @@ def _cuts_by_module(model: nn.Module, pruned: Mapping[Tuple[str, int], Set[int]]
             continue
         size = tensors[name].shape[dim]
         if max(idx) >= size or min(idx) < 0:
-            raise ValueError(f"the plan prunes index {max(idx)} of {name} along dim {dim}, which has {size}")
+            raise PrunekitError(f"the plan prunes index {max(idx)} of {name} along dim {dim}, which has {size}")
         keep = torch.tensor(sorted(set(range(size)) - set(idx)), dtype=torch.long)
         if keep.numel() == 0:
-            raise ValueError(f"the plan removes all {size} slices of {name} along dim {dim}; "
+            raise PrunekitError(f"the plan removes all {size} slices of {name} along dim {dim}; "
                              "keep at least one (min_keep >= 1)")
         mod_name, _, attr = name.rpartition(".")
         cuts.setdefault(mod_name, {}).setdefault(attr, {})[dim] = keep
@@ -231,13 +251,8 @@ def _shapes_of(out: Any) -> Any:
 def _run_eval(model: nn.Module, example_inputs) -> Any:
     """Run once in eval mode, so BatchNorm statistics do not move; training flags are restored."""
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with eval_mode(model):
         return _shapes_of(model(*inputs))
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def check_runs(slim: nn.Module, example_inputs, original: Optional[nn.Module] = None) -> None:
@@ -245,13 +260,13 @@ def check_runs(slim: nn.Module, example_inputs, original: Optional[nn.Module] = 
     try:
         got = _run_eval(slim, example_inputs)
     except Exception as e:
-        raise ValueError(f"the compacted model fails on example_inputs ({type(e).__name__}: {e}); the plan "
+        raise PrunekitError(f"the compacted model fails on example_inputs ({type(e).__name__}: {e}); the plan "
                          "probably removes slices without their coupled slices — make it with "
                          "prunekit.surgery.plan_groups") from e
     if original is not None:
         want = _run_eval(original, example_inputs)
         if got != want:
-            raise ValueError(f"the compacted model returns shapes {got}, the original {want}: the plan prunes "
+            raise PrunekitError(f"the compacted model returns shapes {got}, the original {want}: the plan prunes "
                              "the model's outputs — make it with prunekit.surgery.plan_groups")
 
 
@@ -266,7 +281,7 @@ def compact(model: nn.Module, plan: Plan, example_inputs=None) -> nn.Module:
     modules = dict(model.named_modules())
     missing = [f"{n} ({type(modules[n]).__name__})" for n in cuts if handler_for(modules[n]) is None]
     if missing:
-        raise ValueError(f"no layer handler for {', '.join(missing)}; register one with "
+        raise PrunekitError(f"no layer handler for {', '.join(missing)}; register one with "
                          "@prunekit.surgery.register_layer_handler(YourLayer)")
     slim = copy.deepcopy(model)
     _strip(slim)
@@ -285,7 +300,7 @@ def _refresh(model: nn.Module, skip: Mapping[str, Any] = ()) -> None:
     """Let refresh handlers recompute attributes that depend on their (sliced) children."""
     for name, m in model.named_modules():
         h = handler_for(m)
-        if h is not None and getattr(h, "refresh", False) and name not in skip:
+        if h is not None and h.refresh and name not in skip:
             h(m, {})
 
 
@@ -301,7 +316,8 @@ def compact_shapes(model: nn.Module) -> Dict[str, Any]:
     for name, m in model.named_modules():
         tensors = OrderedDict((k, list(v.shape)) for k, v in list(m._parameters.items()) + list(m._buffers.items())
                               if v is not None and not k.endswith((masking.MASK_SUFFIX, masking.ORIG_SUFFIX)))
-        attrs = getattr(handler_for(m), "attrs", ())
+        h = handler_for(m)
+        attrs = h.attrs if h is not None else ()
         if not tensors and not attrs:
             continue
         out[name] = {"type": type(m).__name__, "tensors": tensors,
@@ -312,7 +328,7 @@ def compact_shapes(model: nn.Module) -> Dict[str, Any]:
 def _resize(module: nn.Module, attr: str, shape: Sequence[int], where: str) -> None:
     old = getattr(module, attr, None)
     if not isinstance(old, torch.Tensor):
-        raise ValueError(f"{where}: the model has no tensor {attr!r}")
+        raise PrunekitError(f"{where}: the model has no tensor {attr!r}")
     if list(old.shape) == list(shape):
         return
     new = torch.zeros(tuple(shape), dtype=old.dtype, device=old.device)
@@ -328,7 +344,7 @@ def rebuild(original: nn.Module, shapes: Mapping[str, Any]) -> nn.Module:
     Tensors whose shape changed are zero-filled: load the compacted state_dict into the result.
     """
     if not isinstance(shapes, Mapping) or shapes.get("format") != SHAPES_FORMAT:
-        raise ValueError(f"not a prunekit shapes record: expected format {SHAPES_FORMAT!r}")
+        raise PrunekitError(f"not a prunekit shapes record: expected format {SHAPES_FORMAT!r}")
     model = copy.deepcopy(original)
     _strip(model)
     modules = dict(model.named_modules())
@@ -339,7 +355,7 @@ def rebuild(original: nn.Module, shapes: Mapping[str, Any]) -> nn.Module:
             m.__class__ = slim_cls   # the class compaction switched to (same tensors, new forward)
         if m is None or type(m).__name__ != spec["type"]:
             found = type(m).__name__ if m is not None else "nothing"
-            raise ValueError(f"shapes describe module {name!r} as {spec['type']}, the model has {found} "
+            raise PrunekitError(f"shapes describe module {name!r} as {spec['type']}, the model has {found} "
                              "there: rebuild needs the architecture the model was compacted from")
         for attr, shape in spec["tensors"].items():
             _resize(m, attr, shape, f"module {name!r}")

@@ -6,7 +6,7 @@ slice of channel ``c``; then ``aggregate`` over members: ``sum`` (default),
 ``mean``, ``max``, or ``first`` (the group's first producer only).
 
 :func:`plan_groups` returns an ordinary :class:`prunekit.plan.Plan` with one
-structured TensorPlan per (member tensor, dim), so :func:`prunekit.masking.apply`
+structured TensorPlan per (member tensor, dim), so :func:`prunekit.apply.masking.apply`
 zeroes all coupled slices and :func:`prunekit.surgery.compact` removes them.
 A tensor sliced along two dims (a hidden layer loses rows *and* columns) has two
 entries: the first under its name, the second under ``"<name>#dim<d>"``
@@ -23,11 +23,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .. import masking
-from ..api import compute_scores
-from ..plan import Amount, Plan, TensorPlan, _check_choice, select
-from ..threshold import full_scores
-from .graph import ChannelGraph, Group, Member, build_groups
+from prunekit._util import check_choice
+from prunekit.apply import masking
+from prunekit.criteria.score import compute_scores
+from prunekit.errors import PrunekitError
+from prunekit.plan import Plan, TensorPlan
+from prunekit.select.amount import Amount
+from prunekit.select.ranking import select
+from prunekit.select.threshold import full_scores
+from prunekit.surgery.graph import ChannelGraph, Group, Member, build_groups
 
 AGGREGATES = ("sum", "mean", "max", "first")
 
@@ -58,9 +62,9 @@ def group_scores(model: nn.Module, graph: ChannelGraph, criterion="l1", *, norm:
     Tensors are scored one at a time (each score tensor is dropped before the next),
     so memory stays at one tensor's scores whatever the model size.
     """
-    _check_choice(aggregate, AGGREGATES, "aggregate")
+    check_choice(aggregate, AGGREGATES, "aggregate")
     if not (isinstance(norm, (int, float)) and norm > 0):
-        raise ValueError(f"norm={norm!r} must be a positive number (1, 2, float('inf'), ...)")
+        raise PrunekitError(f"norm={norm!r} must be a positive number (1, 2, float('inf'), ...)")
     groups = graph.prunable()
     uses: Dict[str, List[Tuple[Group, Member]]] = OrderedDict()
     for g in groups:
@@ -183,13 +187,13 @@ def plan_groups(model: nn.Module, example_inputs, amount: Amount, *, criterion="
     globs whose output channels are kept. Pass ``graph`` to reuse :func:`build_groups`.
     """
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise ValueError(f"round_to={round_to!r} must be a positive int (e.g. 8) or None")
+        raise PrunekitError(f"round_to={round_to!r} must be a positive int (e.g. 8) or None")
     graph = ChannelGraph.from_dict(graph.to_dict()) if graph is not None else \
         build_groups(model, example_inputs, leaf_modules=leaf_modules, exact=exact)
     _mark_protected(graph, [protect] if isinstance(protect, str) else list(protect))
     groups = graph.prunable()
     if not groups:
-        raise ValueError("no prunable channel group in this model:\n" + graph.describe())
+        raise PrunekitError("no prunable channel group in this model:\n" + graph.describe())
     normalize = (scope == "global") if normalize is None else normalize
     scores = group_scores(model, graph, criterion, norm=norm, aggregate=aggregate, normalize=normalize,
                           seed=seed, stats=stats)

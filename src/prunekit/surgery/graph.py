@@ -31,7 +31,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..registry import Registry
+from prunekit.errors import PrunekitError
+from prunekit.registry import Registry
 
 ROLES = ("producer", "consumer", "channelwise")
 
@@ -501,7 +502,7 @@ class _ShapeRecorder(fx.Interpreter):
         try:
             out = super().run_node(n)
         except Exception as e:
-            raise ValueError(f"running the model on example_inputs failed at node '{n.name}' "
+            raise PrunekitError(f"running the model on example_inputs failed at node '{n.name}' "
                              f"({n.op} {n.target}): {e}") from e
         self.shapes[n] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         return out
@@ -640,10 +641,8 @@ def build_groups(model: nn.Module, example_inputs, *, leaf_modules: Sequence[str
     neurons, whose removal changes no shape outside the block. Without such blocks the
     :class:`TraceError` names the module where tracing stopped.
     """
-    from . import attention, rules  # noqa: F401  (registers the built-in rules)
-
     if example_inputs is None:
-        raise ValueError("build_groups needs example_inputs (e.g. torch.randn(2, 3, 32, 32)) to learn shapes")
+        raise PrunekitError("build_groups needs example_inputs (e.g. torch.randn(2, 3, 32, 32)) to learn shapes")
 
     try:
         gm = trace(model, leaf_modules)

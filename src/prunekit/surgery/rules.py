@@ -7,6 +7,12 @@ channels). Ops without a rule block every group that reaches them.
 Channel dim conventions: Conv/BatchNorm put channels on dim 1, Linear/LayerNorm
 on the last dim. Elementwise ops keep the tag where it is (checked against the
 recorded shapes, so e.g. a pad that adds channels is caught).
+
+Helpers for writing your own rules (``@register_module_rule(MyLayer)``), public and used by the
+built-ins: :func:`param_name` (a dotted parameter name), :func:`node_arg` (an fx node's argument by
+position or keyword), :func:`produce` (a new group for a layer's output channels: weight rows and
+bias), :func:`consume` (a layer reads a group through its weight's input dim), and the rules
+:func:`linear_rule` / :func:`batchnorm_rule` to delegate to from a wrapper layer.
 """
 from __future__ import annotations
 
@@ -20,15 +26,22 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import (FUNCTION_RULES, METHOD_RULES, Propagation, Seg, Tag, describe_node,
-                    register_module_rule)
+from prunekit.surgery.graph import (
+    FUNCTION_RULES,
+    METHOD_RULES,
+    Propagation,
+    Seg,
+    Tag,
+    describe_node,
+    register_module_rule,
+)
 
 
-def _p(module_name: str, attr: str) -> str:
+def param_name(module_name: str, attr: str) -> str:
     return f"{module_name}.{attr}" if module_name else attr
 
 
-def _arg(node: fx.Node, i: int, key: str, default: Any = None) -> Any:
+def node_arg(node: fx.Node, i: int, key: str, default: Any = None) -> Any:
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(key, default)
@@ -36,37 +49,37 @@ def _arg(node: fx.Node, i: int, key: str, default: Any = None) -> Any:
 
 # ----------------------------------------------------------------------------- modules
 
-def _produce(prop: Propagation, name: str, module: nn.Module, channels: int, dim: int) -> Tag:
+def produce(prop: Propagation, name: str, module: nn.Module, channels: int, dim: int) -> Tag:
     """A new group for the output channels of a Linear/Conv: weight rows and bias entries."""
     g = prop.new_group(channels)
-    prop.add(g, _p(name, "weight"), 0, "producer")
+    prop.add(g, param_name(name, "weight"), 0, "producer")
     if getattr(module, "bias", None) is not None:
-        prop.add(g, _p(name, "bias"), 0, "producer")
+        prop.add(g, param_name(name, "bias"), 0, "producer")
     return Tag(dim, (Seg(g),))
 
 
-def _consume(prop: Propagation, t: Optional[Tag], weight: str, wdim: int) -> None:
+def consume(prop: Propagation, t: Optional[Tag], weight: str, wdim: int) -> None:
     for s in (t.segs if t is not None else ()):
         prop.add(s.group, weight, wdim, "consumer", s)
 
 
 @register_module_rule(nn.Linear)
-def _linear(prop: Propagation, node: fx.Node, name: str, module: nn.Linear) -> Tag:
+def linear_rule(prop: Propagation, node: fx.Node, name: str, module: nn.Linear) -> Tag:
     x = node.args[0]
     t, last = prop.tag(x), len(prop.shape(x)) - 1
     if t is not None and t.dim != last:
         # a Linear over another dim would leave two channel dims in its output
         prop.block(t, f"{describe_node(prop, node)} is applied over dim {last}, not over the channels")
     elif t is not None:
-        _consume(prop, t, _p(name, "weight"), 1)
-    return _produce(prop, name, module, module.out_features, last)
+        consume(prop, t, param_name(name, "weight"), 1)
+    return produce(prop, name, module, module.out_features, last)
 
 
 def _channelwise(prop: Propagation, t: Tag, name: str, attrs: Sequence[Tuple[str, str]]) -> None:
     """Per-channel tensors (BN statistics, depthwise filters): each segment is a member."""
     for s in t.segs:
         for attr, kind in attrs:
-            prop.add(s.group, _p(name, attr), 0, "channelwise", s, kind)
+            prop.add(s.group, param_name(name, attr), 0, "channelwise", s, kind)
 
 
 @register_module_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -77,8 +90,8 @@ def _conv(prop: Propagation, node: fx.Node, name: str, module: nn.Conv2d) -> Opt
         t = None
     g = module.groups
     if g == 1:
-        _consume(prop, t, _p(name, "weight"), 1)
-        return _produce(prop, name, module, module.out_channels, 1)
+        consume(prop, t, param_name(name, "weight"), 1)
+        return produce(prop, name, module, module.out_channels, 1)
     if g == module.in_channels == module.out_channels:
         # depthwise: output channel c is input channel c filtered; both go together
         attrs = [("weight", "param")] + ([("bias", "param")] if module.bias is not None else [])
@@ -108,7 +121,7 @@ def _grouped_conv(prop: Propagation, node: fx.Node, name: str, module: nn.Conv2d
         g = prop.find(seg.group)
         for attr in ("weight", "bias"):
             if getattr(module, attr, None) is not None:
-                prop.add(g, _p(name, attr), 0, "channelwise", Seg(g, inner=cout_g))
+                prop.add(g, param_name(name, attr), 0, "channelwise", Seg(g, inner=cout_g))
         return Tag(1, (Seg(g, inner=cout_g),))
     why = (f"grouped convolution {name} (groups={G}) loses whole conv-groups only, together with their input "
            "channels, which cannot be removed here")
@@ -116,7 +129,7 @@ def _grouped_conv(prop: Propagation, node: fx.Node, name: str, module: nn.Conv2d
     g = prop.new_group(G)
     for attr in ("weight", "bias"):
         if getattr(module, attr, None) is not None:
-            prop.add(g, _p(name, attr), 0, "producer", Seg(g, inner=cout_g))
+            prop.add(g, param_name(name, attr), 0, "producer", Seg(g, inner=cout_g))
     prop.block_group(g, why)
     return Tag(1, (Seg(g, inner=cout_g),))
 
@@ -144,7 +157,7 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @register_module_rule(*_BN)
-def _batchnorm(prop: Propagation, node: fx.Node, name: str, module: nn.BatchNorm2d) -> Optional[Tag]:
+def batchnorm_rule(prop: Propagation, node: fx.Node, name: str, module: nn.BatchNorm2d) -> Optional[Tag]:
     t = prop.tag(node.args[0])
     if t is None:
         return None
@@ -195,7 +208,7 @@ def _flatten_module(prop: Propagation, node: fx.Node, name: str, module: nn.Flat
     return _flatten(prop, node, node.args[0], module.start_dim, module.end_dim)
 
 
-_ELEMENTWISE_MODULES = (
+ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
     nn.Hardsigmoid, nn.Hardtanh, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Identity,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -205,7 +218,7 @@ _ELEMENTWISE_MODULES = (
 )
 
 
-@register_module_rule(*_ELEMENTWISE_MODULES)
+@register_module_rule(*ELEMENTWISE_MODULES)
 def _elementwise_module(prop: Propagation, node: fx.Node, name: str, module: nn.Module) -> Optional[Tag]:
     if getattr(module, "return_indices", False):
         prop.block(prop.tag(node.args[0]), f"{describe_node(prop, node)} returns indices")
@@ -320,7 +333,7 @@ def _transpose(prop: Propagation, node: fx.Node) -> Optional[Tag]:
     if t is None:
         return None
     nd = len(prop.shape(x))
-    a, b = int(_arg(node, 1, "dim0")) % nd, int(_arg(node, 2, "dim1")) % nd
+    a, b = int(node_arg(node, 1, "dim0")) % nd, int(node_arg(node, 2, "dim1")) % nd
     return Tag({a: b, b: a}.get(t.dim, t.dim), t.segs)
 
 
@@ -364,12 +377,12 @@ def _block_all(prop: Propagation, tagged, reason: str) -> None:
 
 def _cat(prop: Propagation, node: fx.Node) -> Optional[Tag]:
     """torch.cat along the channels: the result's channels are the inputs' groups, offset."""
-    tensors = list(_arg(node, 0, "tensors"))
+    tensors = list(node_arg(node, 0, "tensors"))
     tags = [prop.tag(x) for x in tensors]
     if all(t is None for t in tags):
         return None
     nd = len(prop.shape(node))
-    dim = int(_arg(node, 1, "dim", 0)) % nd
+    dim = int(node_arg(node, 1, "dim", 0)) % nd
     tagged = [(x, t) for x, t in zip(tensors, tags) if t is not None]
     if any(t.dim != dim for t in tags if t is not None):
         # along another dim the inputs are stacked: every input must carry the same channels
@@ -394,8 +407,8 @@ def _reduce(prop: Propagation, node: fx.Node) -> Optional[Tag]:
     t = prop.tag(x)
     if t is None:
         return None
-    dims = _arg(node, 1, "dim")
-    keep = bool(_arg(node, 2, "keepdim", False))
+    dims = node_arg(node, 1, "dim")
+    keep = bool(node_arg(node, 2, "keepdim", False))
     nd = len(prop.shape(x))
     if dims is None or (isinstance(dims, (tuple, list)) and len(dims) == 0):
         return _block_all(prop, [(x, t)], f"{describe_node(prop, node)} reduces over the channels")
@@ -455,7 +468,7 @@ def _chunk(prop: Propagation, node: fx.Node) -> None:
     if t is None:
         return None
     shape = prop.shape(x)
-    n, dim = int(_arg(node, 1, "chunks")), int(_arg(node, 2, "dim", 0)) % len(shape)
+    n, dim = int(node_arg(node, 1, "chunks")), int(node_arg(node, 2, "dim", 0)) % len(shape)
     if dim != t.dim:
         return _pieces(prop, node, t, dim, len(range(0, shape[dim], -(-shape[dim] // n))))
     desc = describe_node(prop, node)
@@ -486,14 +499,14 @@ def _chunk(prop: Propagation, node: fx.Node) -> None:
 def _split(prop: Propagation, node: fx.Node) -> None:
     """torch.split along other dims keeps the channels; along them the sizes are literals: blocked."""
     def count(shape, dim):
-        sizes = _arg(node, 1, "split_size_or_sections")
+        sizes = node_arg(node, 1, "split_size_or_sections")
         return len(sizes) if isinstance(sizes, (list, tuple)) else len(range(0, shape[dim], int(sizes)))
-    return _split_like(prop, node, int(_arg(node, 2, "dim", 0)), count,
+    return _split_like(prop, node, int(node_arg(node, 2, "dim", 0)), count,
                        "splits the channels into fixed sizes (use chunk, or keep them)")
 
 
 def _unbind(prop: Propagation, node: fx.Node) -> None:
-    return _split_like(prop, node, int(_arg(node, 1, "dim", 0)), lambda shape, dim: shape[dim],
+    return _split_like(prop, node, int(node_arg(node, 1, "dim", 0)), lambda shape, dim: shape[dim],
                        "unbinds the channels", drop_dim=True)
 
 
@@ -543,7 +556,7 @@ _register(lambda p, n: _binary(p, n), functions=(
 _register(lambda p, n: _binary(p, n, divide=True), functions=(operator.truediv, operator.itruediv, torch.div),
           methods=("div", "div_"))
 _register(_cat, functions=(torch.cat, torch.concat))
-_register(lambda p, n: _flatten(p, n, n.args[0], _arg(n, 1, "start_dim", 0), _arg(n, 2, "end_dim", -1)),
+_register(lambda p, n: _flatten(p, n, n.args[0], node_arg(n, 1, "start_dim", 0), node_arg(n, 2, "end_dim", -1)),
           functions=(torch.flatten,), methods=("flatten",))
 _register(_reshape, functions=(torch.reshape,), methods=("view", "reshape"))
 _register(_squeeze_like, functions=(torch.squeeze, torch.unsqueeze), methods=("squeeze", "unsqueeze"))

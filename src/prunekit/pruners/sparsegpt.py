@@ -1,0 +1,345 @@
+"""SparseGPT (Frantar & Alistarh 2023): one-shot pruning that also rewrites the kept weights.
+
+For a Linear layer with calibration inputs ``X`` the goal is a sparse ``W'``
+with ``X W'^T`` close to ``X W^T``. With ``H = X^T X`` (plus damping), removing
+weight ``w_ij`` costs ``w_ij^2 / [H^-1]_jj`` and the best correction of the
+weights to its right in that row is ``-w_ij / [H^-1]_jj * H^-1_{j,:}``
+(Optimal Brain Surgeon). SparseGPT walks the columns left to right, using rows
+of the upper Cholesky factor of ``H^-1`` for these updates, and picks the mask
+of each block of ``blocksize`` columns from the weights as they are when the
+block is reached (or N:M within each group of M columns).
+
+Layers go one at a time, in forward order: the inputs of layer k are recorded
+with layers before it already pruned, so later layers correct for earlier
+errors. For a generic ``nn.Module`` that means one pass over the calibration
+data per layer (stopped right after the layer's input is seen); layers that
+read the very same input tensor (q, k, v of an attention block) share one pass
+and one ``H``. Memory: one ``H`` (in_features^2, float64) at a time, plus a copy
+of the original target weights, which are put back if anything fails.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit._util import progress_enabled
+from prunekit.apply import masking
+from prunekit.bits import pack_bits
+from prunekit.criteria.stats import batches, check_reiterable, default_forward, preserved_state
+from prunekit.errors import PrunekitError
+from prunekit.plan import Plan, TensorPlan
+from prunekit.pruners.base import Pruner, register_pruner
+from prunekit.select.nm import parse_nm
+from prunekit.spec import Calibration, PruneSpec
+from prunekit.targets import select_targets
+
+
+class _Stop(Exception):
+    """Raised by a hook once it has what it needs: the rest of the forward is not computed."""
+
+
+# ----------------------------------------------------------------------------- the OBS core
+
+def _check_target(sparsity, nm) -> None:
+    if (sparsity is None) == (nm is None):
+        raise PrunekitError("give exactly one of sparsity (a fraction in [0, 1)) or nm=(N, M)")
+    if nm is not None:
+        parse_nm(nm)
+    elif isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or \
+            isinstance(sparsity, numbers.Integral) or not 0.0 <= sparsity < 1.0:
+        raise PrunekitError(f"sparsity={sparsity!r} must be a fraction in [0, 1)")
+
+
+def _check_options(blocksize, damp) -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise PrunekitError(f"blocksize={blocksize!r} must be a positive int (e.g. 128)")
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not 0.0 <= damp < math.inf:
+        raise PrunekitError(f"damp={damp!r} must be a number >= 0 (a fraction of H's mean diagonal, e.g. 0.01)")
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, dead-input flags)."""
+    H = H.clone()
+    dead = torch.diagonal(H) == 0                # inputs that were always zero: H's row is zero
+    H[dead, dead] = 1.0                          # decoupled from the rest; pruning them costs nothing
+    H.diagonal().add_(damp * float(torch.diagonal(H).mean()))
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        raise PrunekitError("the input Hessian is not positive definite (collinear or too few calibration "
+                         f"rows); raise damp (now {damp}) or give more calibration data")
+    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if int(info) != 0:
+        raise PrunekitError(f"the inverse Hessian is not positive definite; raise damp (now {damp})")
+    return U, dead
+
+
+def _lowest(saliency: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k lowest entries (ties by position); -inf entries (already pruned) always included."""
+    flat = saliency.reshape(-1)
+    k = max(k, int(torch.isneginf(flat).sum()))
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    mask[torch.argsort(flat, stable=True)[:k]] = True
+    return mask.reshape(saliency.shape)
+
+
+def _nm_lowest(saliency: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Per row of a (rows, m) group: prune the m - n lowest (more if more were pruned before)."""
+    order = torch.argsort(saliency, dim=1, stable=True)
+    ranks = torch.arange(m, device=order.device).expand_as(order).contiguous()
+    rank = torch.empty_like(order).scatter_(1, order, ranks)
+    k = torch.clamp(torch.isneginf(saliency).sum(1, keepdim=True), min=m - n)
+    return rank < k
+
+
+def _saliency(W1, d, dead, forced) -> torch.Tensor:
+    s = W1.pow(2) / d.pow(2).reshape(1, -1)
+    s[:, dead] = 0.0
+    if forced is not None:
+        s = s.masked_fill(forced, -math.inf)
+    return s
+
+
+def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Optional[float] = None, *,
+              nm: Optional[Tuple[int, int]] = None, blocksize: int = 128, damp: float = 0.01,
+              keep: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """Prune one (rows, cols) weight given ``H = X^T X``; returns (new weight, keep mask, OBS loss).
+
+    ``sparsity`` is met exactly over the whole tensor (each block gets its share);
+    ``keep`` is a mask of entries still allowed (False = pruned before, stays pruned).
+    """
+    _check_target(sparsity, nm)
+    _check_options(blocksize, damp)
+    W = weight.detach().to(torch.float64).clone()
+    rows, cols = W.shape
+    if tuple(hessian.shape) != (cols, cols):
+        raise PrunekitError(f"hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
+    U, dead = _inverse_cholesky(hessian.detach().to(torch.float64), damp)
+    forced = None if keep is None else ~keep.reshape(rows, cols).bool()
+    if nm is not None:
+        blocksize = -(-blocksize // nm[1]) * nm[1]  # blocks hold whole groups
+    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+    loss = 0.0
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        f1 = None if forced is None else forced[:, i1:i2]
+        W1, d1 = W[:, i1:i2].clone(), torch.diagonal(U)[i1:i2]
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if nm is None:  # the block's share of an exact total: cumulative rounding
+            k = round(sparsity * rows * i2) - round(sparsity * rows * i1)
+            mask1 = _lowest(_saliency(W1, d1, dead[i1:i2], f1), k)
+        err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                g = slice(i, i + nm[1])
+                mask1[:, g] = _nm_lowest(_saliency(W1[:, g], d1[g], dead[i1:i2][g],
+                                                   None if f1 is None else f1[:, g]), *nm)
+            w = W1[:, i]
+            q = w.masked_fill(mask1[:, i], 0.0)
+            err = (w - q) / U[i1 + i, i1 + i]
+            loss += float(err.pow(2).sum()) / 2
+            W1[:, i:] -= err.reshape(-1, 1) * U[i1 + i, i1 + i:i2].reshape(1, -1)
+            W1[:, i] = q  # exact zeros (the update above gives them only up to rounding)
+            err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= err1 @ U[i1:i2, i2:]
+        pruned[:, i1:i2] = mask1
+    return W.to(weight.dtype), ~pruned, loss
+
+
+# ----------------------------------------------------------------------------- the model driver
+
+def _linear_targets(model: nn.Module, names: Optional[Sequence[str]]) -> Dict[str, nn.Linear]:
+    if names is None:
+        names = select_targets(model, types=["Linear"])
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise PrunekitError("no layers to prune: names is empty")
+    out = {}
+    for name in names:
+        module, pname = masking.owner_of(model, name)
+        if pname != "weight" or not isinstance(module, nn.Linear):
+            raise PrunekitError(f"sparsegpt prunes the weights of nn.Linear layers; {name} is the {pname!r} "
+                             f"of a {type(module).__name__}")
+        out[name] = module
+    return out
+
+
+def _record_calls(model: nn.Module, targets: Dict[str, nn.Linear], batch, forward_fn):
+    """Forward order of the targets on one batch, grouped where consecutive layers read the very same
+    tensor (their inputs do not depend on each other); also how often each layer is called."""
+    calls: List[Tuple[str, torch.Tensor]] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, _n=n: calls.append((_n, args[0])))
+               for n, m in targets.items()]
+    try:
+        forward_fn(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    count: Dict[str, int] = {}
+    for n, _ in calls:
+        count[n] = count.get(n, 0) + 1
+    missing = [n for n in targets if n not in count]
+    if missing:
+        raise PrunekitError(f"calibration never reached {', '.join(missing)} (not called in the forward); "
+                         "exclude it (names=...) or check forward_fn")
+    groups: List[List[str]] = []
+    prev = None
+    for n, x in calls:
+        if any(n in g for g in groups):
+            prev = (n, x)  # a later call of a layer used twice: its first call placed it
+            continue
+        if prev is not None and prev[1] is x and count[n] == 1 and count[prev[0]] == 1 and prev[0] in groups[-1]:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+        prev = (n, x)
+    return groups, count
+
+
+def _hessian(model: nn.Module, module: nn.Linear, data, forward_fn, max_batches, stop_early: bool):
+    """``X^T X / rows`` of the module's inputs over the calibration data (float64)."""
+    cols = module.in_features
+    acc = {"H": torch.zeros(cols, cols, dtype=torch.float64, device=module.weight.device), "rows": 0}
+
+    def hook(mod, args):
+        x = args[0].detach().reshape(-1, cols).float()
+        acc["H"] += (x.T @ x).double()  # float32 products, float64 sum over batches
+        acc["rows"] += x.shape[0]
+        if stop_early:
+            raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        for batch in batches(data, max_batches, False, "sparsegpt"):
+            try:
+                forward_fn(model, batch)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return acc["H"] / max(acc["rows"], 1)
+
+
+def _skip_nm(targets: Dict[str, nn.Linear], nm, notes: List[str]) -> Dict[str, nn.Linear]:
+    if nm is None:
+        return targets
+    kept = {n: m for n, m in targets.items() if m.in_features % nm[1] == 0}
+    for n in targets.keys() - kept.keys():
+        notes.append(f"skipped {n}: N:M needs the input dimension ({targets[n].in_features}) divisible by "
+                     f"M={nm[1]}")
+    if not kept:
+        raise PrunekitError(f"no selected layer can take the {nm[0]}:{nm[1]} pattern: " + "; ".join(notes))
+    return kept
+
+
+@dataclass
+class _Job:
+    """What the layer loop needs; ``backup`` holds the original weights of the layers done so far."""
+
+    model: nn.Module
+    targets: Dict[str, nn.Linear]
+    data: Iterable
+    forward_fn: Callable[[nn.Module, Any], Any]
+    max_batches: Optional[int]
+    obs: Dict[str, Any]                      # obs_prune's options
+    current: Dict[str, torch.Tensor]         # masks the model carried before
+    plan: Plan
+    backup: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def sparsegpt_prune(model: nn.Module, data: Iterable, sparsity: Optional[float] = None, *,
+                    nm: Optional[Tuple[int, int]] = None, names: Optional[Sequence[str]] = None,
+                    blocksize: int = 128, damp: float = 0.01, seed: int = 0,
+                    forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
+                    max_batches: Optional[int] = None, progress: Optional[bool] = None) -> Plan:
+    """Prune the Linear layers ``names`` (default: all but the classifier) one-shot with SparseGPT.
+
+    ``sparsity`` (fraction per layer) or ``nm=(N, M)``. ``data`` is re-iterated once
+    per layer (a list or a DataLoader; see :mod:`prunekit.criteria.stats` for
+    ``forward_fn``). Writes the reconstructed weights, applies the masks with
+    :func:`prunekit.apply.masking.apply` and returns the Plan (masks only: re-applying it
+    to another copy gives the masks, not the reconstruction). SparseGPT has no
+    randomness; ``seed`` is recorded for a uniform API. On any error the model is
+    left as it was.
+    """
+    _check_target(sparsity, nm)
+    _check_options(blocksize, damp)
+    check_reiterable(data, "sparsegpt")
+    nm = None if nm is None else parse_nm(nm)
+    notes: List[str] = []
+    targets = _skip_nm(_linear_targets(model, names), nm, notes)
+    plan = Plan(meta={"criterion": "sparsegpt", "scope": "layer",
+                      "pattern": "unstructured" if nm is None else "nm", "amount": sparsity,
+                      "nm": list(nm) if nm else None, "blocksize": blocksize, "damp": damp, "seed": seed,
+                      "targets": list(targets), "obs_loss": {}}, notes=notes)
+    job = _Job(model, targets, data, forward_fn or default_forward, max_batches,
+               dict(sparsity=sparsity, nm=nm, blocksize=blocksize, damp=damp), masking.masks(model), plan)
+    try:
+        with preserved_state(model), torch.no_grad():
+            first = next(iter(data), None)
+            if first is None:
+                raise PrunekitError("the calibration data yielded no batch")
+            groups, count = _record_calls(model, targets, first, job.forward_fn)
+            _prune_groups(job, groups, count, progress)
+        masking.apply(model, plan)
+    except BaseException:
+        with torch.no_grad():
+            for name, w in job.backup.items():  # leave the model as it was
+                targets[name].weight.copy_(w)
+        raise
+    return plan
+
+
+def _prune_groups(job: _Job, groups: List[List[str]], count: Dict[str, int], progress: Optional[bool]) -> None:
+    for group in tqdm(groups, desc="sparsegpt", leave=False, disable=not progress_enabled(progress)):
+        # a layer called more than once per forward sees all its calls: no early stop then
+        H = _hessian(job.model, job.targets[group[0]], job.data, job.forward_fn, job.max_batches,
+                     stop_early=count[group[0]] == 1)
+        for name in group:
+            w = job.targets[name].weight
+            new, keep, loss = obs_prune(w, H, job.obs["sparsity"], nm=job.obs["nm"],
+                                        blocksize=job.obs["blocksize"], damp=job.obs["damp"],
+                                        keep=job.current.get(name))
+            job.backup[name] = w.detach().clone()
+            w.copy_(new)
+            job.plan.tensors[name] = _tensor_plan(name, keep, job.obs["nm"])
+            job.plan.meta["obs_loss"][name] = loss
+        del H
+
+
+def _tensor_plan(name: str, keep: torch.Tensor, nm) -> TensorPlan:
+    pattern = "unstructured" if nm is None else "nm"
+    return TensorPlan(name, tuple(keep.shape), pattern, units=keep.numel(), pruned_units=int((~keep).sum()),
+                      keep_bits=pack_bits(keep.reshape(-1).cpu()), nm=None if nm is None else tuple(nm))
+
+
+# ----------------------------------------------------------------------------- prune(criterion="sparsegpt")
+
+@register_pruner("sparsegpt")
+class SparseGPTPruner(Pruner):
+    """``prunekit.prune(model, amount, criterion="sparsegpt", data=...)``: a PruneSpec mapped onto
+    :func:`sparsegpt_prune` (Linear layers by default; ``blocksize``, ``damp``, ``max_batches``, ``progress``)."""
+
+    patterns = ("unstructured", "nm")
+    scopes = ("layer", "row")  # every layer (every row) to the same sparsity
+    options = ("blocksize", "damp", "max_batches", "progress")
+
+    def prune(self, model: nn.Module, amount, spec: PruneSpec, calib: Calibration, **options: Any) -> Plan:
+        if calib.data is None:
+            raise PrunekitError("sparsegpt needs calibration data: prune(..., criterion='sparsegpt', data=batches)")
+        if calib.stats is not None or calib.loss_fn is not None:
+            raise PrunekitError("sparsegpt collects its own statistics from data=...: it takes no stats or loss_fn")
+        names = select_targets(model, types=["Linear"] if spec.types is None else spec.types, include=spec.include,
+                               exclude=spec.exclude, include_classifier=spec.include_classifier)
+        common = dict(names=names, seed=spec.seed, forward_fn=calib.forward_fn, **options)
+        if spec.pattern == "nm":
+            return sparsegpt_prune(model, calib.data, nm=spec.nm, **common)
+        if amount is None:
+            raise PrunekitError("amount is required: a fraction in [0, 1)")
+        return sparsegpt_prune(model, calib.data, amount, **common)
