@@ -16,7 +16,7 @@ import importlib as _importlib
 
 from prunekit._version import __version__
 from prunekit.api import plan_pruning, prune
-from prunekit.apply.masking import apply as apply_plan
+from prunekit.apply.masking import apply as apply_plan, keep_masks
 from prunekit.criteria.base import Criterion, register_criterion
 from prunekit.deploy.io import load, save
 from prunekit.errors import PrunekitError
@@ -27,7 +27,7 @@ from prunekit.train.loop import finetune
 _SUBPACKAGES = ("criteria", "select", "plan", "apply", "pruners", "surgery", "train", "analysis", "deploy", "zoo",
                 "report", "spec", "targets", "errors", "advise", "experiment", "registry", "bits")
 
-__all__ = ["__version__", "prune", "plan_pruning", "apply_plan", "finetune", "save", "load", "Plan", "PruneSpec",
+__all__ = ["__version__", "prune", "plan_pruning", "apply_plan", "keep_masks", "finetune", "save", "load", "Plan", "PruneSpec",
            "Calibration", "Criterion", "register_criterion", "PrunekitError", *_SUBPACKAGES]
 
 

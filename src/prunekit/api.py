@@ -13,14 +13,15 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Tuple
 
+import torch
 from torch import nn
 
 from prunekit.apply import masking
 from prunekit.apply.biascorr import apply_with_correction
-from prunekit.criteria.base import data_aware, get_criterion
+from prunekit.criteria.base import CRITERIA, data_aware, get_criterion
 from prunekit.criteria.score import compute_scores
 from prunekit.criteria.stats import FEATURE_LAYERS, calibrate
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, UnknownNameError
 from prunekit.plan import Plan
 from prunekit.pruners import PRUNERS
 from prunekit.select.amount import Amount
@@ -48,9 +49,11 @@ def plan_pruning(model: nn.Module, amount: Optional[Amount] = None, *, spec: Opt
 
 
 def _plan(model: nn.Module, amount: Optional[Amount], spec: PruneSpec, calib: Calibration) -> Plan:
+    _check_nm_amount(amount, spec)
     crit = _criterion(spec, calib)
     names = select_targets(model, types=spec.types, include=spec.include, exclude=spec.exclude,
                            include_classifier=spec.include_classifier)
+    _check_finite(model, names)
     stats = calib.stats
     if calib.data is not None:
         stats = calibrate(crit.collector, model, calib.data, names, forward_fn=calib.forward_fn,
@@ -69,11 +72,35 @@ def _plan(model: nn.Module, amount: Optional[Amount], spec: PruneSpec, calib: Ca
     return plan
 
 
+def _check_finite(model: nn.Module, names) -> None:
+    """NaN or inf weights would be ranked arbitrarily (or survive pruning): refused, naming the tensor."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name in names:
+        p = params[name].detach()
+        if not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise PrunekitError(f"{name} holds {bad} NaN or infinite weight(s): prunekit cannot rank them; fix the "
+                                "model (a diverged training run?) or exclude the tensor")
+
+
+def _check_nm_amount(amount: Optional[Amount], spec: PruneSpec) -> None:
+    """N:M fixes the sparsity (1 - N/M): another amount cannot be honoured, so it is refused, not ignored."""
+    if spec.pattern != "nm" or amount is None:
+        return
+    n, m = spec.nm
+    if isinstance(amount, bool) or not isinstance(amount, float) or abs(amount - (1 - n / m)) > 1e-9:
+        raise PrunekitError(f"pattern='nm' with nm=({n}, {m}) prunes exactly {1 - n / m:g} of each group; "
+                            f"amount={amount!r} cannot be honoured: leave amount out (or choose another nm)")
+
+
 def _criterion(spec: PruneSpec, calib: Calibration):
     """The criterion, with clear errors for calibration arguments it cannot use, before anything runs."""
     if isinstance(spec.criterion, str) and spec.criterion in PRUNERS:
         raise PrunekitError(f"{spec.criterion} rewrites the kept weights, so it cannot only plan: use "
                             f"prunekit.prune(model, amount, criterion={spec.criterion!r}, data=...)")
+    if isinstance(spec.criterion, str) and spec.criterion not in CRITERIA:
+        raise UnknownNameError(f"unknown criterion {spec.criterion!r}; known: "
+                               f"{', '.join(CRITERIA.names() + PRUNERS.names())}")
     crit = get_criterion(spec.criterion)
     if calib.data is not None and not crit.needs_data:
         raise PrunekitError(f"data=... is used by data-aware criteria only ({', '.join(data_aware())}, or "

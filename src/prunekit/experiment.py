@@ -35,14 +35,16 @@ from prunekit.apply.masking import global_sparsity
 from prunekit.criteria import calibrate, get_criterion
 from prunekit.deploy import io
 from prunekit.errors import PrunekitError
+from prunekit.pruners import PRUNERS
 from prunekit.select.amount import resolve_amount
 from prunekit.select.ranking import PATTERNS, SCOPES
+from prunekit.spec import SPEC_FIELDS, PruneSpec
 from prunekit.surgery import compact, plan_groups
 from prunekit.targets import select_targets
 from prunekit.train import distributed
 from prunekit.train.callbacks import gradual_prune, iterative_prune
 from prunekit.train.loop import finetune
-from prunekit.zoo.data import example_batch, get_loaders
+from prunekit.zoo.data import data_record, example_batch, get_loaders
 from prunekit.zoo.models import build_model
 
 log = logging.getLogger("prunekit")
@@ -98,7 +100,7 @@ def dense_model(model: str, model_kwargs: Dict[str, Any], train, test, info: Dic
     finetune(net, train, desc="dense training", progress=progress, checkpoint=_ckpt(checkpoint_dir, "dense"),
              **train_cfg)
     if cache and distributed.is_main():   # under torchrun every rank trained the same model
-        io.save(net, folder, metadata={"accuracy": evaluate(net, test)["accuracy"]})
+        io.save(net, folder, metadata={"accuracy": evaluate(net, test)["accuracy"], "data": data_record(info)})
     distributed.barrier()
     return net, False
 
@@ -136,17 +138,46 @@ def _check_method(method: Dict[str, Any]) -> None:
     for s in method.get("sparsities") or []:
         resolve_amount(s, 1_000_000, what="sparsity")
     crit = pk.get("criterion", "l1")
-    if crit == "sparsegpt":   # a pruner, not a score: one-shot unstructured or N:M only
-        if method["kind"] != "oneshot" or pk.get("pattern", "unstructured") == "structured":
-            raise PrunekitError(f"method {method.get('name')!r}: criterion sparsegpt rewrites weights; it works "
-                             "with kind oneshot and pattern unstructured or nm")
+    pruner = PRUNERS.get(crit) if isinstance(crit, str) and crit in PRUNERS else None
+    if pruner is not None:   # a whole-model pruner, not a score: one-shot, with the patterns it declares
+        if method["kind"] != "oneshot" or pk.get("pattern", "unstructured") not in pruner.patterns:
+            raise PrunekitError(f"method {method.get('name')!r}: criterion {crit} rewrites weights; it works "
+                                f"with kind oneshot and pattern {' or '.join(pruner.patterns)}")
     else:
         get_criterion(crit)
-    if pk.get("bias_correction") and (crit == "sparsegpt" or method["kind"] == "surgery"):
+    if pk.get("bias_correction") and (pruner is not None or method["kind"] == "surgery"):
         raise PrunekitError(f"method {method.get('name')!r}: bias_correction is for masking criteria with kind "
-                         "oneshot, gradual or iterative (sparsegpt rewrites weights itself; surgery removes units)")
+                            "oneshot, gradual or iterative (a pruner rewrites weights itself; surgery removes units)")
+    if method["kind"] == "surgery" and pk.get("pattern", "structured") not in ("structured", "unstructured"):
+        # surgery removes whole channels / neurons / heads: it has no other pattern to honour
+        raise PrunekitError(f"method {method.get('name')!r}: kind surgery removes whole channels, so pattern "
+                            f"{pk['pattern']!r} cannot be honoured (use kind oneshot for N:M)")
     check_choice(pk.get("scope", "layer"), SCOPES + ("row",), "scope")   # row: per output row (Wanda)
     check_choice(pk.get("pattern", "unstructured"), PATTERNS, "pattern")
+    PruneSpec(**{k: v for k, v in pk.items() if k in SPEC_FIELDS})        # nm, dim, norm, seed... checked now
+
+
+def _check_against_model(config: Dict[str, Any], info: Dict[str, Any]) -> None:
+    """What only the architecture can settle (a structured ``dim`` each selected tensor has, the layers a
+    pattern matches), checked on a shape-only (meta device) copy before the dense model trains for minutes."""
+    if config.get("checkpoint"):
+        return
+    kwargs = {"num_classes": info["num_classes"], **config.get("model_kwargs", {})}
+    with torch.device("meta"):
+        probe = build_model(config["model"], **kwargs)
+    params = dict(probe.named_parameters())
+    for method in config["methods"]:
+        pk = method.get("prune", {})
+        if method["kind"] == "surgery":
+            continue
+        names = select_targets(probe, types=pk.get("types"), include=pk.get("include"), exclude=pk.get("exclude"),
+                               include_classifier=pk.get("include_classifier", False))
+        dim = pk.get("dim", 0)
+        for name in names if pk.get("pattern") == "structured" else ():
+            nd = params[name].dim()
+            if not -nd <= dim < nd:
+                raise PrunekitError(f"method {method.get('name')!r}: dim={dim} is out of range for {name} with {nd} "
+                                    f"dims (allowed {-nd}..{nd - 1})")
 
 
 def _ckpt(folder: Optional[Path], name: str) -> Optional[Path]:
@@ -273,7 +304,7 @@ def run_method(dense: nn.Module, method: Dict[str, Any], train, test, info: Dict
     entry = {"name": method["name"], "label": method.get("label", method["name"]), "kind": method["kind"],
              "prune": method.get("prune", {}), "points": [_strip(p) for p in points], "final": _strip(final),
              "layers": final["layers"], "notes": list(notes)}
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     dense_params = dict(dense.named_parameters())
     heat = {f"{method['name']}/{n}": (dense_params[n].detach().clone(), params[n].detach().clone())
             for n in heat_layers if n in params}
@@ -296,10 +327,7 @@ def masks_digest(model: nn.Module) -> str:
     plan = getattr(model, "_prunekit_plan", None)   # a compacted model: its channels are gone, not masked
     if plan is not None:
         h.update(plan.to_json().encode())
-    for name, keep in sorted(masking.masks(model).items()):
-        h.update(name.encode())
-        h.update(keep.numpy().tobytes())
-    return h.hexdigest()[:16]
+    return masking.digest(model, h)
 
 
 # ----------------------------------------------------------------------------- whole experiments
@@ -321,6 +349,7 @@ def run_experiment(config: Dict[str, Any], *, progress: Optional[bool] = None,
     train, test, info = get_loaders(config.get("data", "mnist"), batch_size=config.get("batch_size", 128),
                                     seed=seed, limit_train=config.get("limit_train"),
                                     limit_test=config.get("limit_test"))
+    _check_against_model(config, info)
     if config.get("checkpoint"):
         dense, cached = io.load(config["checkpoint"]), True
     else:
@@ -330,6 +359,7 @@ def run_experiment(config: Dict[str, Any], *, progress: Optional[bool] = None,
     results = results_skeleton(config.get("title", f"prunekit: {config.get('model')} on {info['name']}"),
                                config, measure(dense, test, info))
     results["dense"]["from_cache"] = cached
+    results["data"] = data_record(info)
     heat_layers = config.get("heat_layers") or select_targets(dense)[:2]
     heatmaps, models = {}, {}
     for method in config["methods"]:

@@ -73,6 +73,20 @@ class TensorPlan:
             d["keep_bits"] = base64.b64encode(self.keep_bits.numpy().tobytes()).decode("ascii")
         return d
 
+    def _check_structured(self) -> None:
+        """A structured entry names slices that exist: dim in range, indices in [0, size), no repeats."""
+        if self.pattern != "structured":
+            return
+        if not isinstance(self.dim, int) or isinstance(self.dim, bool) or not 0 <= self.dim < len(self.shape):
+            raise PrunekitError(f"dim={self.dim!r} is not a dim of shape {list(self.shape)}")
+        idx, size = self.pruned_idx or [], self.shape[self.dim]
+        if not isinstance(idx, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < size
+                                            for i in idx):
+            raise PrunekitError(f"pruned_idx must be a list of slice indices in [0, {size}) along dim {self.dim}")
+        if len(set(idx)) != len(idx) or len(idx) != self.pruned_units or self.units != size:
+            raise PrunekitError(f"pruned_idx ({len(idx)} entries) disagrees with units={self.units}, "
+                                f"pruned_units={self.pruned_units} of a dim of {size}")
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TensorPlan":
         try:
@@ -82,11 +96,13 @@ class TensorPlan:
                 bits = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
                 if bits.numel() != (math.prod(d["shape"]) + 7) // 8:
                     raise PrunekitError("keep_bits length does not match the shape")
-            return cls(name=str(d["name"]), shape=tuple(int(s) for s in d["shape"]),
-                       pattern=str(d["pattern"]), units=int(d["units"]),
-                       pruned_units=int(d["pruned_units"]), keep_bits=bits, dim=d.get("dim"),
-                       pruned_idx=d.get("pruned_idx"), nm=tuple(d["nm"]) if d.get("nm") else None,
-                       floor_hit=bool(d.get("floor_hit", False)), coupled_to=d.get("coupled_to"))
+            tp = cls(name=str(d["name"]), shape=tuple(int(s) for s in d["shape"]),
+                     pattern=str(d["pattern"]), units=int(d["units"]),
+                     pruned_units=int(d["pruned_units"]), keep_bits=bits, dim=d.get("dim"),
+                     pruned_idx=d.get("pruned_idx"), nm=tuple(d["nm"]) if d.get("nm") else None,
+                     floor_hit=bool(d.get("floor_hit", False)), coupled_to=d.get("coupled_to"))
+            tp._check_structured()
+            return tp
         except (KeyError, TypeError, ValueError) as e:
             raise PrunekitError(f"malformed plan entry {d.get('name', '?')!r}: {e}") from e
 
@@ -118,8 +134,8 @@ class Plan:
     def from_json(cls, text: str) -> "Plan":
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PrunekitError(f"not a prunekit plan (invalid JSON: {e})") from e
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+            raise PrunekitError(f"not a prunekit plan (invalid JSON: {str(e)[:200]})") from e
         if not isinstance(d, dict) or d.get("format") != "prunekit.plan/1":
             raise PrunekitError("not a prunekit plan: expected format 'prunekit.plan/1'")
         entries = d.get("tensors", [])

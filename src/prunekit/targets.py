@@ -60,12 +60,14 @@ def select_targets(model: nn.Module, *, types=None, include: Patterns = None, ex
     Default: the weights of Linear and Conv layers, without the final classifier
     (pruning it hurts accuracy most and saves least). ``include``/``exclude`` are
     glob patterns matched against module or parameter names (``"features.*"``).
+    A tensor shared by several modules (tied weights) is selected once, under the
+    first selected name: pruning it prunes it under all its names.
     """
     classes = _type_matcher(types)
     inc, exc = _as_list(include), _as_list(exclude)
     clf = None if include_classifier else classifier_name(model)
-    found = []
-    for mod_name, module in model.named_modules():
+    found, seen = [], set()
+    for mod_name, module in model.named_modules(remove_duplicate=False):
         p = module._parameters.get(param)
         if p is None and (param + "_orig") in module._parameters:
             raise PrunekitError(f"{mod_name}.{param} is pruned by torch.nn.utils.prune; call "
@@ -79,6 +81,9 @@ def select_targets(model: nn.Module, *, types=None, include: Patterns = None, ex
             continue
         if mod_name == clf and not (inc and _matches(name, mod_name, inc)):
             continue  # an explicit include still wins over the classifier default
+        if id(p) in seen:
+            continue  # tied: already selected under another name
+        seen.add(id(p))
         found.append(name)
     for pat in inc:
         if not any(fnmatch.fnmatchcase(n, pat) or fnmatch.fnmatchcase(n.rpartition(".")[0], pat) for n in found):
@@ -94,7 +99,7 @@ def select_targets(model: nn.Module, *, types=None, include: Patterns = None, ex
 def owner_of(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
     """(module, attribute) of a dotted parameter name, with a helpful error."""
     mod_name, _, pname = name.rpartition(".")
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied tensors answer to every name
     if name not in params and name + "_orig" in params:
         raise PrunekitError(f"{name} is pruned by torch.nn.utils.prune (it has {pname}_orig); call "
                          f"torch.nn.utils.prune.remove(module, {pname!r}) before using prunekit")

@@ -29,6 +29,7 @@ from timm_compat import import_timm
 from torch import nn
 
 from prunekit.apply import masking
+from prunekit.errors import PrunekitError
 from prunekit.plan import Plan
 from prunekit.surgery import LAYER_HANDLERS, compact, compact_shapes, plan_groups, rebuild
 from prunekit.surgery.graph import BLOCK_RULES, FUNCTION_RULES, METHOD_RULES, MODULE_RULES, trace, type_key
@@ -466,7 +467,7 @@ def test_registered_type_masked_and_compacted_agree(key, variant):
         cut = _cut_tensors(plan)
         assert any(n.startswith(f"{o}.") for o in owners for n in cut), f"the plan cuts nothing in a {key}"
     if key in BLOCK_RULES:
-        assert any(n.startswith(f"{o}.") for o in owners for n in _cut_tensors(plan))
+        assert any(n.startswith(f"{o}.") for o in owners for n in _cut_tensors(plan)), f"no group inside the {key}"
 
 
 def test_every_registered_type_has_a_case():
@@ -670,20 +671,28 @@ def test_every_method_rule_has_a_case():
     assert not missing, f"method rules without a tiny network in METHOD_CASES: {missing}"
 
 
-# ----------------------------------------------------------------------------- known gap
+# ----------------------------------------------------------------------------- sizes read into values
 
-@pytest.mark.xfail(strict=True, reason="the metadata rule treats x.shape / x.size() as channel-neutral, but the "
-                                       "channel count read into arithmetic changes after compaction")
-@pytest.mark.parametrize("read", ["shape", "size"])
-def test_channel_count_read_into_values_is_not_silently_changed(read):
-    """Either the group is kept whole, or the compacted model still computes what the masked one does."""
-    count = (lambda h: h.shape[1]) if read == "shape" else (lambda h: h.size(1))
+@pytest.mark.parametrize("read", ["shape", "size", "numel", "whole_shape"])
+def test_channel_count_read_into_a_value_keeps_the_channels(read):
+    """``h * h.shape[1]`` would change after compaction: the group is kept whole, with the reason."""
+    count = {"shape": lambda h: h.shape[1], "size": lambda h: h.size(1), "numel": lambda h: h.numel(),
+             "whole_shape": lambda h: h.shape[1:].numel()}[read]
     case = around(_L, lambda h: h * count(h))()
-    try:
-        plan = plan_groups(case.model, case.inputs, AMOUNT)
-    except ValueError:   # no prunable group: the rule refused, which is fine
+    if read == "whole_shape":
+        with pytest.raises(PrunekitError, match="no prunable channel group"):
+            plan_groups(case.model, case.inputs, AMOUNT)
         return
+    with pytest.raises(PrunekitError, match="reads the channel count into a value"):
+        plan_groups(case.model, case.inputs, AMOUNT)
+
+
+def test_channel_count_read_into_a_shape_follows_compaction():
+    """The same count used as a shape argument (through integer arithmetic) stays prunable and exact."""
+    case = around(_L, lambda h: h.reshape(h.shape[0], h.shape[1] * 1).view(h.size(0), -1))()
+    plan = plan_groups(case.model, case.inputs, AMOUNT)
     masked = copy.deepcopy(case.model)
     masking.apply(masked, plan)
     slim = compact(case.model, plan, example_inputs=case.inputs)
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in case.model.parameters())
     assert torch.allclose(_out(slim, case.inputs), _out(masked, case.inputs), atol=ATOL)

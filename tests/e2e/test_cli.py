@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -378,3 +379,47 @@ def test_prune_under_torchrun_with_two_processes(tmp_path):
     assert proc.stdout.count("pruned model:") == 1
     model = prunekit.load(tmp_path / "run" / "model")
     assert prunekit.apply.global_sparsity(model) == pytest.approx(0.5, abs=1e-2)
+
+
+def test_surgery_with_an_nm_pattern_is_refused_before_training(pruned):
+    # issue 11.5: --schedule surgery --pattern nm exited 0 having done structured surgery
+    _, cwd, _ = pruned
+    cache = Path(os.environ["PRUNEKIT_CACHE_DIR"])
+    before = set(cache.glob("dense-*"))
+    proc = cli(["prune", "--recipe", "recipe.yaml", "--seed", 4243, "--limit-train", 100, "--schedule", "surgery",
+                "--pattern", "nm", "--out", "bad_nm", "--no-progress"], cwd)
+    _user_error(proc, "pattern 'nm' cannot be honoured")
+    assert set(cache.glob("dense-*")) == before
+
+
+def test_eval_uses_the_data_the_model_was_trained_on(pruned, tmp_path):
+    # issue 11.8: a model trained on other data was scored on MNIST by default, without a word
+    proc, cwd, out = pruned
+    _ok(proc)
+    spec = json.loads((out / "model" / "model.json").read_text())
+    assert spec["metadata"]["data"]["name"] == "mnist" and spec["metadata"]["data"]["input_shape"] == [1, 28, 28]
+    other = tmp_path / "digits_model"   # the same weights, recorded as trained on 8x8 digits
+    shutil.copytree(out / "model", other)
+    spec["metadata"]["data"] = {**spec["metadata"]["data"], "name": "digits", "input_shape": [1, 8, 8]}
+    (other / "model.json").write_text(json.dumps(spec))
+    refused = cli(["eval", other, "--data", "mnist", "--limit-test", 50], cwd)
+    _user_error(refused, "trained on digits")
+    ok = _ok(cli(["eval", out / "model", "--limit-test", 50], cwd))      # default: the recorded mnist, no note
+    assert "note" not in ok.stderr
+    spec["metadata"]["data"] = {**spec["metadata"]["data"], "name": "idx:/elsewhere/fashion", "input_shape": [1, 28, 28]}
+    (other / "model.json").write_text(json.dumps(spec))
+    noted = _ok(cli(["eval", other, "--data", "mnist", "--limit-test", 50], cwd))  # same shape: said, not refused
+    assert "trained on idx:/elsewhere/fashion, evaluating on mnist" in noted.stderr
+
+
+@pytest.mark.parametrize("flags,said", [(["--pattern", "nm", "--nm", "4:4"], "0 < N < M"),
+                                        (["--pattern", "structured", "--dim", 5], "dim=5 is out of range")])
+def test_pattern_options_are_checked_before_training(pruned, flags, said):
+    # issue 11.6: --nm 4:4 and --dim 5 were only rejected after the dense model trained
+    _, cwd, _ = pruned
+    cache = Path(os.environ["PRUNEKIT_CACHE_DIR"])
+    before = set(cache.glob("dense-*"))
+    proc = cli(["prune", "--recipe", "recipe.yaml", "--seed", 4244, "--limit-train", 100, *flags,
+                "--out", "bad_flags", "--no-progress"], cwd)
+    _user_error(proc, said)
+    assert set(cache.glob("dense-*")) == before

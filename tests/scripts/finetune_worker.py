@@ -96,7 +96,8 @@ def run_job(job):
         callbacks.append(pruner)
         opt = dict(optimizer="adam", lr=0.01)
     else:
-        prunekit.prune(model, 0.5, scope="global", include_classifier=True)
+        if not job.get("fresh"):  # a fresh model (no masks) takes weights and masks from the checkpoint
+            prunekit.prune(model, 0.5, scope="global", include_classifier=True)
         opt = dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3)
     callbacks.append(recorder)
     if job.get("kill_at"):

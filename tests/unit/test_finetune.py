@@ -372,3 +372,66 @@ def test_version_1_checkpoints_still_resume(mlp_factory, tmp_path):
     state = finetune(resumed, _loader(), epochs=2, checkpoint=path)
     assert state.step == 2 * len(_loader())
     assert json.dumps(state.history) == "[]"
+
+
+def _interrupted(model, ckpt, **kw):
+    with pytest.raises(KeyboardInterrupt):
+        finetune(model, _loader(), epochs=2, checkpoint=ckpt, checkpoint_every=1, callbacks=[_Kill(3)], **kw)
+    assert ckpt.is_file()
+
+
+@pytest.mark.parametrize("change,said", [
+    (dict(amount=0.9), "masks differ"),                      # issue 11.3: came back 50% sparse
+    (dict(optimizer="adam"), "optimizer='sgd' then, 'adam' now"),
+    (dict(lr=0.5), "lr=0.05 then, 0.5 now"),
+    (dict(weight_decay=1e-2), "weight_decay=0.0 then, 0.01 now"),
+])
+def test_resume_refuses_a_checkpoint_of_another_run(mlp_factory, tmp_path, change, said):
+    first = mlp_factory()
+    prunekit.prune(first, 0.5)
+    _interrupted(first, tmp_path / "c.pt", lr=0.05)
+    again = mlp_factory()
+    prunekit.prune(again, change.pop("amount", 0.5))
+    before = {k: v.clone() for k, v in again.state_dict().items()}
+    with pytest.raises(prunekit.PrunekitError, match=said):
+        finetune(again, _loader(), epochs=2, checkpoint=tmp_path / "c.pt", **{"lr": 0.05, **change})
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in before.items())  # refused before any change
+
+
+def test_resume_with_the_same_masks_and_options_continues(mlp_factory, tmp_path):
+    first = mlp_factory()
+    prunekit.prune(first, 0.5)
+    _interrupted(first, tmp_path / "c.pt", lr=0.05)
+    again = mlp_factory()
+    prunekit.prune(again, 0.5)
+    state = finetune(again, _loader(), epochs=2, checkpoint=tmp_path / "c.pt", lr=0.05)
+    assert state.step == 2 * len(_loader())
+
+
+def test_a_float16_run_that_diverges_says_why():
+    # issue 11.6: a diverging float16 AdamW fine-tune blamed the learning rate
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).half()
+    data = [(torch.randn(8, 16).half() * 100, torch.randint(0, 4, (8,))) for _ in range(20)]
+    with pytest.raises(FloatingPointError, match="float16.*GradScaler"):
+        finetune(m, data, epochs=3, lr=10.0, optimizer="adamw", progress=False,
+                 loss_fn=lambda out, y: nn.functional.cross_entropy(out.float(), y))
+
+
+def test_overflowed_gradients_never_reach_the_weights(mlp):
+    class InfGrad(torch.autograd.Function):  # a finite loss whose gradient overflows
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("inf")
+
+    class Blowup(nn.Module):
+        def forward(self, out, y):
+            return nn.functional.cross_entropy(InfGrad.apply(out), y)
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="were not updated"):
+        finetune(mlp, _loader(), epochs=1, lr=0.1, loss_fn=Blowup(), progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in mlp.state_dict().items())

@@ -280,3 +280,39 @@ def test_old_spec_without_checksum_still_loads(pruned, saved):
     rewrite_spec(saved, lambda d: d.pop("weights_sha256"))
     back = io.load(saved)
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in pruned.state_dict().items())
+
+
+def _peak_rss_growth_mb(fn):
+    """Peak RSS growth (MB) while fn runs, from a fresh high-water mark (Linux /proc)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    fn()
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return (int(status["VmHWM"].split()[0]) - int(status["VmRSS"].split()[0])) / 1024
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_spec_model_kwargs_that_would_allocate_gigabytes_are_refused_first(pruned, tmp_path, compressed):
+    # issue 11.1: "hidden": [268435456] tried to build a 16 GiB MLP before any check
+    folder = io.save(pruned, tmp_path / "m", compressed=compressed)
+    spec = json.loads((folder / io.SPEC).read_text())
+    spec["model"]["kwargs"]["hidden"] = [268435456]
+    (folder / io.SPEC).write_text(json.dumps(spec))
+    errors = []
+
+    def load():
+        with pytest.raises(prunekit.PrunekitError, match="does not match the saved tensors") as e:
+            prunekit.load(folder)
+        errors.append(e)
+
+    assert _peak_rss_growth_mb(load) < 100 and errors
+
+
+def test_spec_shapes_edited_to_match_huge_kwargs_are_refused_by_the_weights_header(pruned, tmp_path):
+    folder = io.save(pruned, tmp_path / "m")
+    spec = json.loads((folder / io.SPEC).read_text())
+    spec["model"]["kwargs"]["hidden"] = [268435456, 32]
+    spec["shapes"]["layers.0.weight"] = [268435456, 40]
+    (folder / io.SPEC).write_text(json.dumps(spec))
+    with pytest.raises(prunekit.PrunekitError, match="does not match its spec"):
+        prunekit.load(folder)

@@ -144,3 +144,44 @@ def test_masked_model_runs_the_plain_forward_path():
         for name, keep in masking.masks(m).items():
             plain.get_parameter(name).mul_(keep)
     assert torch.allclose(m(x), plain(x), atol=1e-6)  # the same function as a plain model with zeroed weights
+
+
+def _own_loop(model, optimizer, steps=5, seed=0):
+    """A user's plain training loop (no prunekit): SGD with momentum and weight decay revives pruned weights."""
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 64)
+        loss = model(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_a_users_own_loop_revives_pruned_weights_and_keep_masks_prevents_it(mlp, tmp_path):
+    # issue 11.2: 806 pruned entries non-zero after one epoch of SGD with momentum, then save/load differed
+    prunekit.prune(mlp, 0.8)
+    plain = copy.deepcopy(mlp)
+    _own_loop(plain, torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3))
+    assert sum(masking.revived(plain).values()) > 0          # what happens without the guard
+    with pytest.raises(prunekit.PrunekitError, match="keep_masks"):
+        prunekit.save(plain, tmp_path / "revived")            # refused: the reloaded model would differ
+    assert not (tmp_path / "revived").exists()
+
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    guard = prunekit.keep_masks(opt, mlp)
+    _own_loop(mlp, opt)
+    assert masking.revived(mlp) == {}
+    for name, keep in masking.masks(mlp).items():              # momentum of pruned entries stays clean too
+        buf = opt.state[mlp.get_parameter(name)]["momentum_buffer"]
+        assert torch.equal(buf[~keep], torch.zeros_like(buf[~keep]))
+    folder = prunekit.save(mlp, tmp_path / "kept")
+    assert torch.equal(prunekit.load(folder, copy.deepcopy(mlp))(torch.ones(2, 64)), mlp(torch.ones(2, 64)))
+    guard.remove()
+    _own_loop(mlp, opt)
+    assert masking.revived(mlp)                                # the hooks are really gone
+
+
+def test_keep_masks_refuses_what_is_not_an_optimizer(mlp):
+    prunekit.prune(mlp, 0.5)
+    with pytest.raises(prunekit.PrunekitError, match="torch.optim.Optimizer"):
+        prunekit.keep_masks(mlp, mlp)

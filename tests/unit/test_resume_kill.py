@@ -49,7 +49,8 @@ def runs(tmp_path_factory):
     codes = {v: _finish(p) for v, p in killed.items()}
     after_kill = {v: read_checkpoint(d / f"{v}.pt") for v in VARIANTS}
     tmp_left = (d / "dataloader.pt.tmp").is_file()
-    resume = _start([{"variant": v, "ckpt": str(d / f"{v}.pt"), "out": str(d / f"{v}.final"), "model_seed": 7}
+    resume = _start([{"variant": v, "ckpt": str(d / f"{v}.pt"), "out": str(d / f"{v}.final"), "model_seed": 7,
+                      "fresh": True}
                      for v in VARIANTS])
     code, err = _finish(resume)
     assert code == 0, err

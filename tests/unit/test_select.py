@@ -1,3 +1,5 @@
+import copy
+import json
 import math
 
 import pytest
@@ -202,3 +204,87 @@ def test_custom_criterion_plugs_in_with_one_decorator(mlp):
 def test_criterion_returning_wrong_shape_is_rejected(mlp):
     with pytest.raises(ValueError, match="expected a tensor of shape"):
         prunekit.prune(mlp, 0.5, criterion=lambda p, ctx: torch.zeros(3))
+
+
+def _tied(seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    m[1].weight = m[0].weight  # tied, as every HF LM ties embeddings and lm_head
+    return m
+
+
+@pytest.mark.parametrize("options", [{}, {"scope": "global"}, {"exclude": "0"}, {"criterion": "random"}])
+def test_a_tied_tensor_is_pruned_once_under_all_its_names(options, tmp_path):
+    # issue 11.4: KeyError: unknown parameter '1.weight' with default options
+    m = _tied()
+    plan = prunekit.prune(m, 0.5, **options)
+    assert len([n for n in plan.tensors if n in ("0.weight", "1.weight")]) == 1
+    assert m[1].weight is m[0].weight and float((m[0].weight == 0).float().mean()) == pytest.approx(0.5)
+    back = prunekit.load(prunekit.save(m, tmp_path / "t"), _tied(1))
+    x = torch.randn(4, 8)
+    assert back[1].weight is back[0].weight and torch.equal(back(x), m(x))
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def test_options_that_cannot_be_honoured_are_refused_not_ignored():
+    # issue 11.5: pattern="bogus" with scope="row" ran; pattern="nm" with 0.9 silently gave 50%
+    m = _mlp()
+    with pytest.raises(prunekit.PrunekitError, match="unknown pattern 'bogus'"):
+        prunekit.prune(m, 0.5, pattern="bogus", scope="row")
+    with pytest.raises(prunekit.PrunekitError, match="amount=0.9 cannot be honoured"):
+        prunekit.prune(m, 0.9, pattern="nm")
+    assert not prunekit.apply.masks(m)
+    prunekit.prune(m, 0.5, pattern="nm", nm="2:4")   # the implied amount, or none, is fine; "N:M" strings too
+    assert prunekit.apply.global_sparsity(m) == pytest.approx(0.5)
+
+
+def test_amount_zero_is_a_no_op():
+    m = _mlp()
+    before = copy.deepcopy(m.state_dict())
+    plan = prunekit.prune(m, 0.0)
+    assert all(tp.pruned_units == 0 for tp in plan)
+    assert not prunekit.apply.masks(m) and list(m.state_dict()) == list(before)
+
+
+@pytest.mark.parametrize("options", [{}, {"scope": "row"}, {"scope": "global"}, {"pattern": "nm"},
+                                     {"criterion": "random"}, {"pattern": "structured"}])
+def test_nan_weights_are_refused_by_every_path_naming_the_tensor(options):
+    m = _mlp()
+    with torch.no_grad():
+        m[2].weight[3, 5] = float("nan")
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(prunekit.PrunekitError, match=r"2\.weight holds 1 NaN"):
+        prunekit.prune(m, None if options.get("pattern") == "nm" else 0.5, **options)
+    assert not prunekit.apply.masks(m)
+    assert all(torch.equal(v, before[k]) or torch.isnan(v).any() for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("idx,said", [([999], r"in \[0, 16\)"), ([-1], r"in \[0, 16\)"), ([1, 1], "disagrees")])
+def test_a_structured_plan_naming_slices_that_do_not_exist_is_refused(idx, said):
+    m = _mlp()
+    plan = prunekit.plan_pruning(m, 0.25, pattern="structured")
+    doc = json.loads(plan.to_json())
+    entry = next(e for e in doc["tensors"] if e["name"] == "2.weight")
+    entry.update(pruned_idx=idx, pruned_units=len(idx))
+    with pytest.raises(prunekit.PrunekitError, match=said):
+        Plan.from_json(json.dumps(doc))
+
+
+def test_deeply_nested_plan_json_is_a_clear_error():
+    with pytest.raises(prunekit.PrunekitError, match="not a prunekit plan"):
+        Plan.from_json("[" * 100_000 + "]" * 100_000)
+
+
+def test_a_global_target_the_floor_prevents_is_said_in_notes_and_on_stderr():
+    # issue 11.7: global ranking at 99.9% reached 98.89% without a word
+    m = _mlp()
+    with pytest.warns(UserWarning, match="target not reached"):
+        plan = prunekit.prune(m, 0.999, scope="global")
+    assert any("target not reached" in n and "min_keep=0.01" in n for n in plan.notes)
+    with pytest.warns(UserWarning, match="every unit of"):
+        plan = prunekit.prune(_mlp(), 0.999, pattern="structured", min_keep=0)
+    assert any("every unit of 0.weight" in n for n in plan.notes)

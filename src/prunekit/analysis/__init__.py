@@ -5,14 +5,14 @@
 - :mod:`~prunekit.analysis.sensitivity`: per-layer sensitivity curves and sparsity allocation.
 """
 from prunekit.analysis.metrics import (
-                                       count_macs,
-                                       count_parameters,
-                                       evaluate,
-                                       format_table,
-                                       layer_table,
-                                       measure_latency,
-                                       size_on_disk,
-                                       summarize,
+    count_macs,
+    count_parameters,
+    evaluate,
+    format_table,
+    layer_table,
+    measure_latency,
+    size_on_disk,
+    summarize,
 )
 from prunekit.analysis.nm_check import validate_nm
 from prunekit.analysis.sensitivity import SensitivityResult, allocation_plan, analyze, apply_allocation

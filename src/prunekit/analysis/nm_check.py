@@ -33,7 +33,7 @@ def validate_nm(model: nn.Module, n: int, m: int, names: Optional[Iterable[str]]
     without masks, every weight with 2 or more dims.
     """
     n, m = parse_nm((n, m))
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     bad: Dict[str, str] = {}
     for name in _targets(model, names):
         worst = max_nonzeros(params[name], m, dim)

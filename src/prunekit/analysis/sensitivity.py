@@ -378,7 +378,7 @@ def analyze(model: nn.Module, evaluate: Evaluator, *, sparsities: Sequence[float
     names, grid = _validate(model, names, sparsities, criterion, pattern, metric)
     _check_select_kwargs(select_kwargs)
     score = evaluator(evaluate, metric, max_batches)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     masks = masking.masks(model)
     base = {n: float((~masks[n]).float().mean()) if n in masks else 0.0 for n in names}
     bar = tqdm(total=len(names) * len(grid) + 1, desc="sensitivity", disable=not progress_enabled(progress),

@@ -8,17 +8,20 @@ The other applier, physical removal, is :mod:`prunekit.surgery`.
 """
 from prunekit.apply import biascorr, masking
 from prunekit.apply.masking import (
-                                    MaskEnforcer,
-                                    apply,
-                                    current_plan,
-                                    enforce,
-                                    global_sparsity,
-                                    is_masked,
-                                    make_permanent,
-                                    masks,
-                                    remove,
-                                    sparsity,
+    MaskEnforcer,
+    MaskGuard,
+    apply,
+    current_plan,
+    enforce,
+    global_sparsity,
+    is_masked,
+    keep_masks,
+    make_permanent,
+    masks,
+    remove,
+    revived,
+    sparsity,
 )
 
 __all__ = ["biascorr", "masking", "MaskEnforcer", "apply", "current_plan", "enforce", "global_sparsity",
-           "is_masked", "make_permanent", "masks", "remove", "sparsity"]
+           "is_masked", "keep_masks", "MaskGuard", "revived", "make_permanent", "masks", "remove", "sparsity"]

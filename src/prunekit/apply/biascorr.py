@@ -82,7 +82,7 @@ def bias_corrections(model: nn.Module, plan: Plan, stats: Mapping[str, Mapping]
 @torch.no_grad()
 def apply_corrections(model: nn.Module, corrections: Mapping[str, torch.Tensor]) -> None:
     """Add the corrections to the biases; entries of a masked bias (a whole output removed) stay zero."""
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     for name, delta in corrections.items():
         params[name].add_(delta)
         mod_name, _, pname = name.rpartition(".")

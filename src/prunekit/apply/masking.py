@@ -13,14 +13,15 @@ them; :func:`load_state_dict` also restores them into a fresh, unmasked model.
 """
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from prunekit.bits import pack_bits, unpack_bits
-from prunekit.errors import PrunekitError
+from prunekit.errors import InvalidTypeError, PrunekitError
 from prunekit.plan import Plan, TensorPlan
 from prunekit.targets import owner_of
 
@@ -75,9 +76,12 @@ def apply(model: nn.Module, plan: Plan, *, keep_original: bool = False) -> nn.Mo
             raise PrunekitError(f"plan for {tp.name} has shape {tuple(tp.shape)}, "
                              f"but the model's tensor has shape {tuple(param.shape)}")
         staged.append((module, pname, param, tp))
+    prunes_nothing = all(tp.pruned_units == 0 for _, _, _, tp in staged)
     for module, pname, param, tp in staged:  # one unpacked mask at a time: memory stays low
-        keep = tp.keep_mask().to(param.device)
         old = get_mask(module, pname)
+        if prunes_nothing and old is None:
+            continue  # amount=0 is a no-op: the model stays plain, no masks added
+        keep = tp.keep_mask().to(param.device)
         if old is not None:
             keep = keep & old
         bits = None if old is not None or tp.keep_bits is None else tp.keep_bits
@@ -135,6 +139,61 @@ class MaskEnforcer:
                 p.grad.masked_fill_(self._cache[name][1], 0.0)
 
 
+class MaskGuard:
+    """What :func:`keep_masks` returns: ``remove()`` takes the optimizer hooks off again."""
+
+    def __init__(self, handles: Sequence[Any]):
+        self._handles = list(handles)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def keep_masks(optimizer: torch.optim.Optimizer, model: nn.Module) -> MaskGuard:
+    """Keep pruned weights at zero in *your own* training loop: hooks on ``optimizer.step``.
+
+    Before each step the gradients of pruned entries are zeroed (so momentum and Adam's moments stay
+    clean); after it the masked entries are zeroed again (weight decay and stale momentum would move
+    them). prunekit's own loops (:func:`prunekit.finetune`) do this already. Masks added later (gradual
+    pruning) are picked up at the next step.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise InvalidTypeError(f"keep_masks needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    enforcer = MaskEnforcer(model)
+    enforcer()  # fills the cache, and zeroes anything revived before the guard was set
+
+    def before_step(*_: Any) -> None:
+        enforcer.zero_grads()
+
+    def after_step(*_: Any) -> None:
+        enforcer()
+
+    return MaskGuard([optimizer.register_step_pre_hook(before_step),
+                      optimizer.register_step_post_hook(after_step)])
+
+
+def digest(model: nn.Module, h: Optional[Any] = None) -> str:
+    """A short hash of every mask (names and bits): equal masks, equal digest. Feeds ``h`` if given."""
+    h = h if h is not None else hashlib.sha256()
+    for name, keep in sorted(masks(model).items()):
+        h.update(name.encode())
+        h.update(keep.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def revived(model: nn.Module) -> Dict[str, int]:
+    """``{name: count}`` of pruned entries that are not zero (a training loop without the masks moved them)."""
+    out = {}
+    with torch.no_grad():
+        for name, module, pname in masked_parameters(model):
+            n = int(module._parameters[pname].masked_select(~get_mask(module, pname)).count_nonzero())
+            if n:
+                out[name] = n
+    return out
+
+
 def remove(model: nn.Module, *, restore: bool = False) -> nn.Module:
     """Drop all masks. ``restore=True`` puts the original values back (needs keep_original)."""
     entries = list(masked_parameters(model))
@@ -162,7 +221,7 @@ def make_permanent(model: nn.Module) -> nn.Module:
 
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
     """``model.load_state_dict`` that also restores prunekit masks into an unmasked model."""
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     added = []
     for key, value in state_dict.items():
         stem = key[: -len(MASK_SUFFIX)] if key.endswith(MASK_SUFFIX) else None
@@ -192,7 +251,7 @@ def sparsity(model: nn.Module) -> Dict[str, float]:
 
 def global_sparsity(model: nn.Module, names: Optional[Sequence[str]] = None) -> float:
     """Fraction of zeros over the given parameters (default: all masked ones)."""
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     names = list(names) if names is not None else [n for n, _, _ in masked_parameters(model)]
     total = sum(params[n].numel() for n in names)
     zeros = sum(int((params[n] == 0).sum()) for n in names)

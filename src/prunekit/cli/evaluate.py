@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from prunekit.cli._common import check_data, dataset_names, listed
+from prunekit.errors import PrunekitError
 
 HELP = "evaluate a saved prunekit model folder: accuracy, params, MACs, size, latency"
 
 
 def add_arguments(p) -> None:
     p.add_argument("model", help="a model folder written by prunekit (e.g. runs/prune/model)")
-    p.add_argument("--data", default="mnist", help=f"dataset: {listed(dataset_names(), 'mnist')}")
+    p.add_argument("--data", default=None, help=f"dataset: {listed(dataset_names())} (default: the one the model "
+                   "was trained on, recorded when it was saved; else mnist)")
     p.add_argument("--limit-test", type=int, help="use only this many test examples")
     p.add_argument("--batch", type=int, default=1, help="batch size of the latency measurement")
     p.add_argument("--threads", type=int, help="torch threads for the latency measurement")
@@ -19,14 +22,33 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
+def _check_same_data(trained_on, info) -> None:
+    """Evaluating on other data than the model saw is allowed (another copy of it, a shifted test set), but it
+    is said; data of another shape or more classes cannot be scored and is refused."""
+    if not trained_on:
+        return
+    if list(info["input_shape"]) != list(trained_on["input_shape"]) or info["num_classes"] > trained_on["num_classes"]:
+        raise PrunekitError(f"the model was trained on {trained_on['name']} (inputs {trained_on['input_shape']}, "
+                            f"{trained_on['num_classes']} classes); {info['name']} has inputs "
+                            f"{list(info['input_shape'])} and {info['num_classes']} classes")
+    if info["name"] != trained_on["name"]:
+        print(f"prunekit eval: note: the model was trained on {trained_on['name']}, evaluating on {info['name']}",
+              file=sys.stderr)
+
+
 def run(args) -> int:
     from prunekit.analysis.metrics import format_table, summarize
     from prunekit.deploy import io
     from prunekit.zoo.data import example_batch, get_loaders
 
-    check_data(args.data)
+    if args.data is not None:
+        check_data(args.data)  # a typo is said before anything is read
+    trained_on = (io.read_spec(args.model).get("metadata") or {}).get("data") or {}
+    data = args.data or trained_on.get("name") or "mnist"
+    check_data(data)
     model = io.load(args.model)
-    _, test, info = get_loaders(args.data, seed=args.seed, limit_test=args.limit_test, limit_train=1)
+    _, test, info = get_loaders(data, seed=args.seed, limit_test=args.limit_test, limit_train=1)
+    _check_same_data(trained_on, info)
     res = summarize(model, example_batch(info, 1), test, batch=args.batch, threads=args.threads)
     layers = res.pop("layers")
     if args.json:

@@ -285,7 +285,7 @@ def _write_outputs(out: Path, config, method, results, heatmaps, models) -> None
     write_run(out, results, heatmaps, config)
     model = models[method["name"]]
     io.save(model, out / "model", compressed=config["save"]["compressed"],
-            metadata={"final": results["methods"][0]["final"]})
+            metadata={"final": results["methods"][0]["final"], "data": results.get("data")})
     plan = getattr(model, "_prunekit_plan", None)   # surgery: the structured plan the slim model came from
     (plan if plan is not None else current_plan(model)).save(out / "plan.json")
     print_summary(results)

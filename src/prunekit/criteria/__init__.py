@@ -8,13 +8,13 @@
 """
 from prunekit.criteria import magnitude, random, taylor, wanda  # noqa: F401  (register the built-ins)
 from prunekit.criteria.base import (
-                                    CRITERIA,
-                                    Criterion,
-                                    ScoreContext,
-                                    criterion_name,
-                                    data_aware,
-                                    get_criterion,
-                                    register_criterion,
+    CRITERIA,
+    Criterion,
+    ScoreContext,
+    criterion_name,
+    data_aware,
+    get_criterion,
+    register_criterion,
 )
 from prunekit.criteria.score import Elementwise, LazyScores, compute_scores
 from prunekit.criteria.stats import COLLECTORS, calibrate, collect, register_collector

@@ -62,8 +62,8 @@ def compute_scores(model: nn.Module, names: Sequence[str], criterion: Union[str,
                    seed: int = 0, stats: Optional[Mapping[str, Dict[str, Any]]] = None) -> Dict[str, ScoreSource]:
     """Lazy scores per parameter: recomputed on demand, never all held at once."""
     crit = get_criterion(criterion)
-    params = dict(model.named_parameters())
-    modules = dict(model.named_modules())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied tensor answers to every name
+    modules = dict(model.named_modules(remove_duplicate=False))
     out: Dict[str, ScoreSource] = {}
     for name in names:
         if name not in params:

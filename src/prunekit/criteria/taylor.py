@@ -53,7 +53,7 @@ class TaylorCollector:
 
     def __init__(self, model: nn.Module, names: Optional[Sequence[str]] = None):
         self.names = resolve_names(model, names, _all_float_params)
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))
         self.params = {n: params[n] for n in self.names}
         bad = [n for n, p in self.params.items() if not p.is_floating_point()]
         if bad:

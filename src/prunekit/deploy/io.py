@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -85,6 +85,12 @@ def save(model: nn.Module, path: PathLike, *, compressed: bool = False, spec: Op
     and run ``to_sparse`` on the machine it will run on.
     """
     folder = Path(path)
+    moved = masking.revived(model)
+    if moved:  # saving them would write values that load() zeroes: the reloaded model would differ
+        raise PrunekitError(
+            f"{sum(moved.values())} pruned weights are not zero ({', '.join(f'{k}: {v}' for k, v in list(moved.items())[:4])}"
+            "): a training loop moved them off their masks. Keep them at zero while training with "
+            "prunekit.keep_masks(optimizer, model), or zero them now with prunekit.apply.enforce(model), then save")
     model, sparse_layers = _dense_equivalent(model)
     sd = _state_for_saving(model)
     tensors, cmeta = (compress_state_dict(sd) if compressed else (sd, None))
@@ -196,6 +202,23 @@ def _check_against_spec(file: Path, doc: Dict[str, Any], sd: Mapping[str, torch.
                              f"the spec says {dtypes.get(k)} {shapes[k]}")
 
 
+def _check_header(file: Path, doc: Dict[str, Any]) -> None:
+    """The weights file's own header (read without loading a tensor) agrees with the spec's shapes: a spec
+    edited on its own cannot make the loader build or allocate anything bigger than what was saved."""
+    if doc.get("compressed"):  # encoded tensors: their decoded shapes are checked in read_state_dict
+        return
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            header = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise PrunekitError(f"{file} is corrupt or truncated (not a readable safetensors file): {e}") from e
+    if header != doc["shapes"]:
+        bad = sorted(set(header) ^ set(doc["shapes"])) or sorted(k for k in header if header[k] != doc["shapes"][k])
+        raise PrunekitError(f"{file} does not match its spec ({SPEC}): tensors {bad[:8]} differ")
+
+
 def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     """The saved tensors (decompressed), read without unpickling anything and checked against the spec."""
     doc = read_spec(path)
@@ -261,7 +284,7 @@ def check_compatible(model: nn.Module, sd: Mapping[str, Any]) -> None:
     own = model.state_dict()
     shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in sd.items()}
     own_names = set(own)
-    params = {n for n, _ in model.named_parameters()}
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     mask_keys = {k for k in sd if k.endswith(masking.MASK_SUFFIX) and k not in own_names
                  and k[: -len(masking.MASK_SUFFIX)] in params}
     missing = sorted(own_names - set(sd))
@@ -287,17 +310,31 @@ def check_compatible(model: nn.Module, sd: Mapping[str, Any]) -> None:
                          + "; ".join(problems))
 
 
+def _build_named(path: PathLike, doc: Dict[str, Any]) -> nn.Module:
+    """The built-in model the spec names, built for real only after a shape-only (meta device) twin of it
+    matched the spec: spec arguments that would allocate more than the saved tensors hold are refused
+    before any memory is taken."""
+    spec = doc.get("model")
+    if not spec:
+        raise PrunekitError(f"{path} was saved from a custom {doc.get('class')} model: "
+                            "pass an instance of it, prunekit.load(path, model)")
+    try:
+        with torch.device("meta"):
+            probe = _shaped(path, doc, build_model(spec["name"], **spec.get("kwargs", {})))
+        check_compatible(probe, doc["shapes"])
+        return build_model(spec["name"], **spec.get("kwargs", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise PrunekitError(f"{Path(path) / SPEC} names a model that cannot be built or does not match the saved "
+                            f"tensors: {e}") from e
+
+
 def _model_for(path: PathLike, doc: Dict[str, Any], model: Optional[nn.Module]) -> nn.Module:
     """The model to load into: the user's, or the built-in one the spec names (slimmed if compacted)."""
-    if model is None:
-        spec = doc.get("model")
-        if not spec:
-            raise PrunekitError(f"{path} was saved from a custom {doc.get('class')} model: "
-                             "pass an instance of it, prunekit.load(path, model)")
-        try:
-            model = build_model(spec["name"], **spec.get("kwargs", {}))
-        except (KeyError, TypeError, ValueError) as e:
-            raise PrunekitError(f"{Path(path) / SPEC} names a model that cannot be built: {e}") from e
+    return _shaped(path, doc, _build_named(path, doc) if model is None else model)
+
+
+def _shaped(path: PathLike, doc: Dict[str, Any], model: nn.Module) -> nn.Module:
+    """``model``, rebuilt at the saved (slim) shapes when the save came after surgery."""
     own = model.state_dict()
     if doc.get("compact_shapes") and any(k in own and list(own[k].shape) != v for k, v in doc["shapes"].items()):
         try:  # saved after surgery: make the slim architecture from the original one
@@ -326,6 +363,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
         sd = read_weights_file(p)
     else:
         doc = read_spec(p)
+        _check_header(p / WEIGHTS, doc)
         model = _model_for(p, doc, model)
         check_compatible(model, doc["shapes"])  # before decoding: a foreign checkpoint costs no allocation
         sd = read_state_dict(p)

@@ -8,7 +8,7 @@ from prunekit.plan import Plan, TensorPlan
 
 def couple_biases(model: nn.Module, plan: Plan) -> None:
     """Rows removed from a weight take their bias entries with them (torch's ln_structured does not)."""
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     for tp in list(plan):
         if tp.pattern != "structured" or tp.dim != 0 or not tp.name.endswith(".weight"):
             continue

@@ -14,6 +14,7 @@ pruned (``current`` masks) count towards it and always stay pruned.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -165,7 +166,29 @@ def select(scores: Mapping[str, ScoreLike], amount: Optional[Amount] = None, *, 
         if hits[n]:
             notes.append(f"{n}: the per-layer floor (min_keep={min_keep}) kept "
                          f"{units[n] - plan.tensors[n].pruned_units} of {units[n]} units")
-    plan.notes = notes
+    wanted = (resolve_amount(amount, sum(units.values())) if scope == "global"
+              else sum(resolve_amount(amount, u) for u in units.values()))
+    plan.notes = notes + _shortfall(plan, wanted, units, min_keep)
+    for note in plan.notes[len(notes):]:
+        warnings.warn(note, PruningShortfall, stacklevel=3)
     return plan
+
+
+class PruningShortfall(UserWarning):
+    """The plan prunes less than asked, or everything: said on stderr and in ``plan.notes``."""
+
+
+def _shortfall(plan: Plan, wanted: int, units: Dict[str, int], min_keep: Amount) -> List[str]:
+    """Notes for a target that was not reached (floors) and for tensors pruned away entirely."""
+    notes = []
+    total, pruned = sum(units.values()), sum(tp.pruned_units for tp in plan)
+    if pruned < wanted:
+        notes.append(f"target not reached: {pruned} of {total} units pruned ({pruned / total:.4%}), "
+                     f"{wanted} asked ({wanted / total:.4%}); the per-layer floor min_keep={min_keep} kept the rest")
+    empty = [tp.name for tp in plan if tp.units and tp.pruned_units == tp.units]
+    if empty:
+        notes.append(f"every unit of {', '.join(empty[:8])} is pruned: all its weights are zero "
+                     "(raise min_keep to keep some)")
+    return notes
 
 

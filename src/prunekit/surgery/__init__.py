@@ -9,35 +9,35 @@
 The masked and the compacted model compute the same outputs.
 """
 from prunekit.surgery import (
-                                    attention,  # noqa: F401  (attention heads, timm and Hugging Face blocks)
-                                    rules,  # noqa: F401,I001  (built-in propagation rules: registered on import)
+    attention,  # noqa: F401  (attention heads, timm and Hugging Face blocks)
+    rules,  # noqa: F401,I001  (built-in propagation rules: registered on import)
 )
 from prunekit.surgery.attention import SlimMultiheadAttention
 from prunekit.surgery.compact import (
-                                    LAYER_HANDLERS,
-                                    LayerHandler,
-                                    check_runs,
-                                    compact,
-                                    compact_shapes,
-                                    handler_for,
-                                    rebuild,
-                                    register_layer_handler,
-                                    same_channels,
-                                    slice_tensors,
+    LAYER_HANDLERS,
+    LayerHandler,
+    check_runs,
+    compact,
+    compact_shapes,
+    handler_for,
+    rebuild,
+    register_layer_handler,
+    same_channels,
+    slice_tensors,
 )
 from prunekit.surgery.criteria import AGGREGATES, group_scores, plan_groups
 from prunekit.surgery.graph import (
-                                    ChannelGraph,
-                                    Group,
-                                    Member,
-                                    Propagation,
-                                    Seg,
-                                    Tag,
-                                    TraceError,
-                                    build_groups,
-                                    register_block_rule,
-                                    register_function_rule,
-                                    register_module_rule,
+    ChannelGraph,
+    Group,
+    Member,
+    Propagation,
+    Seg,
+    Tag,
+    TraceError,
+    build_groups,
+    register_block_rule,
+    register_function_rule,
+    register_module_rule,
 )
 from prunekit.surgery.rules import batchnorm_rule, consume, linear_rule, node_arg, param_name, produce
 

@@ -260,6 +260,8 @@ class Propagation:
         self.groups: List[Group] = []
         self._parent: List[int] = []
         self.direct_uses: Dict[str, str] = {}  # tensor name -> node that reads it outside a module
+        # x.shape / x.size() nodes -> x: an item read from them may be x's channel count (see rules._metadata)
+        self.shape_of: Dict[fx.Node, fx.Node] = {}
 
     # -- groups
     def new_group(self, channels: int) -> int:

@@ -422,6 +422,13 @@ def _reduce(prop: Propagation, node: fx.Node) -> Optional[Tag]:
 def _getitem(prop: Propagation, node: fx.Node) -> Optional[Tag]:
     """x[:, :, None, None], x[..., 0]: basic indexing that leaves the channel dim whole is followed."""
     src, index = node.args
+    if src in prop.shape_of:  # x.shape[i] (a size, maybe the channel count) or x.shape[a:b] (sizes)
+        x, tx = prop.shape_of[src], prop.tag(prop.shape_of[src])
+        if isinstance(index, int):
+            check_size_read(prop, node, x, index)
+        elif isinstance(index, slice) and tx is not None and tx.dim in range(len(prop.shape(x)))[index]:
+            check_size_read(prop, node, x, None)
+        return None
     t = prop.tag(src)
     if t is None:
         if src in prop.tuple_tags:
@@ -527,10 +534,59 @@ def _passthrough(prop: Propagation, node: fx.Node) -> Optional[Tag]:
     return prop.passthrough(node, node.args[0] if node.args else node.kwargs.get("input"))
 
 
+# ops that take a size as their *shape* argument: a channel count read into one of them follows compaction
+SHAPE_METHODS = ("view", "reshape", "expand", "repeat", "new_zeros", "new_ones", "new_empty", "new_full",
+                 "flatten", "unflatten")
+SHAPE_FUNCTIONS = (torch.reshape, torch.zeros, torch.ones, torch.empty, torch.full, torch.rand, torch.randn)
+
+
+SIZE_ARITHMETIC = (operator.mul, operator.add, operator.sub, operator.floordiv, operator.mod, operator.neg)
+
+
+def _used_as_shape(node: fx.Node) -> bool:
+    """Every use of this size ends in a shape argument, through integer arithmetic at most
+    (``h.reshape(-1, h.shape[1] * h.shape[2])`` follows compaction; ``h * h.shape[1]`` does not)."""
+    for u in node.users:
+        if u.op == "call_method" and u.target in SHAPE_METHODS and node is not u.args[0]:
+            continue
+        if u.op == "call_function" and u.target in SHAPE_FUNCTIONS:
+            continue
+        if u.op == "call_function" and u.target in SIZE_ARITHMETIC and _used_as_shape(u):
+            continue
+        return False
+    return True
+
+
+def check_size_read(prop: Propagation, node: fx.Node, x: fx.Node, dim: Optional[int]) -> None:
+    """``node`` holds x's size along ``dim`` (None: a count over all dims, e.g. numel). If that includes
+    x's channels and flows into values rather than into a shape argument, compaction would change the
+    result (``h * h.shape[1]``): the channels are kept, with the reason."""
+    t, shape = prop.tag(x), prop.shape(x)
+    if t is None or shape is None or _used_as_shape(node):
+        return
+    if dim is None or dim % len(shape) == t.dim:
+        prop.block(t, f"{describe_node(prop, node)} reads the channel count into a value")
+
+
 def _metadata(prop: Propagation, node: fx.Node) -> None:
-    """x.size(), x.shape, x.dim(): read shapes, not channels."""
+    """x.size(), x.shape, x.dim(), x.numel(): read shapes, not channels, unless a channel count becomes a
+    value (see :func:`check_size_read`)."""
     if node.op == "call_function" and node.args[1] not in ("shape", "dtype", "device", "ndim", "is_cuda"):
         prop.unknown(node)
+        return None
+    x = node.args[0]
+    if not isinstance(x, fx.Node):
+        return None
+    kind = node.args[1] if node.op == "call_function" else node.target
+    if kind == "numel":
+        check_size_read(prop, node, x, None)
+    elif kind == "size" and len(node.args) + len(node.kwargs) > 1:
+        check_size_read(prop, node, x, node_arg(node, 1, "dim"))
+    elif kind in ("shape", "size"):
+        prop.shape_of[node] = x
+        whole = [u for u in node.users if not (u.op == "call_function" and u.target is operator.getitem)]
+        if whole and not _used_as_shape(node) and prop.tag(x) is not None:  # e.g. math.prod(x.shape)
+            prop.block(prop.tag(x), f"{describe_node(prop, node)} reads the whole shape into a value")
     return None
 
 

@@ -83,8 +83,9 @@ class Checkpointer(Callback):
     _before_rename: Optional[Callable[[Path], None]] = None
 
     def __init__(self, path: os.PathLike, every: Optional[int] = None, callbacks: Sequence[Callback] = (),
-                 loader=None):
+                 loader=None, run: Optional[Dict[str, Any]] = None):
         self.path = Path(path)
+        self.run = dict(run or {})  # what makes a run this run (see run_identity): a checkpoint must match it
         self.every = every
         self.callbacks = list(callbacks)  # whose state_dict() goes into the checkpoint
         self.loader = loader  # its shuffling generator (a DataLoader's ``generator``) is saved too
@@ -107,7 +108,8 @@ class Checkpointer(Callback):
                    "step": state.step, "epoch": state.epoch + 1 if epoch_done else state.epoch,
                    "batch": 0 if epoch_done else state.batch, "total_steps": state.total_steps,
                    "world_size": state.world_size, "rng": rngs, "epoch_rng": epoch_rngs,
-                   "callbacks": self._callback_states(), "history": json.dumps(state.history)}
+                   "callbacks": self._callback_states(), "history": json.dumps(state.history),
+                   "run": json.dumps(self.run)}
         if dist.is_main():
             _atomic_save(payload, self.path, type(self)._before_rename)  # via the class: a plain function
         dist.barrier()  # nobody runs ahead (or resumes) before the file is complete
@@ -122,6 +124,7 @@ class Checkpointer(Callback):
             return False
         payload = read_checkpoint(self.path)
         _check_compatible(payload, state, self.path)
+        _check_same_run(payload, self.run, self.path)
         states = payload.get("callbacks", {})
         unknown = sorted(set(k for k, v in states.items() if v) - {_cb_key(i, c) for i, c in enumerate(self.callbacks)})
         if unknown:
@@ -168,7 +171,7 @@ _REQUIRED = ("model", "optimizer", "step", "epoch", "rng", "history")
 
 
 _TYPES = {"model": dict, "optimizer": dict, "step": int, "epoch": int, "batch": int, "history": str,
-          "callbacks": dict, "total_steps": int, "world_size": int}
+          "callbacks": dict, "total_steps": int, "world_size": int, "run": str}
 
 
 def read_checkpoint(path: os.PathLike) -> Dict[str, Any]:
@@ -222,10 +225,41 @@ def _check_compatible(payload: Dict[str, Any], state: TrainState, path: Path) ->
                              f"{key}={ours} (resume with the same epochs, max_steps, loader and processes)")
 
 
+def run_identity(model: nn.Module, optimizer: str, lr: float, momentum: float, weight_decay: float,
+                 lr_schedule: str) -> Dict[str, Any]:
+    """What a resumed run must share with the interrupted one: the optimizer and its settings, and the masks
+    the model started with (a model pruned further since must not come back with the old masks)."""
+    names = [n for n, _, _ in masking.masked_parameters(model)]
+    return {"optimizer": optimizer, "lr": float(lr), "momentum": float(momentum),
+            "weight_decay": float(weight_decay), "lr_schedule": lr_schedule, "masks": masking.digest(model),
+            "sparsity": round(masking.global_sparsity(model, names), 6) if names else 0.0}
+
+
+def _check_same_run(payload: Dict[str, Any], run: Dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint written by a run with other settings or other starting masks, naming each."""
+    try:
+        theirs = json.loads(payload.get("run") or "{}")
+    except json.JSONDecodeError:
+        raise PrunekitError(f"cannot resume from {path}: malformed run record") from None
+    if not run or not theirs:  # written before runs were recorded: nothing to compare
+        return
+    # a model without masks takes them from the checkpoint (a fresh process resuming); one with other masks
+    # than the interrupted run started with would silently come back with the old ones: refused
+    fresh = run.get("masks") == masking.digest(nn.Module())
+    diff = [k for k in run if k in theirs and k != "sparsity" and theirs[k] != run[k] and not (k == "masks" and fresh)]
+    if not diff:
+        return
+    said = [f"the model's masks differ from those the interrupted run started with (sparsity {theirs.get('sparsity')} "
+            f"then, {run.get('sparsity')} now)" if k == "masks" else f"{k}={theirs[k]!r} then, {run[k]!r} now"
+            for k in diff]
+    raise PrunekitError(f"cannot resume from {path}: it was written by a different run: {'; '.join(said)}. "
+                        "Resume with the same model and options, or start afresh (delete the file or resume=False)")
+
+
 def model_mismatch(model: nn.Module, state_dict: Dict[str, Any]) -> List[str]:
     """Why ``state_dict`` cannot load into ``model`` (empty when it can): keys and shapes named."""
     own = model.state_dict()
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     mask = masking.MASK_SUFFIX
     is_new_mask = lambda k: k.endswith(mask) and k[: -len(mask)] in params  # noqa: E731
     missing = [k for k in own if k not in state_dict]

@@ -28,7 +28,7 @@ from prunekit._util import progress_enabled
 from prunekit.apply import masking
 from prunekit.errors import PrunekitError
 from prunekit.train import distributed as dist
-from prunekit.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from prunekit.train.checkpoint import Checkpointer, rng_state, run_identity, set_rng_state
 from prunekit.train.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig, train_config
 from prunekit.train.state import Callback, TrainState
 
@@ -95,7 +95,8 @@ def finetune(model: nn.Module, loader: Iterable, config: Optional[TrainConfig] =
     state = TrainState(model, opt, total, world_size=dist.get_world_size() if ddp else 1)
     callbacks = list(callbacks)
     if cfg.checkpoint is not None:
-        ckpt = Checkpointer(cfg.checkpoint, every=cfg.checkpoint_every, callbacks=callbacks, loader=loader)
+        run = run_identity(model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.lr_schedule)
+        ckpt = Checkpointer(cfg.checkpoint, every=cfg.checkpoint_every, callbacks=callbacks, loader=loader, run=run)
         if cfg.resume:
             ckpt.restore(state)
         callbacks.append(ckpt)  # last: a checkpoint holds what every other callback did in the step
@@ -169,6 +170,21 @@ def _epoch_batches(loader, state: TrainState) -> Iterator:
     return it
 
 
+def _diverged_advice(state: TrainState) -> str:
+    low = sorted({str(p.dtype).replace("torch.", "") for p in state.model.parameters()} & {"float16"})
+    if low:  # float16's range (max 65504) overflows in the loss or the gradients long before fp32's does
+        return ("the model's weights are float16, which overflows without loss scaling: train in float32 or "
+                "bfloat16, or use torch.amp with a GradScaler around your own loop")
+    return "lower the learning rate"
+
+
+def _check_grads(state: TrainState) -> None:
+    grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+    if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+        raise FloatingPointError(f"gradients became NaN or infinite at step {state.step} (the weights were not "
+                                 f"updated with them); {_diverged_advice(state)}")
+
+
 class _Stepper:
     """One optimizer step: forward through the (DDP) net, masks enforced around the update."""
 
@@ -189,9 +205,10 @@ class _Stepper:
         x, y = (t.to(self.device) if isinstance(t, torch.Tensor) else t for t in (x, y))
         loss = self.loss_fn(state.net(x), y)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {state.step}; lower the learning rate")
+            raise FloatingPointError(f"loss became {loss.item()} at step {state.step}; {_diverged_advice(state)}")
         loss.backward()  # under DDP the gradients are all-reduced here, pruned entries included
         enforcer.zero_grads()
+        _check_grads(state)  # before the step: an overflowed gradient must not reach the weights
         state.optimizer.step()
         enforcer()  # momentum and weight decay may have moved pruned weights: zero them again
         state.loss = loss.item()

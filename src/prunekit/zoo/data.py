@@ -439,6 +439,13 @@ def get_loaders(dataset: str, batch_size: int = 128, seed: int = 0, *, root: Opt
     return train, test, info
 
 
+def data_record(info: Dict[str, Any]) -> Dict[str, Any]:
+    """What a saved model records about the data it was trained on (name, input shape, classes, normalisation),
+    so that ``prunekit eval`` uses the same data or says when it does not."""
+    return {"name": info["name"], "input_shape": list(info["input_shape"]), "num_classes": info["num_classes"],
+            "mean": info["mean"], "std": info["std"]}
+
+
 def example_batch(info: Dict[str, Any], batch: int = 1) -> torch.Tensor:
     """A zero tensor shaped like a batch of the dataset's inputs (for tracing, FLOP counts...)."""
     return torch.zeros(batch, *info["input_shape"])
