@@ -176,7 +176,7 @@ def run(args) -> None:
         methods = [m for m in methods if m["name"] in args.methods]
     seeds = list(range(args.seed, args.seed + (args.seeds if args.seeds is not None else 1 if args.quick else 3)))
     from prunekit.analysis.metrics import evaluate
-    from prunekit.api import select_targets
+    from prunekit.targets import select_targets
     from prunekit.zoo.data import get_loaders
 
     C.log(f"{BENCH}: {'quick' if args.quick else 'full'} setting, seeds {seeds}, torch threads "

@@ -11,7 +11,7 @@ to that whole-model pruner.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -24,7 +24,8 @@ from prunekit.criteria.stats import FEATURE_LAYERS, calibrate
 from prunekit.errors import PrunekitError, UnknownNameError
 from prunekit.plan import Plan
 from prunekit.pruners import PRUNERS
-from prunekit.select.amount import Amount
+from prunekit.select.allocation import magnitude_allocation, owl_allocation
+from prunekit.select.amount import Amount, resolve_amount
 from prunekit.select.coupling import couple_biases
 from prunekit.select.ranking import select
 from prunekit.select.rows import select_rows
@@ -61,6 +62,8 @@ def _plan(model: nn.Module, amount: Optional[Amount], spec: PruneSpec, calib: Ca
     current = masking.masks(model)
     current = {n: current[n] for n in names if n in current}
     scores = compute_scores(model, names, crit, seed=spec.seed, stats=stats)
+    if spec.allocation != "uniform":
+        amount = allocate(spec.allocation, model, names, amount, spec.min_keep, scores)
     if spec.scope == "row" and spec.pattern != "nm":
         plan = select_rows(scores, amount, min_keep=spec.min_keep, current=current)
     else:
@@ -68,8 +71,23 @@ def _plan(model: nn.Module, amount: Optional[Amount], spec: PruneSpec, calib: Ca
                       dim=spec.dim, norm=spec.norm, nm=spec.nm, min_keep=spec.min_keep, current=current,
                       normalize=spec.normalize)
     couple_biases(model, plan)
-    plan.meta.update(criterion=spec.criterion_name, seed=spec.seed, targets=names)
+    plan.meta.update(criterion=spec.criterion_name, seed=spec.seed, targets=names, allocation=spec.allocation)
     return plan
+
+
+def allocate(allocation: str, model: nn.Module, names, amount: Optional[Amount], min_keep: Amount,
+             scores: Optional[Mapping[str, Any]] = None) -> Dict[str, float]:
+    """``{name: sparsity}`` for a total ``amount`` (see :mod:`prunekit.select.allocation`)."""
+    if isinstance(amount, bool) or not isinstance(amount, float):
+        raise PrunekitError(f"allocation={allocation!r} spreads a fraction over the layers; amount={amount!r} is "
+                            "not a fraction in [0, 1)")
+    resolve_amount(amount, 1)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if allocation == "magnitude":
+        return magnitude_allocation({n: params[n] for n in names}, amount, min_keep)
+    if scores is None:
+        raise PrunekitError(f"allocation={allocation!r} needs the criterion's scores (a per-entry criterion)")
+    return owl_allocation(scores, amount, {n: params[n].numel() for n in names})
 
 
 def _check_finite(model: nn.Module, names) -> None:

@@ -51,7 +51,7 @@ log = logging.getLogger("prunekit")
 KINDS = ("oneshot", "gradual", "iterative", "surgery")
 PRUNE_KEYS = ("criterion", "scope", "pattern", "dim", "norm", "nm", "include", "exclude",
               "include_classifier", "min_keep", "types", "normalize", "aggregate", "round_to", "protect",
-              "bias_correction")
+              "bias_correction", "allocation")
 SURGERY_KEYS = ("criterion", "scope", "norm", "aggregate", "min_keep", "round_to", "protect", "normalize")
 CALIB_BATCHES = 8   # training batches that data-aware criteria (taylor, wanda, sparsegpt) calibrate on
 FINETUNE_KEYS = ("epochs", "lr", "optimizer", "momentum", "weight_decay", "lr_schedule", "max_steps",

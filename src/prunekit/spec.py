@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, T
 from prunekit._util import check_choice
 from prunekit.criteria.base import Criterion, ScoreFn, criterion_name
 from prunekit.errors import PrunekitError
+from prunekit.select.allocation import check_allocation
 from prunekit.select.amount import Amount, resolve_floor
 from prunekit.select.nm import parse_nm
 from prunekit.select.ranking import PATTERNS
@@ -42,10 +43,15 @@ class PruneSpec:
     min_keep: Amount = 0.01
     seed: int = 0
     normalize: Optional[bool] = None
+    allocation: str = "uniform"   # per-layer sparsities for layer/row scope: uniform, magnitude, owl
 
     def __post_init__(self) -> None:
         check_choice(self.scope, SCOPES, "scope")
         check_choice(self.pattern, PATTERNS, "pattern")
+        check_allocation(self.allocation, self.scope)
+        if self.allocation != "uniform" and self.pattern != "unstructured":
+            raise PrunekitError(f"allocation={self.allocation!r} sets per-layer sparsities of unstructured pruning; "
+                                f"pattern {self.pattern!r} fixes them otherwise")
         object.__setattr__(self, "nm", parse_nm(self.nm))
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise PrunekitError(f"seed={self.seed!r} must be an int")

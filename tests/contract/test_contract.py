@@ -60,16 +60,6 @@ CASES = _cases()
 _FACTORIES = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is much faster, above all on a busy machine
-    (2 threads there spin-wait: 3 fine-tuning steps took 1 s instead of 6 ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 @pytest.fixture(autouse=True)
 def _factories(mlp_factory, cnn_factory):

@@ -35,14 +35,6 @@ PATTERNS = ("unstructured", "structured", "nm")
 SCOPES = ("layer", "global", "row")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is much faster than two spin-waiting ones on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 _FACTORIES = {}
 

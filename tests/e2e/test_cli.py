@@ -423,3 +423,15 @@ def test_pattern_options_are_checked_before_training(pruned, flags, said):
                 "--out", "bad_flags", "--no-progress"], cwd)
     _user_error(proc, said)
     assert set(cache.glob("dense-*")) == before
+
+
+def test_allocation_from_the_command_line(pruned):
+    _, cwd, _ = pruned   # the same recipe and seed: the cached dense model
+    out = _ok(cli(["prune", "--recipe", "recipe.yaml", "--criterion", "taylor", "--scope", "layer", "--allocation",
+                   "magnitude", "--epochs", 1, "--out", "alloc", "--no-progress"], cwd))
+    assert out.returncode == 0
+    plan = Plan.load(cwd / "alloc" / "plan.json")
+    sparsities = {n: tp.sparsity for n, tp in plan.tensors.items()}
+    assert len(set(round(s, 2) for s in sparsities.values())) > 1   # per-layer, not uniform
+    masked = prunekit.load(cwd / "alloc" / "model")
+    assert prunekit.apply.global_sparsity(masked) == pytest.approx(0.8, abs=1e-2)

@@ -25,6 +25,7 @@ from prunekit.errors import PrunekitError, UnknownNameError
 from prunekit.experiment import KINDS
 from prunekit.pruners import PRUNERS
 from prunekit.registry import Registry
+from prunekit.select.allocation import ALLOCATIONS
 from prunekit.select.ranking import PATTERNS
 from prunekit.spec import SCOPES
 from prunekit.train.loop import LR_SCHEDULES, OPTIMIZERS
@@ -66,6 +67,7 @@ REGISTRY_OPTIONS = {
     ("prune", "--schedule"): lambda: KINDS,
     ("prune", "--optimizer"): lambda: OPTIMIZERS,
     ("prune", "--lr-schedule"): lambda: LR_SCHEDULES,
+    ("prune", "--allocation"): lambda: ALLOCATIONS,
     ("advise", "--target"): lambda: TARGETS,
     ("advise", "--candidates"): lambda: ADVISE_KINDS,
     ("export", "--exporter"): lambda: EXPORTERS,

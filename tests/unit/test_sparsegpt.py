@@ -197,8 +197,8 @@ def test_failures_leave_the_model_untouched():
         assert torch.equal(v, before[k]), k
     with pytest.raises(ValueError, match="never reached 4.weight"):
         sparsegpt_prune(model, data, 0.5, names=["0.weight", "4.weight"], forward_fn=lambda m, b: m[:3](b))
-    with pytest.raises(ValueError, match="nn.Linear"):
-        sparsegpt_prune(nn.Sequential(nn.Conv2d(1, 2, 3)), data, 0.5, names=["0.weight"])
+    with pytest.raises(ValueError, match="Linear, Conv1d, Conv2d"):
+        sparsegpt_prune(nn.Sequential(nn.Conv3d(1, 2, 3)), data, 0.5, names=["0.weight"])
     with pytest.raises(ValueError, match="more than once"):
         sparsegpt_prune(model, iter(data), 0.5)
     assert not masking.is_masked(model)
@@ -214,3 +214,72 @@ def test_failures_leave_the_model_untouched():
 def test_prune_with_criterion_sparsegpt_checks_its_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         prunekit.prune(_mlp(), 0.5, criterion="sparsegpt", **kwargs)
+
+
+# ----------------------------------------------------------------------------- convolutions (im2col Hessian)
+
+CONVS = {
+    "plain": lambda: nn.Conv2d(8, 16, 3, padding=1),
+    "strided_dilated_grouped": lambda: nn.Conv2d(8, 16, 3, stride=2, dilation=2, padding=2, groups=4),
+    "depthwise": lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8),
+    "conv1d": lambda: nn.Conv1d(8, 12, 5, padding=2, groups=2),
+}
+
+
+_MIX = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(1)))[0] * torch.linspace(2, 0.1, 8)
+
+
+def _conv_input(conv, n=6):
+    """Correlated like real features: smooth in space, channels mixed with unequal scales."""
+    if isinstance(conv, nn.Conv2d):
+        x = nn.functional.interpolate(torch.randn(n, 8, 5, 5), size=10, mode="bilinear", align_corners=False)
+    else:
+        x = nn.functional.interpolate(torch.randn(n, 8, 10), size=30, mode="linear", align_corners=False)
+    return torch.einsum("ij,nj...->ni...", _MIX, x)
+
+
+@pytest.mark.parametrize("kind", list(CONVS))
+def test_a_conv_seen_as_matrices_computes_the_conv(kind):
+    from prunekit.pruners.sparsegpt import _as_matrix, _features, _from_matrix
+
+    torch.manual_seed(0)
+    conv = CONVS[kind]()
+    x = _conv_input(conv)
+    X, W = _features(conv, x), _as_matrix(conv, conv.weight.detach())
+    y = nn.functional.conv2d if isinstance(conv, nn.Conv2d) else nn.functional.conv1d
+    ref = y(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    g, out_g = conv.groups, conv.out_channels // conv.groups
+    ref = ref.reshape(ref.shape[0], g, out_g, -1).permute(1, 0, 3, 2).reshape(g, -1, out_g)
+    assert torch.allclose(X @ W.transpose(1, 2), ref, atol=1e-5)
+    assert torch.equal(_from_matrix(conv, W, tuple(conv.weight.shape)), conv.weight.detach())
+
+
+@pytest.mark.parametrize("kind", list(CONVS))
+def test_sparsegpt_prunes_convs_and_reconstructs_better_than_magnitude(kind):
+    torch.manual_seed(0)
+    dense = nn.Sequential(CONVS[kind](), nn.ReLU())
+    conv = dense[0]
+    data = [_conv_input(conv, 8) for _ in range(4)]
+    x = _conv_input(conv, 8)
+    errors = {}
+    for crit in ("l1", "sparsegpt"):  # both with the same share in every output row (a depthwise group is one)
+        m = copy.deepcopy(dense)
+        plan = prunekit.prune(m, 0.6, criterion=crit, include_classifier=True, scope="row",
+                              **({"data": data} if crit == "sparsegpt" else {}))
+        assert list(plan.tensors) == ["0.weight"]
+        kept = masking.masks(m)["0.weight"]
+        assert abs(float((~kept).float().mean()) - 0.6) <= kept.shape[0] / kept.numel()  # exact per row/group
+        assert torch.equal(m[0].weight[~kept], torch.zeros_like(m[0].weight[~kept]))
+        errors[crit] = float((m(x) - dense(x)).pow(2).mean())
+    assert errors["sparsegpt"] < errors["l1"]
+
+
+def test_sparsegpt_nm_on_a_conv_groups_input_channels_at_each_tap():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    data = [torch.randn(4, 3, 6, 6) for _ in range(3)]
+    with pytest.warns(UserWarning, match="skipped 0.weight: N:M needs the input dimension \\(3\\)"):
+        plan = prunekit.prune(model, criterion="sparsegpt", pattern="nm", nm=(2, 4), data=data)
+    assert list(plan.tensors) == ["2.weight"] and check_nm(model[2].weight, 2, 4)
+    assert any("skipped 0.weight" in n for n in plan.notes)

@@ -27,9 +27,10 @@ from prunekit.cli._common import (
 )
 from prunekit.errors import PrunekitError
 from prunekit.experiment import KINDS
+from prunekit.select.allocation import ALLOCATIONS
 from prunekit.select.ranking import PATTERNS
 from prunekit.spec import SCOPES
-from prunekit.train.loop import LR_SCHEDULES, OPTIMIZERS
+from prunekit.train.config import LR_SCHEDULES, OPTIMIZERS
 
 HELP = "prune a model from a YAML recipe and/or flags; save it, its plan, config and report"
 
@@ -39,7 +40,8 @@ DEFAULTS: Dict[str, Any] = {
     "dense": {"epochs": 40, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "lr_schedule": "cosine"},
     "method": {"name": "pruned", "kind": "oneshot", "sparsity": 0.9, "criterion": "l1", "scope": "global",
                "pattern": "unstructured", "dim": 0, "norm": 1.0, "nm": [2, 4], "include": None,
-               "exclude": None, "include_classifier": False, "min_keep": 0.01, "bias_correction": False},
+               "exclude": None, "include_classifier": False, "min_keep": 0.01, "bias_correction": False,
+               "allocation": "uniform"},
     "finetune": {"epochs": 2, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4,
                  "lr_schedule": "cosine", "checkpoint_every": None},
     "gradual": {"epochs": 30, "prune_epochs": None, "every": None},  # None: first 40% of epochs; ~10 updates/epoch
@@ -70,6 +72,8 @@ FLAGS = {
     "include": ("method.include", str, "glob of layers to prune (repeatable)"),
     "exclude": ("method.exclude", str, "glob of layers to leave alone (repeatable)"),
     "min-keep": ("method.min_keep", float, "per-layer floor in global ranking (fraction, or count if >= 1)"),
+    "allocation": ("method.allocation", str, "per-layer sparsities for layer/row scope: {names} (magnitude: as one "
+                   "global |w| ranking; owl: more outliers, less pruning)"),
     "epochs": ("finetune.epochs", int, "fine-tuning epochs after pruning"),
     "lr": ("finetune.lr", float, "fine-tuning learning rate"),
     "optimizer": ("finetune.optimizer", str, "fine-tuning optimizer: {names}"),
@@ -93,6 +97,7 @@ CHOICES: Dict[str, Callable[[], Sequence[str]]] = {
     "pattern": lambda: PATTERNS,
     "optimizer": lambda: OPTIMIZERS,
     "lr-schedule": lambda: LR_SCHEDULES,
+    "allocation": lambda: ALLOCATIONS,
 }
 
 
@@ -234,6 +239,8 @@ def to_method(config: Dict[str, Any]) -> Dict[str, Any]:
              "include_classifier": m["include_classifier"]}
     if m.get("bias_correction"):
         prune["bias_correction"] = True
+    if m.get("allocation", "uniform") != "uniform":
+        prune["allocation"] = m["allocation"]
     if m["pattern"] == "structured":
         prune.update(dim=m["dim"], norm=m["norm"])
     if m["pattern"] == "nm":

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -35,7 +36,9 @@ from prunekit.criteria.stats import batches, check_reiterable, default_forward, 
 from prunekit.errors import PrunekitError
 from prunekit.plan import Plan, TensorPlan
 from prunekit.pruners.base import Pruner, register_pruner
+from prunekit.select.allocation import magnitude_allocation
 from prunekit.select.nm import parse_nm
+from prunekit.select.ranking import PruningShortfall, amount_of
 from prunekit.spec import Calibration, PruneSpec
 from prunekit.targets import select_targets
 
@@ -51,9 +54,11 @@ def _check_target(sparsity, nm) -> None:
         raise PrunekitError("give exactly one of sparsity (a fraction in [0, 1)) or nm=(N, M)")
     if nm is not None:
         parse_nm(nm)
-    elif isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or \
-            isinstance(sparsity, numbers.Integral) or not 0.0 <= sparsity < 1.0:
-        raise PrunekitError(f"sparsity={sparsity!r} must be a fraction in [0, 1)")
+        return
+    for s in (sparsity.values() if isinstance(sparsity, Mapping) else [sparsity]):  # one, or one per layer
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or isinstance(s, numbers.Integral) \
+                or not 0.0 <= s < 1.0:
+            raise PrunekitError(f"sparsity={s!r} must be a fraction in [0, 1)")
 
 
 def _check_options(blocksize, damp) -> None:
@@ -154,20 +159,89 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Optional[fl
 
 # ----------------------------------------------------------------------------- the model driver
 
-def _linear_targets(model: nn.Module, names: Optional[Sequence[str]]) -> Dict[str, nn.Linear]:
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _targets(model: nn.Module, names: Optional[Sequence[str]], notes: List[str]) -> Dict[str, nn.Module]:
+    """The layers to prune; a selected layer SparseGPT cannot take is skipped with a note (and a warning)."""
     if names is None:
-        names = select_targets(model, types=["Linear"])
+        names = select_targets(model, types=["Linear", "Conv1d", "Conv2d"])
     names = [names] if isinstance(names, str) else list(names)
     if not names:
         raise PrunekitError("no layers to prune: names is empty")
     out = {}
     for name in names:
         module, pname = masking.owner_of(model, name)
-        if pname != "weight" or not isinstance(module, nn.Linear):
-            raise PrunekitError(f"sparsegpt prunes the weights of nn.Linear layers; {name} is the {pname!r} "
-                             f"of a {type(module).__name__}")
+        if pname != "weight" or not isinstance(module, SUPPORTED):
+            raise PrunekitError(f"sparsegpt prunes the weights of {', '.join(t.__name__ for t in SUPPORTED)} layers; "
+                                f"{name} is the {pname!r} of a {type(module).__name__}")
+        why = _unsupported_conv(module)
+        if why:
+            notes.append(f"skipped {name}: {why}")
+            continue
         out[name] = module
+    if not out:
+        raise PrunekitError("no selected layer can be pruned by sparsegpt: " + "; ".join(notes))
     return out
+
+
+def _unsupported_conv(module: nn.Module) -> Optional[str]:
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        return f"{type(module).__name__} with padding={module.padding!r}, padding_mode={module.padding_mode!r} " \
+               "(its unfolded inputs need explicit zero padding)"
+    return None
+
+
+# ----------------------------------------------------------------------------- layers as matrices
+# A Linear is (out, in) on input rows. A Conv is, per group, (out_g, taps * in_g) on its unfolded input patches,
+# columns ordered tap-major (the input channels of one kernel tap are consecutive), so that N:M groups of M
+# columns are M input channels at one tap: what sparse tensor cores expect and what prunekit's N:M rule checks.
+
+def _conv2d_view(module: nn.Module) -> Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int], Tuple[int, int]]:
+    """(kernel, stride, padding, dilation) as 2-D pairs: a Conv1d is a Conv2d of height 1."""
+    if isinstance(module, nn.Conv1d):
+        return ((1, module.kernel_size[0]), (1, module.stride[0]), (0, module.padding[0]), (1, module.dilation[0]))
+    return module.kernel_size, module.stride, module.padding, module.dilation
+
+
+def _features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as (groups, rows, cols): the rows X of ``H = X^T X`` for each group."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, module.in_features).unsqueeze(0)
+    x = x.unsqueeze(-2) if isinstance(module, nn.Conv1d) else x  # (N, C, L) -> (N, C, 1, L)
+    if x.dim() == 3:  # an unbatched input
+        x = x.unsqueeze(0)
+    kernel, stride, padding, dilation = _conv2d_view(module)
+    u = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    g, taps = module.groups, kernel[0] * kernel[1]
+    u = u.reshape(u.shape[0], g, module.in_channels // g, taps, u.shape[-1])      # (N, G, in_g, taps, L)
+    return u.permute(1, 0, 4, 3, 2).reshape(g, -1, taps * (module.in_channels // g))
+
+
+def _as_matrix(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor as (groups, out_g, cols), columns as in :func:`_features`."""
+    if isinstance(module, nn.Linear):
+        return t.unsqueeze(0)
+    g = module.groups
+    w = t.reshape(g, t.shape[0] // g, t.shape[1], -1)                 # (G, out_g, in_g, taps)
+    return w.permute(0, 1, 3, 2).reshape(g, t.shape[0] // g, -1)
+
+
+def _from_matrix(module: nn.Module, m: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`_as_matrix`."""
+    if isinstance(module, nn.Linear):
+        return m.squeeze(0)
+    g, out_g = m.shape[0], m.shape[1]
+    in_g = shape[1]
+    w = m.reshape(g, out_g, -1, in_g).permute(0, 1, 3, 2)               # (G, out_g, in_g, taps)
+    return w.reshape(shape)
+
+
+def _nm_width(module: nn.Module) -> int:
+    """The input width an N:M group runs along: in_features, or the input channels of one group at a tap."""
+    return module.in_features if isinstance(module, nn.Linear) else module.in_channels // module.groups
 
 
 def _record_calls(model: nn.Module, targets: Dict[str, nn.Linear], batch, forward_fn):
@@ -202,15 +276,15 @@ def _record_calls(model: nn.Module, targets: Dict[str, nn.Linear], batch, forwar
     return groups, count
 
 
-def _hessian(model: nn.Module, module: nn.Linear, data, forward_fn, max_batches, stop_early: bool):
-    """``X^T X / rows`` of the module's inputs over the calibration data (float64)."""
-    cols = module.in_features
-    acc = {"H": torch.zeros(cols, cols, dtype=torch.float64, device=module.weight.device), "rows": 0}
+def _hessian(model: nn.Module, module: nn.Module, data, forward_fn, max_batches, stop_early: bool):
+    """``X^T X / rows`` of the module's inputs over the calibration data, per group: (groups, cols, cols)."""
+    acc = {"H": None, "rows": 0}
 
     def hook(mod, args):
-        x = args[0].detach().reshape(-1, cols).float()
-        acc["H"] += (x.T @ x).double()  # float32 products, float64 sum over batches
-        acc["rows"] += x.shape[0]
+        x = _features(mod, args[0].detach()).float()
+        h = (x.transpose(1, 2) @ x).double()  # float32 products, float64 sum over batches
+        acc["H"] = h if acc["H"] is None else acc["H"].add_(h)
+        acc["rows"] += x.shape[1]
         if stop_early:
             raise _Stop
 
@@ -226,12 +300,12 @@ def _hessian(model: nn.Module, module: nn.Linear, data, forward_fn, max_batches,
     return acc["H"] / max(acc["rows"], 1)
 
 
-def _skip_nm(targets: Dict[str, nn.Linear], nm, notes: List[str]) -> Dict[str, nn.Linear]:
+def _skip_nm(targets: Dict[str, nn.Module], nm, notes: List[str]) -> Dict[str, nn.Module]:
     if nm is None:
         return targets
-    kept = {n: m for n, m in targets.items() if m.in_features % nm[1] == 0}
+    kept = {n: m for n, m in targets.items() if _nm_width(m) % nm[1] == 0}
     for n in targets.keys() - kept.keys():
-        notes.append(f"skipped {n}: N:M needs the input dimension ({targets[n].in_features}) divisible by "
+        notes.append(f"skipped {n}: N:M needs the input dimension ({_nm_width(targets[n])}) divisible by "
                      f"M={nm[1]}")
     if not kept:
         raise PrunekitError(f"no selected layer can take the {nm[0]}:{nm[1]} pattern: " + "; ".join(notes))
@@ -253,12 +327,14 @@ class _Job:
     backup: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def sparsegpt_prune(model: nn.Module, data: Iterable, sparsity: Optional[float] = None, *,
+def sparsegpt_prune(model: nn.Module, data: Iterable, sparsity: Union[None, float, Mapping[str, float]] = None, *,
                     nm: Optional[Tuple[int, int]] = None, names: Optional[Sequence[str]] = None,
                     blocksize: int = 128, damp: float = 0.01, seed: int = 0,
                     forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
                     max_batches: Optional[int] = None, progress: Optional[bool] = None) -> Plan:
-    """Prune the Linear layers ``names`` (default: all but the classifier) one-shot with SparseGPT.
+    """Prune the Linear and Conv1d/Conv2d layers ``names`` (default: all but the classifier) one-shot with
+    SparseGPT; a conv is pruned per group on its unfolded input patches (im2col Hessian), grouped and
+    depthwise ones included.
 
     ``sparsity`` (fraction per layer) or ``nm=(N, M)``. ``data`` is re-iterated once
     per layer (a list or a DataLoader; see :mod:`prunekit.criteria.stats` for
@@ -273,7 +349,9 @@ def sparsegpt_prune(model: nn.Module, data: Iterable, sparsity: Optional[float] 
     check_reiterable(data, "sparsegpt")
     nm = None if nm is None else parse_nm(nm)
     notes: List[str] = []
-    targets = _skip_nm(_linear_targets(model, names), nm, notes)
+    targets = _skip_nm(_targets(model, names, notes), nm, notes)
+    if isinstance(sparsity, Mapping) and set(targets) - set(sparsity):
+        raise PrunekitError(f"per-layer sparsities miss {sorted(set(targets) - set(sparsity))[:5]}")
     plan = Plan(meta={"criterion": "sparsegpt", "scope": "layer",
                       "pattern": "unstructured" if nm is None else "nm", "amount": sparsity,
                       "nm": list(nm) if nm else None, "blocksize": blocksize, "damp": damp, "seed": seed,
@@ -288,6 +366,8 @@ def sparsegpt_prune(model: nn.Module, data: Iterable, sparsity: Optional[float] 
             groups, count = _record_calls(model, targets, first, job.forward_fn)
             _prune_groups(job, groups, count, progress)
         masking.apply(model, plan)
+        for note in notes:  # layers left as they were: said on stderr too, not only in plan.notes
+            warnings.warn(note, PruningShortfall, stacklevel=2)
     except BaseException:
         with torch.no_grad():
             for name, w in job.backup.items():  # leave the model as it was
@@ -302,15 +382,25 @@ def _prune_groups(job: _Job, groups: List[List[str]], count: Dict[str, int], pro
         H = _hessian(job.model, job.targets[group[0]], job.data, job.forward_fn, job.max_batches,
                      stop_early=count[group[0]] == 1)
         for name in group:
-            w = job.targets[name].weight
-            new, keep, loss = obs_prune(w, H, job.obs["sparsity"], nm=job.obs["nm"],
-                                        blocksize=job.obs["blocksize"], damp=job.obs["damp"],
-                                        keep=job.current.get(name))
-            job.backup[name] = w.detach().clone()
-            w.copy_(new)
+            module = job.targets[name]
+            obs = {**job.obs, "sparsity": None if job.obs["nm"] else amount_of(job.obs["sparsity"], name)}
+            new, keep, loss = _prune_layer(module, H, obs, job.current.get(name))
+            job.backup[name] = module.weight.detach().clone()
+            module.weight.copy_(new)
             job.plan.tensors[name] = _tensor_plan(name, keep, job.obs["nm"])
             job.plan.meta["obs_loss"][name] = loss
         del H
+
+
+def _prune_layer(module: nn.Module, H: torch.Tensor, obs: Dict[str, Any], current: Optional[torch.Tensor]):
+    """obs_prune on each group's matrix; the weight and keep mask back in the layer's shape."""
+    w = module.weight
+    mats, keeps = _as_matrix(module, w.detach()), None if current is None else _as_matrix(module, current)
+    out = [obs_prune(mats[g], H[g], obs["sparsity"], nm=obs["nm"], blocksize=obs["blocksize"], damp=obs["damp"],
+                     keep=None if keeps is None else keeps[g]) for g in range(mats.shape[0])]
+    new = _from_matrix(module, torch.stack([o[0] for o in out]), tuple(w.shape))
+    keep = _from_matrix(module, torch.stack([o[1] for o in out]), tuple(w.shape))
+    return new, keep, float(sum(o[2] for o in out))
 
 
 def _tensor_plan(name: str, keep: torch.Tensor, nm) -> TensorPlan:
@@ -324,7 +414,7 @@ def _tensor_plan(name: str, keep: torch.Tensor, nm) -> TensorPlan:
 @register_pruner("sparsegpt")
 class SparseGPTPruner(Pruner):
     """``prunekit.prune(model, amount, criterion="sparsegpt", data=...)``: a PruneSpec mapped onto
-    :func:`sparsegpt_prune` (Linear layers by default; ``blocksize``, ``damp``, ``max_batches``, ``progress``)."""
+    :func:`sparsegpt_prune` (Linear and Conv1d/Conv2d layers by default; ``blocksize``, ``damp``, ``max_batches``, ``progress``)."""
 
     patterns = ("unstructured", "nm")
     scopes = ("layer", "row")  # every layer (every row) to the same sparsity
@@ -335,11 +425,17 @@ class SparseGPTPruner(Pruner):
             raise PrunekitError("sparsegpt needs calibration data: prune(..., criterion='sparsegpt', data=batches)")
         if calib.stats is not None or calib.loss_fn is not None:
             raise PrunekitError("sparsegpt collects its own statistics from data=...: it takes no stats or loss_fn")
-        names = select_targets(model, types=["Linear"] if spec.types is None else spec.types, include=spec.include,
+        names = select_targets(model, types=["Linear", "Conv1d", "Conv2d"] if spec.types is None else spec.types,
+                               include=spec.include,
                                exclude=spec.exclude, include_classifier=spec.include_classifier)
         common = dict(names=names, seed=spec.seed, forward_fn=calib.forward_fn, **options)
         if spec.pattern == "nm":
             return sparsegpt_prune(model, calib.data, nm=spec.nm, **common)
         if amount is None:
             raise PrunekitError("amount is required: a fraction in [0, 1)")
+        if spec.allocation == "owl":
+            raise PrunekitError("sparsegpt takes allocation 'uniform' or 'magnitude' (owl needs per-entry scores)")
+        if spec.allocation == "magnitude":  # the per-layer sparsities of one global |w| ranking
+            _check_target(amount, None)
+            amount = magnitude_allocation({n: model.get_parameter(n) for n in names}, amount, spec.min_keep)
         return sparsegpt_prune(model, calib.data, amount, **common)

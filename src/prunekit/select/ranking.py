@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -131,6 +131,11 @@ def _validate(scores, scope, pattern, dim, norm, nm, current):
                              f"expected {shape_of(scores[name])}")
 
 
+def amount_of(amount: Union[Amount, Mapping[str, Amount]], name: str) -> Amount:
+    """The amount for one tensor: the same for all, or its own entry of a ``{name: amount}`` allocation."""
+    return amount[name] if isinstance(amount, Mapping) else amount
+
+
 def select(scores: Mapping[str, ScoreLike], amount: Optional[Amount] = None, *, scope: str = "layer",
            pattern: str = "unstructured", dim: int = 0, norm: float = 1.0,
            nm: Tuple[int, int] = (2, 4), min_keep: Amount = 0.01,
@@ -143,6 +148,9 @@ def select(scores: Mapping[str, ScoreLike], amount: Optional[Amount] = None, *, 
         return select_nm(scores, nm, current)
     if amount is None:
         raise PrunekitError("amount is required: a fraction in [0, 1) or an int count of units")
+    if isinstance(amount, Mapping) and (scope == "global" or set(amount) != set(scores)):
+        raise PrunekitError("per-tensor amounts ({name: fraction}) take scope='layer' and one entry per selected "
+                            f"tensor; missing: {sorted(set(scores) - set(amount))[:5]}")
     normalize = (scope == "global") if normalize is None else normalize
     sources = {n: with_current(s, current.get(n)) for n, s in scores.items()}
     units_src = _unit_scores(sources, pattern, dim, norm, normalize)
@@ -157,7 +165,7 @@ def select(scores: Mapping[str, ScoreLike], amount: Optional[Amount] = None, *, 
     else:
         keeps, hits = {}, {}
         for n, src in units_src.items():
-            keeps[n], hits[n] = _layer_keep(src, units[n], resolve_amount(amount, units[n]),
+            keeps[n], hits[n] = _layer_keep(src, units[n], resolve_amount(amount_of(amount, n), units[n]),
                                             floors[n], forced[n])
     plan = Plan(meta={"scope": scope, "pattern": pattern, "amount": amount, "dim": dim, "norm": norm,
                       "min_keep": min_keep, "normalize": normalize})
@@ -167,7 +175,7 @@ def select(scores: Mapping[str, ScoreLike], amount: Optional[Amount] = None, *, 
             notes.append(f"{n}: the per-layer floor (min_keep={min_keep}) kept "
                          f"{units[n] - plan.tensors[n].pruned_units} of {units[n]} units")
     wanted = (resolve_amount(amount, sum(units.values())) if scope == "global"
-              else sum(resolve_amount(amount, u) for u in units.values()))
+              else sum(resolve_amount(amount_of(amount, n), u) for n, u in units.items()))
     plan.notes = notes + _shortfall(plan, wanted, units, min_keep)
     for note in plan.notes[len(notes):]:
         warnings.warn(note, PruningShortfall, stacklevel=3)

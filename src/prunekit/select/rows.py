@@ -21,6 +21,7 @@ import torch
 from prunekit.errors import PrunekitError
 from prunekit.plan import Plan
 from prunekit.select.amount import Amount, resolve_floor
+from prunekit.select.ranking import amount_of
 from prunekit.select.sources import tensor_plan
 from prunekit.select.threshold import full_scores
 
@@ -54,11 +55,15 @@ def select_rows(scores: Mapping[str, object], amount: Amount, *, min_keep: Amoun
     ``scores`` maps names to score tensors or lazy score sources (as
     :func:`prunekit.compute_scores` returns). ``min_keep`` is a per-row floor.
     """
-    if isinstance(amount, bool) or not isinstance(amount, numbers.Real) or isinstance(amount, numbers.Integral):
-        raise PrunekitError(f"scope='row' takes amount as a fraction in [0, 1), got {amount!r} "
-                         "(an int count has no per-row meaning)")
-    if not 0.0 <= amount < 1.0 or math.isnan(amount):
-        raise PrunekitError(f"amount={amount} must be a fraction in [0, 1)")
+    for a in (amount.values() if isinstance(amount, Mapping) else [amount]):
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or isinstance(a, numbers.Integral):
+            raise PrunekitError(f"scope='row' takes amount as a fraction in [0, 1), got {a!r} "
+                                "(an int count has no per-row meaning)")
+        if not 0.0 <= a < 1.0 or math.isnan(a):
+            raise PrunekitError(f"amount={a} must be a fraction in [0, 1)")
+    if isinstance(amount, Mapping) and set(amount) != set(scores):
+        raise PrunekitError(f"per-tensor amounts need one entry per selected tensor; missing: "
+                            f"{sorted(set(scores) - set(amount))[:5]}")
     if not scores:
         raise PrunekitError("nothing to prune: no tensors were selected")
     current = current or {}
@@ -69,7 +74,7 @@ def select_rows(scores: Mapping[str, object], amount: Amount, *, min_keep: Amoun
             raise PrunekitError(f"scope='row' needs tensors with rows (2-D or more); {name} has shape "
                              f"{tuple(s.shape)} (exclude it or use scope='layer')")
         cur = current.get(name)
-        keep, hit = _row_keep(s, float(amount), min_keep, None if cur is None else cur.to(s.device))
+        keep, hit = _row_keep(s, float(amount_of(amount, name)), min_keep, None if cur is None else cur.to(s.device))
         plan.tensors[name] = tensor_plan(name, tuple(s.shape), "unstructured", keep, 0, hit)
         if hit:
             plan.notes.append(f"{name}: the per-row floor (min_keep={min_keep}) stopped pruning")
