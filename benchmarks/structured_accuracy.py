@@ -39,9 +39,10 @@ from torch import nn
 
 import _common as C
 from prunekit import surgery
+from prunekit._util import seed_everything
 from prunekit.analysis.metrics import count_macs, count_parameters, evaluate
 from prunekit.criteria import calibrate
-from prunekit.experiment import dense_model, seed_everything
+from prunekit.experiment import dense_model
 from prunekit.train.loop import finetune
 from prunekit.zoo.data import get_loaders
 

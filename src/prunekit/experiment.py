@@ -143,6 +143,9 @@ def _check_method(method: Dict[str, Any]) -> None:
         if method["kind"] != "oneshot" or pk.get("pattern", "unstructured") not in pruner.patterns:
             raise PrunekitError(f"method {method.get('name')!r}: criterion {crit} rewrites weights; it works "
                                 f"with kind oneshot and pattern {' or '.join(pruner.patterns)}")
+        if pk.get("scope", pruner.scopes[0]) not in pruner.scopes:
+            raise PrunekitError(f"method {method.get('name')!r}: {crit} takes scope "
+                                f"{' or '.join(map(repr, pruner.scopes))}, not {pk['scope']!r}")
     else:
         get_criterion(crit)
     if pk.get("bias_correction") and (pruner is not None or method["kind"] == "surgery"):

@@ -435,3 +435,17 @@ def test_allocation_from_the_command_line(pruned):
     assert len(set(round(s, 2) for s in sparsities.values())) > 1   # per-layer, not uniform
     masked = prunekit.load(cwd / "alloc" / "model")
     assert prunekit.apply.global_sparsity(masked) == pytest.approx(0.8, abs=1e-2)
+
+
+def test_sparsegpt_runs_from_the_command_line_with_default_options(pruned, tmp_path):
+    # issue 14: `prunekit prune --criterion sparsegpt` failed: the CLI's default scope (global) was refused
+    _, cwd, _ = pruned
+    recipe = {k: v for k, v in RECIPE.items() if k != "method"}
+    (cwd / "sg.yaml").write_text(yaml.safe_dump(recipe))
+    _ok(cli(["prune", "--recipe", "sg.yaml", "--criterion", "sparsegpt", "--sparsity", 0.5, "--epochs", 1,
+             "--out", "sg", "--no-progress"], cwd))
+    plan = Plan.load(cwd / "sg" / "plan.json")
+    assert plan.tensors and all(tp.sparsity == pytest.approx(0.5, abs=0.01) for tp in plan.tensors.values())
+    explicit = cli(["prune", "--recipe", "sg.yaml", "--criterion", "sparsegpt", "--scope", "global", "--out", "sg2",
+                    "--no-progress"], cwd)
+    _user_error(explicit, "scope 'layer' or 'row'")  # an explicit request it cannot honour is still refused

@@ -18,8 +18,9 @@ from torch import nn
 import prunekit
 from prunekit.train import distributed as pkdist
 from prunekit.train.callbacks import GradualPruner
-from prunekit.train.loop import Callback, finetune
+from prunekit.train.loop import finetune
 from prunekit.train.schedules import make_schedule
+from prunekit.train.state import Callback
 from prunekit.zoo.data import TensorLoader
 
 

@@ -20,8 +20,10 @@ from torch import nn
 
 import prunekit
 from prunekit.train.callbacks import GradualPruner
-from prunekit.train.loop import Callback, Checkpointer, finetune
+from prunekit.train.checkpoint import Checkpointer
+from prunekit.train.loop import finetune
 from prunekit.train.schedules import make_schedule
+from prunekit.train.state import Callback
 from prunekit.zoo.data import TensorLoader
 
 EPOCHS, EVERY, N, BATCH = 3, 5, 200, 16  # 13 batches per epoch, a checkpoint every 5 steps

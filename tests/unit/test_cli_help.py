@@ -28,7 +28,7 @@ from prunekit.registry import Registry
 from prunekit.select.allocation import ALLOCATIONS
 from prunekit.select.ranking import PATTERNS
 from prunekit.spec import SCOPES
-from prunekit.train.loop import LR_SCHEDULES, OPTIMIZERS
+from prunekit.train.config import LR_SCHEDULES, OPTIMIZERS
 from prunekit.zoo.data import DATASETS
 from prunekit.zoo.models import MODELS
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load as st_load, save as st_save
 
+from prunekit.bits import pack_bits, unpack_bits
 from prunekit.deploy.compress import (
     FORMATS,
     compress_state_dict,
@@ -12,9 +13,7 @@ from prunekit.deploy.compress import (
     decompress_state_dict,
     dense_size_bytes,
     from_bytes,
-    pack_bits,
     to_bytes,
-    unpack_bits,
 )
 
 

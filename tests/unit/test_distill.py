@@ -8,7 +8,7 @@ from torch import nn
 
 import prunekit
 from prunekit.train.distill import LOSSES, Distiller, agreement, distill, make_loss, pick_output
-from prunekit.train.loop import Callback
+from prunekit.train.state import Callback
 from prunekit.zoo.data import TensorLoader
 
 pytestmark = pytest.mark.usefixtures("one_thread")

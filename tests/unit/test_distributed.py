@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, TensorDataset
 
 import prunekit
-from prunekit.deploy.compress import unpack_bits
+from prunekit.bits import unpack_bits
 from prunekit.train import distributed as pkdist
 from prunekit.train.loop import finetune
 from prunekit.zoo.data import TensorLoader

@@ -4,8 +4,9 @@ from torch import nn
 
 import prunekit
 from prunekit.train.callbacks import GradualPruner, gradual_prune, iterative_prune
-from prunekit.train.loop import Callback, finetune
+from prunekit.train.loop import finetune
 from prunekit.train.schedules import make_schedule
+from prunekit.train.state import Callback
 from prunekit.zoo.data import TensorLoader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -136,8 +137,7 @@ import random  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from prunekit.train.checkpoint import read_checkpoint  # noqa: E402
-from prunekit.train.loop import Checkpointer  # noqa: E402
+from prunekit.train.checkpoint import Checkpointer, read_checkpoint  # noqa: E402
 
 
 class _NoisyDataset(torch.utils.data.Dataset):

@@ -8,8 +8,8 @@ from torch import nn
 
 import prunekit
 from prunekit.apply import masking
-from prunekit.train.loop import Callback
 from prunekit.train.lottery import LotteryRecord, LotteryRound, capture_state, imp_schedule, lottery_ticket, rewind_to
+from prunekit.train.state import Callback
 from prunekit.zoo.data import TensorLoader
 
 TRAIN = {"lr": 0.05, "lr_schedule": "constant", "momentum": 0.9}

@@ -10,8 +10,9 @@ import pytest
 import torch
 from matplotlib import image as mpimg
 
+from prunekit._util import to_jsonable
 from prunekit.report import build_report, figures as F
-from prunekit.report.render import fmt_int, fmt_kb, fmt_ms, fmt_pct, fmt_pp, fmt_ratio, to_jsonable
+from prunekit.report.blocks import fmt_int, fmt_kb, fmt_ms, fmt_pct, fmt_pp, fmt_ratio
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LAYER_PARAMS = {"fc1": 235_500, "fc2": 30_100, "fc3": 1_010}  # LeNet-300-100, 266,610 total

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunekit.deploy.compress import unpack_bits
+from prunekit.bits import unpack_bits
 from prunekit.train.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.slow  # three processes, then one: ~10 s on 2 idle cores

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import prunekit.select.threshold as T
-from prunekit.deploy.compress import unpack_bits
-from prunekit.select.threshold import Elementwise, kth_smallest, masks_from_threshold
+from prunekit.bits import unpack_bits
+from prunekit.criteria.score import Elementwise
+from prunekit.select.threshold import kth_smallest, masks_from_threshold
 
 
 def _sources(tensors):

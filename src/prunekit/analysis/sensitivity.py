@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 
 from prunekit._util import atomic_write_text, check_choice, progress_enabled
 from prunekit.analysis.metrics import evaluate as eval_loader
-from prunekit.api import couple_biases
 from prunekit.apply import masking
 from prunekit.apply.biascorr import apply_with_correction
 from prunekit.criteria import Criterion, get_criterion
@@ -44,6 +43,7 @@ from prunekit.criteria.score import compute_scores
 from prunekit.errors import InvalidTypeError, PrunekitError, UnknownNameError
 from prunekit.plan import Plan
 from prunekit.select.amount import Amount, resolve_floor
+from prunekit.select.coupling import couple_biases
 from prunekit.select.ranking import select
 from prunekit.select.rows import select_rows
 from prunekit.targets import select_targets
@@ -367,7 +367,7 @@ def analyze(model: nn.Module, evaluate: Evaluator, *, sparsities: Sequence[float
     :func:`prunekit.analysis.metrics.evaluate`, at most ``max_batches``) or a function
     ``model -> number`` (or a dict holding ``metric``). ``names``: the
     parameters to analyse (default: those :func:`prunekit.prune` would prune).
-    ``select_kwargs`` go to :func:`prunekit.plan.select` (``dim``, ``norm`` for
+    ``select_kwargs`` go to :func:`prunekit.select.select` (``dim``, ``norm`` for
     structured). A sparsity is the layer's *total*: masks it already has count
     towards it. The model is unchanged afterwards (values, masks, modes).
     Data-aware criteria take ``stats`` (:func:`prunekit.criteria.stats`);

@@ -27,6 +27,7 @@ from prunekit.cli._common import (
 )
 from prunekit.errors import PrunekitError
 from prunekit.experiment import KINDS
+from prunekit.pruners import PRUNERS
 from prunekit.select.allocation import ALLOCATIONS
 from prunekit.select.ranking import PATTERNS
 from prunekit.spec import SCOPES
@@ -38,7 +39,7 @@ DEFAULTS: Dict[str, Any] = {
     "model": "lenet300", "model_kwargs": {}, "checkpoint": None, "data": "mnist", "seed": 0,
     "batch_size": 128, "limit_train": None, "limit_test": None, "out": "runs/prune",
     "dense": {"epochs": 40, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "lr_schedule": "cosine"},
-    "method": {"name": "pruned", "kind": "oneshot", "sparsity": 0.9, "criterion": "l1", "scope": "global",
+    "method": {"name": "pruned", "kind": "oneshot", "sparsity": 0.9, "criterion": "l1", "scope": None,
                "pattern": "unstructured", "dim": 0, "norm": 1.0, "nm": [2, 4], "include": None,
                "exclude": None, "include_classifier": False, "min_keep": 0.01, "bias_correction": False,
                "allocation": "uniform"},
@@ -47,6 +48,8 @@ DEFAULTS: Dict[str, Any] = {
     "gradual": {"epochs": 30, "prune_epochs": None, "every": None},  # None: first 40% of epochs; ~10 updates/epoch
     "save": {"compressed": True},
 }
+
+DEFAULT_SCOPE = "global"  # one ranking across layers: the strongest default for magnitude (see the README)
 
 # flag -> (path in the recipe, type, help); "{names}" in a help is filled in by flag_help() with the values the
 # flag takes (CHOICES), read from their registry when the parser is built
@@ -64,7 +67,7 @@ FLAGS = {
     "sparsity": ("method.sparsity", float, "target sparsity in [0, 1) (a list in the recipe for iterative)"),
     "criterion": ("method.criterion", str, "a registered criterion or whole-model pruner: {names}"),
     "scope": ("method.scope", str, "where the sparsity is met: {names} (row: the same fraction of every "
-              "output row)"),
+              f"output row; default {DEFAULT_SCOPE}, or what a whole-model pruner takes)"),
     "pattern": ("method.pattern", str, "what is pruned: {names}"),
     "dim": ("method.dim", int, "structured: 0 = rows/output channels, 1 = columns/input channels"),
     "norm": ("method.norm", float, "structured: the Ln norm of each slice (1, 2, inf)"),
@@ -198,6 +201,10 @@ def resolve_config(args, *, criteria: Optional[Sequence[str]] = None) -> Dict[st
         config["method"]["bias_correction"] = True
     if args.no_compress:
         config["save"]["compressed"] = False
+    if config["method"]["scope"] is None:  # not given: global ranking, or what a whole-model pruner takes
+        crit = config["method"]["criterion"]
+        config["method"]["scope"] = PRUNERS.get(crit).scopes[0] if isinstance(crit, str) and crit in PRUNERS \
+            else DEFAULT_SCOPE
     check_config(config, criteria)
     return config
 

@@ -56,7 +56,7 @@ __all__ = ["SparseLinear", "SparseConv2d", "DenseLinear", "KERNELS", "NATIVE_KER
            "to_sparse", "to_dense", "to_dense_form", "csr_parts", "llc_bytes"]
 
 TORCH_KERNELS = ("linear", "mm")
-NATIVE_KERNELS = ("native", "native_simd")  # prunekit's own C kernel (prunekit.native): scalar / vectorised rows
+NATIVE_KERNELS = ("native", "native_simd")  # prunekit's own C kernel (prunekit.deploy.native): scalar / vectorised rows
 KERNELS = TORCH_KERNELS + NATIVE_KERNELS
 DENSE_FORMS = ("linear", "addmm_t", "matmul_t")
 TYPES = ("Linear", "Conv2d")

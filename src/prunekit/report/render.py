@@ -63,19 +63,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from prunekit._util import to_jsonable
 from prunekit.errors import PrunekitError
 from prunekit.report import figures as F
-from prunekit.report.blocks import (
-    MISSING,
-    Block,
-    Figures,
-    fmt_int,
-    fmt_kb,
-    fmt_ms,
-    fmt_pct,
-    fmt_pp,
-    fmt_ratio,
-    num,
-    table,
-)
+from prunekit.report.blocks import MISSING, Block, Figures, fmt_int, fmt_kb, fmt_ms, fmt_pct, fmt_pp, fmt_ratio, table
+from prunekit.report.figures import num
 from prunekit.report.sections import SECTION_FIGURES, lottery_blocks, section_figures, sensitivity_blocks
 
 __all__ = ["build_report", "to_jsonable", "fmt_pct", "fmt_pp", "fmt_int", "fmt_ratio",

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from prunekit.report import figures as F
-from prunekit.report.blocks import MISSING, Block, Figures, fmt_int, fmt_pct, fmt_pp, num, table
+from prunekit.report.blocks import MISSING, Block, Figures, fmt_int, fmt_pct, fmt_pp, table
+from prunekit.report.figures import num
 
 __all__ = ["section_figures", "sensitivity_blocks", "lottery_blocks", "SECTION_FIGURES"]
 

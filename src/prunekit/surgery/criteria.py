@@ -124,7 +124,7 @@ def _round_keep(keep: torch.Tensor, scores: torch.Tensor, round_to: Optional[int
 
 def _select_channels(scores: Dict[int, torch.Tensor], current: Dict[int, torch.Tensor], amount: Amount,
                      scope: str, min_keep: Amount) -> Tuple[Dict[int, torch.Tensor], List[int]]:
-    """prunekit.plan.select on one score vector per group: same amount, floor and tie rules."""
+    """prunekit.select.select on one score vector per group: same amount, floor and tie rules."""
     keyed = {str(gid): v for gid, v in scores.items()}
     sel = select(keyed, amount, scope=scope, pattern="unstructured", min_keep=min_keep,
                  current={str(gid): k for gid, k in current.items()})

@@ -15,9 +15,11 @@ no-op (or the trivial answer) in a single process.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import math
 import os
+import sys
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -104,9 +106,25 @@ def want_distributed(flag: Optional[bool]) -> bool:
     return is_active()
 
 
-def cleanup() -> None:
-    """Leave the process group (call once at the end of a torchrun script)."""
-    if dist.is_available() and dist.is_initialized():
+def cleanup(timeout_s: float = 60.0) -> None:
+    """Leave the process group (call once at the end of a torchrun script).
+
+    The ranks first meet at a barrier: a rank that tears its group down while another still talks to it
+    makes gloo's connection threads die with "terminate called without an active exception" (exit -6), which
+    a loaded machine, where ranks finish far apart, turns from rare to common. A rank that failed does not
+    wait (its peers' barrier then times out after ``timeout_s`` instead of hanging).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if sys.exc_info()[0] is None and dist.get_world_size() > 1:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+            else:
+                dist.barrier()
+    except RuntimeError:
+        pass  # a peer failed: leave anyway, its error is the one to report
+    finally:
         dist.destroy_process_group()
 
 
