@@ -41,7 +41,8 @@ def plan_pruning(model: nn.Module, amount: Optional[Amount] = None, *, spec: Opt
     Criterion or ``fn(param, ctx)``), ``scope`` (``layer``, ``global``, ``row``), ``pattern``
     (``unstructured``, ``structured`` with ``dim``/``norm``, ``nm`` with ``nm=(N, M)``), ``types``,
     ``include``/``exclude`` globs, ``include_classifier``, ``min_keep`` (per-layer floor of global
-    ranking), ``seed``, ``normalize``. Data-aware criteria (``taylor``, ``wanda``) take ``stats`` from
+    ranking), ``seed``, ``normalize``, ``allocation`` (per-layer sparsities for layer/row ranking: ``uniform``,
+    ``magnitude``, ``owl``). Data-aware criteria (``taylor``, ``wanda``) take ``stats`` from
     :func:`prunekit.criteria.collect`, or ``data`` (calibration batches, with ``forward_fn``/``loss_fn``),
     which runs them through the model with its state restored afterwards.
     """
@@ -54,7 +55,10 @@ def _plan(model: nn.Module, amount: Optional[Amount], spec: PruneSpec, calib: Ca
     crit = _criterion(spec, calib)
     names = select_targets(model, types=spec.types, include=spec.include, exclude=spec.exclude,
                            include_classifier=spec.include_classifier)
-    _check_finite(model, names)
+    # the exact threshold reads every |w| and refuses NaN itself: a separate pass is only needed elsewhere
+    streamed = crit.elementwise is not None and spec.scope != "row" and spec.pattern != "nm"
+    if not streamed:
+        _check_finite(model, names)
     stats = calib.stats
     if calib.data is not None:
         stats = calibrate(crit.collector, model, calib.data, names, forward_fn=calib.forward_fn,
@@ -67,9 +71,14 @@ def _plan(model: nn.Module, amount: Optional[Amount], spec: PruneSpec, calib: Ca
     if spec.scope == "row" and spec.pattern != "nm":
         plan = select_rows(scores, amount, min_keep=spec.min_keep, current=current)
     else:
-        plan = select(scores, amount, scope="layer" if spec.scope == "row" else spec.scope, pattern=spec.pattern,
-                      dim=spec.dim, norm=spec.norm, nm=spec.nm, min_keep=spec.min_keep, current=current,
-                      normalize=spec.normalize)
+        try:
+            plan = select(scores, amount, scope="layer" if spec.scope == "row" else spec.scope,
+                          pattern=spec.pattern, dim=spec.dim, norm=spec.norm, nm=spec.nm, min_keep=spec.min_keep,
+                          current=current, normalize=spec.normalize)
+        except PrunekitError:
+            if streamed:
+                _check_finite(model, names)  # name the tensor that holds the NaN, if it is a weight
+            raise
     couple_biases(model, plan)
     plan.meta.update(criterion=spec.criterion_name, seed=spec.seed, targets=names, allocation=spec.allocation)
     return plan
@@ -95,10 +104,13 @@ def _check_finite(model: nn.Module, names) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     for name in names:
         p = params[name].detach()
-        if not bool(torch.isfinite(p).all()):
+        # a sum is one streaming read (~12x cheaper than isfinite on 100M weights) and any NaN or inf makes it
+        # non-finite; only then (or on a rare overflow of huge weights) is the exact count taken
+        if not bool(torch.isfinite(p.sum())):
             bad = int((~torch.isfinite(p)).sum())
-            raise PrunekitError(f"{name} holds {bad} NaN or infinite weight(s): prunekit cannot rank them; fix the "
-                                "model (a diverged training run?) or exclude the tensor")
+            if bad:
+                raise PrunekitError(f"{name} holds {bad} NaN or infinite weight(s): prunekit cannot rank them; fix "
+                                    "the model (a diverged training run?) or exclude the tensor")
 
 
 def _check_nm_amount(amount: Optional[Amount], spec: PruneSpec) -> None:
