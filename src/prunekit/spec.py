@@ -68,16 +68,6 @@ class PruneSpec:
     def criterion_name(self) -> str:
         return criterion_name(self.criterion)
 
-    def replace(self, **changes: Any) -> "PruneSpec":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """JSON-ready: the criterion by name."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["criterion"] = self.criterion_name
-        d["nm"] = list(self.nm)
-        return d
-
 
 @dataclass(frozen=True)
 class Calibration:

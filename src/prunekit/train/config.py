@@ -58,9 +58,6 @@ class TrainConfig:
             if self.checkpoint is None:
                 raise PrunekitError("checkpoint_every needs checkpoint=<file> to write to")
 
-    def replace(self, **changes: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
-
 
 TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
 
