@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	# timm lists torchvision, whose PyPI build is CUDA-only and breaks imports here: no deps
 	# (its other needs, huggingface_hub/safetensors/pyyaml, come with the test extra)
 	$(PY) -m pip install -q --no-deps timm
+	# the pinned LLM assets (SmolLM2 GGUF -> HF folder, Jane Austen's novels) into the cache; skips what is verified
+	$(PY) -m prunekit.zoo.assets fetch all
 	touch $@
 
 demo: $(STAMP)

@@ -11,6 +11,7 @@ import math
 import numbers
 import os
 import secrets
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -155,12 +156,58 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[Any], None], *,
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename durable (POSIX)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    if hasattr(os, "O_DIRECTORY"):  # make renames in it durable (POSIX)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.fsync(dfd)
+            os.fsync(fd)
         finally:
-            os.close(dfd)
+            os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of a freshly written folder, then its folders, to disk."""
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
+        if path.is_dir():
+            _fsync_dir(path)
+        else:
+            _fsync_path(path)
+    _fsync_dir(folder)
+
+
+def atomic_folder(target: Union[str, os.PathLike], fill: Callable[[Path], None]) -> Path:
+    """The folder counterpart of :func:`atomic_write`: ``fill(tmp)`` writes a temporary folder beside
+    ``target``, which is fsynced and renamed to ``target`` whole (an existing ``target`` folder is moved aside,
+    then removed; put back if the rename fails). On any error the temporary folder is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if (target.exists() or target.is_symlink()) and not target.is_dir():
+        raise PrunekitError(f"{target} exists and is not a folder: choose another path")
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        _fsync_tree(tmp)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:

@@ -91,6 +91,10 @@ def allocate(allocation: str, model: nn.Module, names, amount: Optional[Amount],
         raise PrunekitError(f"allocation={allocation!r} spreads a fraction over the layers; amount={amount!r} is "
                             "not a fraction in [0, 1)")
     resolve_amount(amount, 1)
+    if allocation == "sensitivity":
+        raise PrunekitError("allocation='sensitivity' is measured block by block by criterion='sequential' (decoder "
+                            "LLMs); for other models measure it with prunekit.analysis.sensitivity.analyze(...) and "
+                            "apply result.allocate(amount)")
     params = dict(model.named_parameters(remove_duplicate=False))
     if allocation == "magnitude":
         return magnitude_allocation({n: params[n] for n in names}, amount, min_keep)

@@ -185,12 +185,31 @@ def _pruner_cases():
     return [pytest.param(n, p, id=f"{n}-{p}") for n in PRUNERS.names() for p in PRUNERS.get(n).patterns]
 
 
+def _decoder_case():
+    """A pruner of stacks of blocks (decoder LLMs) gets a tiny decoder and token ids."""
+    from prunekit.zoo.llm import tiny_decoder
+
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    return (lambda: tiny_decoder("llama", num_hidden_layers=2)), ids, lambda m: m(input_ids=ids[:2]).logits
+
+
+# pruner name -> (model factory, calibration data, forward on an example); default: the MLP on 1x8x8 batches
+_PRUNER_MODELS = {"sequential": _decoder_case}
+
+
+def _pruner_model(name):
+    if name in _PRUNER_MODELS:
+        return _PRUNER_MODELS[name]()
+    return (lambda: _make("mlp")), list(_batches()), lambda m: m(torch.randn(2, 1, 8, 8))
+
+
 @pytest.mark.parametrize("name,pattern", _pruner_cases())
 def test_pruner_prunes_its_targets_deterministically(name, pattern):
     pruner = PRUNERS.get(name)
     amount, kw = _pruner_kwargs(pruner, pattern)
-    data = {"data": list(_batches())} if pruner.needs_data else {}
-    a, b = _make("mlp"), _make("mlp")
+    make, batches, forward = _pruner_model(name)
+    data = {"data": batches} if pruner.needs_data else {}
+    a, b = make(), make()
     plan = prunekit.prune(a, amount, criterion=name, seed=SEED, **kw, **data)
     prunekit.prune(b, amount, criterion=name, seed=SEED, **kw, **data)
     masks, params = prunekit.apply.masks(a), dict(a.named_parameters())
@@ -210,7 +229,7 @@ def test_pruner_prunes_its_targets_deterministically(name, pattern):
     assert masks.keys() == mb.keys() and all(torch.equal(masks[n], mb[n]) for n in masks)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     with torch.no_grad():
-        assert bool(torch.isfinite(a.eval()(torch.randn(2, 1, 8, 8))).all())
+        assert bool(torch.isfinite(forward(a.eval())).all())
 
 
 @pytest.mark.parametrize("name", PRUNERS.names())

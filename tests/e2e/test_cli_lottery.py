@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from contextlib import redirect_stdout
 
 import pytest
+import torch
 
 import prunekit
 from prunekit.analysis.metrics import evaluate
@@ -43,6 +45,8 @@ def test_writes_the_record_the_figure_and_the_ticket(quick_run):
     assert (m["model"], m["data"], m["n_train"], m["n_test"], m["epochs_per_round"]) == ("lenet300", "digits", 1000,
                                                                                          300, 1)
     assert m["model_kwargs"] == {"in_features": 64, "num_classes": 10} and m["seed"] == 0 and m["reinit_seed"] == 1
+    # --threads: 1 by default, torch's own count where OMP_NUM_THREADS is set; recorded
+    assert m["threads"] == (torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS", "").strip() else 1)
     assert (out / "lottery.png").read_bytes()[:8] == PNG_MAGIC
     # the saved ticket is the last round's model: its sparsity and its accuracy on the same test images
     ticket = prunekit.load(out / "ticket")

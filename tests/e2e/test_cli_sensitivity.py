@@ -62,6 +62,7 @@ def test_writes_curves_plot_allocation_and_plan(quick_run):
     assert set(alloc["sparsities"]) == set(LAYERS) and alloc["sparsities"] == res.allocate(0.8, min_keep=0.01)
     assert set(alloc["measured"]) == {"allocated", "uniform_layer", "global_magnitude"}
     assert all(0.0 <= v <= 1.0 for v in alloc["measured"].values())
+    assert alloc["threads"] == int(_env(None)["OMP_NUM_THREADS"])   # OMP_NUM_THREADS set: torch's count, recorded
     # the plan prunes a fresh LeNet to the allocation, layer by layer
     plan = Plan.load(out / "plan.json")
     net = build_model("lenet300")

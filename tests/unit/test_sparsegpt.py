@@ -8,7 +8,7 @@ from torch import nn
 import prunekit
 from prunekit.apply import masking
 from prunekit.criteria import calibrate
-from prunekit.pruners.sparsegpt import _record_calls, obs_prune, sparsegpt_prune
+from prunekit.pruners.sparsegpt import record_calls, obs_prune, sparsegpt_prune
 from prunekit.select.nm import check_nm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -171,7 +171,7 @@ def test_layers_reading_the_same_tensor_share_one_pass():
 
     model = Attn()
     targets = {n: model.get_submodule(n) for n in ("q", "k", "o", "shared")}
-    groups, count = _record_calls(model, {f"{n}.weight": m for n, m in targets.items()}, torch.randn(2, 8),
+    groups, count = record_calls(model, {f"{n}.weight": m for n, m in targets.items()}, torch.randn(2, 8),
                                   lambda m, b: m(b))
     assert groups == [["q.weight", "k.weight"], ["o.weight"], ["shared.weight"]]
     assert count["shared.weight"] == 2
@@ -240,18 +240,18 @@ def _conv_input(conv, n=6):
 
 @pytest.mark.parametrize("kind", list(CONVS))
 def test_a_conv_seen_as_matrices_computes_the_conv(kind):
-    from prunekit.pruners.sparsegpt import _as_matrix, _features, _from_matrix
+    from prunekit.pruners.sparsegpt import as_matrix, layer_features, from_matrix
 
     torch.manual_seed(0)
     conv = CONVS[kind]()
     x = _conv_input(conv)
-    X, W = _features(conv, x), _as_matrix(conv, conv.weight.detach())
+    X, W = layer_features(conv, x), as_matrix(conv, conv.weight.detach())
     y = nn.functional.conv2d if isinstance(conv, nn.Conv2d) else nn.functional.conv1d
     ref = y(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
     g, out_g = conv.groups, conv.out_channels // conv.groups
     ref = ref.reshape(ref.shape[0], g, out_g, -1).permute(1, 0, 3, 2).reshape(g, -1, out_g)
     assert torch.allclose(X @ W.transpose(1, 2), ref, atol=1e-5)
-    assert torch.equal(_from_matrix(conv, W, tuple(conv.weight.shape)), conv.weight.detach())
+    assert torch.equal(from_matrix(conv, W, tuple(conv.weight.shape)), conv.weight.detach())
 
 
 @pytest.mark.parametrize("kind", list(CONVS))

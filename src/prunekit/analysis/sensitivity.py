@@ -42,6 +42,7 @@ from prunekit.criteria import Criterion, get_criterion
 from prunekit.criteria.score import compute_scores
 from prunekit.errors import InvalidTypeError, PrunekitError, UnknownNameError
 from prunekit.plan import Plan
+from prunekit.select.allocation import interp, least_cost_allocation
 from prunekit.select.amount import Amount, resolve_floor
 from prunekit.select.coupling import couple_biases
 from prunekit.select.ranking import select
@@ -158,27 +159,12 @@ class SensitivityResult:
         w = self._weights(weights)
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 <= target < 1.0:
             raise PrunekitError(f"target={target!r} must be a fraction in [0, 1)")
-        hulls = {n: _lower_hull(_truncate(self.cost_curve(n), self._cap(n, min_keep))) for n in self.curves}
-        alloc = {n: h[0][0] for n, h in hulls.items()}
-        total = sum(w.values())
-        need = target * total - sum(w[n] * alloc[n] for n in alloc)
-        reach = sum(w[n] * (h[-1][0] - h[0][0]) for n, h in hulls.items())
-        if need > reach + 1e-9 * total:
-            best = (sum(w[n] * h[-1][0] for n, h in hulls.items())) / total
-            raise PrunekitError(f"target={target} cannot be reached: at most {best:.4f} with the measured "
-                             f"sparsities (up to {max(self.sparsities)}) and min_keep={min_keep}; "
-                             "measure higher sparsities or lower min_keep")
-        order = list(self.curves)
-        segments = sorted(((c1 - c0) / (s1 - s0) / w[n] if w[n] > 0 else math.inf, s0, order.index(n), s1)
-                          for n, h in hulls.items() for (s0, c0), (s1, c1) in zip(h, h[1:]))
-        for _, s0, i, s1 in segments:
-            if need <= 0:
-                break
-            n = order[i]
-            step = min(s1 - s0, need / w[n]) if w[n] > 0 else 0.0
-            alloc[n] = s0 + step
-            need -= w[n] * step
-        return alloc
+        try:
+            return least_cost_allocation({n: self.cost_curve(n) for n in self.curves}, w, target,
+                                         {n: self._cap(n, min_keep) for n in self.curves})
+        except PrunekitError as e:  # say how to get further
+            raise PrunekitError(f"{e} (measured up to {max(self.sparsities)}, min_keep={min_keep}); measure higher "
+                                "sparsities or lower min_keep") from None
 
     def _weights(self, weights: Union[str, Mapping[str, float]]) -> Dict[str, float]:
         if isinstance(weights, str):
@@ -198,7 +184,7 @@ class SensitivityResult:
 
     def predicted_drop(self, allocation: Mapping[str, float]) -> float:
         """The sum of the layers' interpolated drops at ``allocation`` (the additive prediction)."""
-        return sum(_interp(self.cost_curve(n), s) for n, s in allocation.items())
+        return sum(interp(self.cost_curve(n), s) for n, s in allocation.items())
 
     def achieved(self, allocation: Mapping[str, float],
                  weights: Union[str, Mapping[str, float]] = "params") -> float:
@@ -217,39 +203,6 @@ class SensitivityResult:
                 row["allocated"] = round(float(allocation[name]), 4)
             out.append(row)
         return out
-
-
-# ----------------------------------------------------------------------------- piecewise-linear helpers
-
-def _interp(pts: Sequence[Tuple[float, float]], s: float) -> float:
-    if s <= pts[0][0]:
-        return pts[0][1]
-    for (s0, c0), (s1, c1) in zip(pts, pts[1:]):
-        if s <= s1:
-            return c0 + (c1 - c0) * (s - s0) / (s1 - s0)
-    return pts[-1][1]
-
-
-def _truncate(pts: List[Tuple[float, float]], cap: float) -> List[Tuple[float, float]]:
-    """The curve up to sparsity ``cap`` (interpolated there)."""
-    if cap <= pts[0][0]:
-        return [pts[0]]
-    kept = [p for p in pts if p[0] < cap - 1e-12]
-    return kept + [(cap, _interp(pts, cap))] if cap < pts[-1][0] else pts
-
-
-def _lower_hull(pts: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
-    """Lower convex hull of points sorted by x (Andrew's monotone chain)."""
-    hull: List[Tuple[float, float]] = []
-    for p in pts:
-        while len(hull) >= 2:
-            (x0, y0), (x1, y1) = hull[-2], hull[-1]
-            if (x1 - x0) * (p[1] - y0) - (y1 - y0) * (p[0] - x0) <= 0:  # hull[-1] is on or above the chord
-                hull.pop()
-            else:
-                break
-        hull.append(p)
-    return hull
 
 
 # ----------------------------------------------------------------------------- analysis

@@ -9,7 +9,9 @@ zeros, and a packed bit mask (1 bit per entry) is kept as a buffer named
 back; :func:`prunekit.train.loop.finetune` does that for you.
 
 Because masks are ordinary buffers, ``copy.deepcopy`` and ``state_dict`` carry
-them; :func:`load_state_dict` also restores them into a fresh, unmasked model.
+them; :func:`load_state_dict` also restores them into a fresh, unmasked model, and
+:func:`plain_state_dict` leaves them out, for plain PyTorch (``load_state_dict(strict=True)`` on an
+unpruned model) and other tools.
 """
 from __future__ import annotations
 
@@ -191,6 +193,55 @@ def revived(model: nn.Module) -> Dict[str, int]:
             n = int(module._parameters[pname].masked_select(~get_mask(module, pname)).count_nonzero())
             if n:
                 out[name] = n
+    return out
+
+
+def check_not_revived(model: nn.Module, doing: str = "save") -> None:
+    """Refuse (:class:`PrunekitError`) a model whose pruned weights are not all zero: written out, they would hold
+    values that loading with the masks zeroes, so the reloaded model would differ from this one."""
+    moved = revived(model)
+    if moved:
+        raise PrunekitError(
+            f"{sum(moved.values())} pruned weights are not zero ({', '.join(f'{k}: {v}' for k, v in list(moved.items())[:4])}"
+            "): a training loop moved them off their masks. Keep them at zero while training with "
+            f"prunekit.keep_masks(optimizer, model), or zero them now with prunekit.apply.enforce(model), then {doing}")
+
+
+def _mask_keys(model: nn.Module) -> set:
+    """The state_dict keys of prunekit's mask buffers, under every name a shared module has."""
+    keys = set()
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for bname in module._buffers:
+            if bname.endswith(MASK_SUFFIX) and bname[: -len(MASK_SUFFIX)] in module._parameters:
+                keys.add(f"{mod_name}.{bname}" if mod_name else bname)
+    return keys
+
+
+@torch.no_grad()
+def plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's ``state_dict`` as plain PyTorch expects it: prunekit's ``*_mask`` buffers left out and every
+    pruned entry an exact zero, so ``fresh_model.load_state_dict(plain_state_dict(pruned), strict=True)`` works
+    on an unpruned instance of the architecture (and so does ``save_pretrained(state_dict=...)``).
+
+    Tensors are shared with the model (like ``state_dict``) except where a pruned entry had moved off zero
+    (training without :func:`keep_masks`): those come back as zeroed copies, the model is not changed. Tied
+    weights stay tied: every name of a shared parameter maps to the same tensor. To put the masks back later,
+    save :func:`masks` (or :func:`current_plan`) beside it.
+    """
+    sd = model.state_dict()
+    drop = _mask_keys(model)
+    zeroed: Dict[int, torch.Tensor] = {}  # id(parameter) -> its exact-zero tensor, shared by all its names
+    for _, module, pname in masked_parameters(model):
+        p = module._parameters[pname]
+        pruned = ~get_mask(module, pname)
+        zeroed[id(p)] = p.detach().masked_fill(pruned, 0.0) if bool(p.detach()[pruned].any()) else p.detach()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out = {}
+    for key, value in sd.items():
+        if key in drop:
+            continue
+        p = params.get(key)
+        out[key] = zeroed.get(id(p), value) if p is not None else value
     return out
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List
 
-from prunekit.advise import DEFAULT_CANDIDATES, KINDS, TARGETS
-from prunekit.cli._common import apply_quick, listed
+from prunekit.cli._common import add_threads, apply_quick, listed
+from prunekit.cli._names import names
 from prunekit.cli.prune import FLAGS, flag_help, resolve_config
 from prunekit.errors import PrunekitError
 
-HELP = f"measure pruning strategies on this machine and recommend one for a target: {listed(TARGETS)}"
+HELP = f"measure pruning strategies on this machine and recommend one for a target: {listed(names('advise_target'))}"
 
 # the flags of `prunekit prune` that say which model and data: the rest concern pruning methods
 SHARED = ("model", "checkpoint", "data", "seed", "batch-size", "limit-train", "limit-test", "dense-epochs")
@@ -33,16 +33,16 @@ def add_arguments(p) -> None:
         p.add_argument(f"--{flag}", type=typ, help=flag_help(flag))
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any recipe field, as for `prunekit prune` (value parsed as YAML; repeatable)")
-    p.add_argument("--target", default="cpu", choices=TARGETS,
+    p.add_argument("--target", default="cpu", choices=names("advise_target"),
                    help="cpu: measured CPU latency; gpu: measured CUDA latency (run it on the GPU machine); "
                         "sparse: an accelerator that skips zeros (effective MACs) (default: cpu)")
     p.add_argument("--budget", type=float, default=1.0,
                    help="largest accuracy drop allowed, in percentage points (default 1.0)")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes to time; the first ranks (default 1)")
-    p.add_argument("--threads", type=int, help="torch threads while timing (default: as is)")
-    p.add_argument("--candidates", help=f"comma-separated KIND[:AMOUNT] with KIND one of {listed(KINDS)}, e.g. "
-                                        f"dense,structured:0.5,unstructured:0.9,nm:2:4 (default: "
-                                        f"{listed(DEFAULT_CANDIDATES)})")
+    add_threads(p)   # for the whole run: dense training, fine-tuning and the timings (recorded in advice.json)
+    p.add_argument("--candidates", help=f"comma-separated KIND[:AMOUNT] with KIND one of "
+                                        f"{listed(names('advise_kind'))}, e.g. dense,structured:0.5,"
+                                        f"unstructured:0.9,nm:2:4 (default: {listed(names('advise_default'))})")
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="recovery fine-tune of every pruned candidate, masks fixed (default 0)")
     p.add_argument("--finetune-lr", type=float, default=0.01, help="learning rate of that fine-tune (default 0.01)")
@@ -79,8 +79,7 @@ def _settings(args) -> Dict[str, Any]:
     check_target(args.target, args.allow_proxy, None)  # no GPU for --target gpu: say so before training anything
     if args.budget < 0:
         raise PrunekitError(f"--budget {args.budget} must be >= 0 (percentage points)")
-    for flag, value, low in (("--finetune-epochs", args.finetune_epochs, 0), ("--repeat", args.repeat, 1),
-                             ("--threads", args.threads, 1)):
+    for flag, value, low in (("--finetune-epochs", args.finetune_epochs, 0), ("--repeat", args.repeat, 1)):
         if value is not None and value < low:
             raise PrunekitError(f"{flag} {value} must be >= {low}")
     return {"config": config, "candidates": candidates, "batches": _parse_batches(args.batch)}

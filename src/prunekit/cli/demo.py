@@ -14,7 +14,16 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
-from prunekit.cli._common import check_data, check_model, dataset_names, listed, model_names, print_summary, write_run
+from prunekit.cli._common import (
+    add_threads,
+    check_data,
+    check_model,
+    dataset_names,
+    listed,
+    model_names,
+    print_summary,
+    write_run,
+)
 
 HELP = "train (or reuse) a dense LeNet on MNIST, compare pruning methods, write a report"
 
@@ -58,12 +67,14 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed: the same seed gives the same masks")
     p.add_argument("--quick", action="store_true", help="a tiny setting (subset of data, few epochs) for tests")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_threads(p)
 
 
 def demo_config(args) -> Dict[str, Any]:
     config: Dict[str, Any] = {"title": f"prunekit demo: {args.model} on {args.data}", "model": args.model,
                               "model_kwargs": {}, "data": args.data, "seed": args.seed, "batch_size": 128,
-                              "dense": dict(DENSE), "methods": copy.deepcopy(METHODS)}
+                              "dense": dict(DENSE), "methods": copy.deepcopy(METHODS),
+                              "threads": getattr(args, "threads", None)}  # in effect (set by the CLI's main)
     if args.quick:
         config.update(limit_train=2000, limit_test=500, dense={**DENSE, "epochs": 2})
         for m in config["methods"]:

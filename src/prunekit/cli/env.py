@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from prunekit.cli._common import default_threads
+
 HELP = "print versions, threads and paths (for bug reports)"
 
 
@@ -14,6 +16,8 @@ def run(args) -> int:
     from prunekit.experiment import env_info
 
     info = env_info()
+    cli = default_threads()   # what a computing command's --threads is when not given
+    info["cli_threads"] = cli if cli is not None else f"torch's default ({info.get('torch_threads')}: OMP_NUM_THREADS)"
     if args.json:
         print(json.dumps(info, indent=1))
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from prunekit.cli._common import check_data, dataset_names, listed
+from prunekit.cli._common import add_threads, check_data, dataset_names, listed
 from prunekit.errors import PrunekitError
 
 HELP = "evaluate a saved prunekit model folder: accuracy, params, MACs, size, latency"
@@ -16,7 +16,7 @@ def add_arguments(p) -> None:
                    "was trained on, recorded when it was saved; else mnist)")
     p.add_argument("--limit-test", type=int, help="use only this many test examples")
     p.add_argument("--batch", type=int, default=1, help="batch size of the latency measurement")
-    p.add_argument("--threads", type=int, help="torch threads for the latency measurement")
+    add_threads(p)   # also the latency measurement's (printed as "threads")
     p.add_argument("--seed", type=int, default=0, help="seed (data subset order)")
     p.add_argument("--layers", action="store_true", help="also print the per-layer table")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")

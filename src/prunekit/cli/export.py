@@ -5,8 +5,8 @@ import inspect
 import json
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from prunekit.cli._common import check_data, dataset_names, listed
-from prunekit.deploy.export import EXPORTERS
+from prunekit.cli._common import add_threads, check_data, dataset_names, listed
+from prunekit.cli._names import names
 from prunekit.errors import PrunekitError
 
 HELP = "export a saved prunekit model folder to ONNX, verified with onnxruntime (max diff, size, latency)"
@@ -32,10 +32,10 @@ def add_arguments(p) -> None:
                    "model's spec, or from --data)")
     p.add_argument("--data", help=f"take the input shape and the example batch from this dataset "
                    f"({listed(dataset_names())})")
-    p.add_argument("--exporter", default="auto", choices=EXPORTERS,
-                   help=f"{listed(EXPORTERS, 'auto')} (auto: dynamo, falling back to torchscript)")
+    p.add_argument("--exporter", default="auto", choices=names("exporter"),
+                   help=f"{listed(names('exporter'), 'auto')} (auto: dynamo, falling back to torchscript)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch size in the graph (default: dynamic)")
-    p.add_argument("--threads", type=int, default=1, help="threads for the latency measurements (default 1)")
+    add_threads(p)   # torch's and onnxruntime's, for the latency measurements too
     p.add_argument("--repeat", type=int, default=20, help="timed runs per latency (median; default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random example input")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -111,8 +111,12 @@ def run(args) -> int:
     from prunekit.deploy import io
     from prunekit.deploy.export import ExportError, export_onnx, onnx_latency
 
-    if args.threads < 1 or args.repeat < 1:
-        raise PrunekitError(f"--threads and --repeat must be >= 1, got {args.threads} and {args.repeat}")
+    if args.repeat < 1:
+        raise PrunekitError(f"--repeat must be >= 1, got {args.repeat}")
+    if args.threads is None:   # run() called without the CLI's main: the threads as they are
+        import torch
+
+        args.threads = torch.get_num_threads()
     try:
         model = io.load(args.model)
         x = _example(args, io.read_spec(args.model).get("model"))

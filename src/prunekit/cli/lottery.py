@@ -20,7 +20,15 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Union
 
-from prunekit.cli._common import apply_quick, check_data, check_model, dataset_names, listed, model_names
+from prunekit.cli._common import (
+    add_threads,
+    apply_quick,
+    check_data,
+    check_model,
+    dataset_names,
+    listed,
+    model_names,
+)
 from prunekit.errors import PrunekitError
 
 HELP = "lottery tickets: iterative magnitude pruning with rewinding vs the same masks randomly re-initialised"
@@ -51,6 +59,7 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="tiny setting for tests: 1000 train / 300 test images, "
                                                         "2 rounds to 80%%, 1 epoch each (flags still override)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_threads(p)
 
 
 def _rewind(text: str) -> Union[str, int]:
@@ -115,7 +124,7 @@ def run(args) -> int:
     meta = {"model": args.model, "model_kwargs": kwargs, "data": info["name"], "n_train": info["n_train"],
             "n_test": info["n_test"], "seed": args.seed, "reinit_seed": args.seed + 1, "rewind": s["rewind"],
             "epochs_per_round": args.epochs, "schedule": s["schedule"], "criterion": "l1", "scope": "global",
-            "batch_size": args.batch_size, "train": s["train"], "wall_time_s": round(time.perf_counter() - t0, 1)}
+            "batch_size": args.batch_size, "train": s["train"], "threads": args.threads, "wall_time_s": round(time.perf_counter() - t0, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = res.record(meta)

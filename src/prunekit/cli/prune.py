@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import yaml
 
-from prunekit._util import check_choice
 from prunekit.cli._common import (
+    add_threads,
     check_data,
     check_model,
     criterion_names,
@@ -25,13 +25,8 @@ from prunekit.cli._common import (
     print_summary,
     write_run,
 )
+from prunekit.cli._names import live, names
 from prunekit.errors import PrunekitError
-from prunekit.experiment import KINDS
-from prunekit.pruners import PRUNERS
-from prunekit.select.allocation import ALLOCATIONS
-from prunekit.select.ranking import PATTERNS
-from prunekit.spec import SCOPES
-from prunekit.train.config import LR_SCHEDULES, OPTIMIZERS
 
 HELP = "prune a model from a YAML recipe and/or flags; save it, its plan, config and report"
 
@@ -52,7 +47,7 @@ DEFAULTS: Dict[str, Any] = {
 DEFAULT_SCOPE = "global"  # one ranking across layers: the strongest default for magnitude (see the README)
 
 # flag -> (path in the recipe, type, help); "{names}" in a help is filled in by flag_help() with the values the
-# flag takes (CHOICES), read from their registry when the parser is built
+# flag takes (CHOICES, as _names has them when the parser is built), and the recipe default is added
 FLAGS = {
     "model": ("model", str, "built-in model name: {names}"),
     "checkpoint": ("checkpoint", str, "a model folder saved by prunekit to prune instead of training one"),
@@ -86,32 +81,41 @@ FLAGS = {
     "checkpoint-every": ("finetune.checkpoint_every", int, "also checkpoint every N steps (mid-epoch); "
                          "continue a killed run with --resume"),
     "gradual-epochs": ("gradual.epochs", int, "gradual: total epochs of training"),
-    "prune-epochs": ("gradual.prune_epochs", int, "gradual: epochs over which sparsity rises"),
+    "prune-epochs": ("gradual.prune_epochs", int, "gradual: epochs over which sparsity rises (default: the first 40%% of the "
+                     "gradual epochs)"),
     "out": ("out", str, "output folder"),
 }
 REPEATABLE = {"include", "exclude"}
-# flag -> the values it takes, from the registry or tuple that defines them (called, never copied)
-CHOICES: Dict[str, Callable[[], Sequence[str]]] = {
-    "model": model_names,
-    "data": dataset_names,
-    "schedule": lambda: KINDS,
-    "criterion": criterion_names,
-    "scope": lambda: SCOPES,
-    "pattern": lambda: PATTERNS,
-    "optimizer": lambda: OPTIMIZERS,
-    "lr-schedule": lambda: LR_SCHEDULES,
-    "allocation": lambda: ALLOCATIONS,
-}
+# flag -> the values it takes: help lists them as _names has them (no torch), a run checks them against the
+# registry or tuple that defines them (live)
+CHOICES = {"model": "model", "data": "dataset", "schedule": "kind", "criterion": "criterion", "scope": "scope",
+           "pattern": "pattern", "optimizer": "optimizer", "lr-schedule": "lr_schedule", "allocation": "allocation"}
+CHOICE_NAMES = {"model": model_names, "data": dataset_names, "criterion": criterion_names}  # as a user spells them
 
 
-def flag_help(flag: str, names: Sequence[str] = ()) -> str:
-    """The help of ``--flag``, listing the values it takes (``names``, or its CHOICES now), the default marked."""
-    path, _, text = FLAGS[flag]
-    if flag in CHOICES or names:
-        default: Any = DEFAULTS
-        for part in path.split("."):
-            default = default.get(part) if isinstance(default, dict) else None
-        text = text.format(names=listed(names or CHOICES[flag](), default if isinstance(default, str) else None))
+def choice_names(flag: str) -> Sequence[str]:
+    """The values ``--flag`` takes, for its help (no torch)."""
+    return CHOICE_NAMES[flag]() if flag in CHOICE_NAMES else names(CHOICES[flag])
+
+
+def recipe_default(flag: str) -> Any:
+    """The value ``--flag`` has when neither it nor the recipe gives one (DEFAULTS)."""
+    value: Any = DEFAULTS
+    for part in FLAGS[flag][0].split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def flag_help(flag: str, names_: Sequence[str] = ()) -> str:
+    """The help of ``--flag``: the values it takes (``names_``, or its CHOICES now), the default marked, or
+    ``(default: X)`` from the recipe defaults."""
+    _, _, text = FLAGS[flag]
+    default = recipe_default(flag)
+    if flag in CHOICES or names_:
+        text = text.format(names=listed(names_ or choice_names(flag), default if isinstance(default, str) else None))
+    if default not in (None, {}) and "default" not in text:
+        shown = ":".join(map(str, default)) if flag == "nm" else default
+        text += f" (default: {shown})".replace("%", "%%")
     return text
 
 
@@ -131,9 +135,13 @@ def add_arguments(p) -> None:
                    help="move each pruned layer's bias by the mean contribution of its removed weights "
                         "(input means from a few training batches; not with sparsegpt or surgery)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_threads(p)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from the checkpoints in <out>/checkpoints "
                         "(without it, old checkpoints there are discarded)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep <out>/checkpoints after the run succeeds (they exist to resume an interrupted "
+                        "run, and are removed when it finishes)")
 
 
 FREE_FORM = {"model_kwargs"}  # passed through to the model's constructor, checked there
@@ -203,6 +211,8 @@ def resolve_config(args, *, criteria: Optional[Sequence[str]] = None) -> Dict[st
         config["save"]["compressed"] = False
     if config["method"]["scope"] is None:  # not given: global ranking, or what a whole-model pruner takes
         crit = config["method"]["criterion"]
+        from prunekit.pruners import PRUNERS
+
         config["method"]["scope"] = PRUNERS.get(crit).scopes[0] if isinstance(crit, str) and crit in PRUNERS \
             else DEFAULT_SCOPE
     check_config(config, criteria)
@@ -211,18 +221,21 @@ def resolve_config(args, *, criteria: Optional[Sequence[str]] = None) -> Dict[st
 
 def check_config(config: Dict[str, Any], criteria: Optional[Sequence[str]] = None) -> None:
     """The named choices of a resolved config are ones prunekit has (registered now), before anything runs."""
+    from prunekit._util import check_choice
+
     if not config.get("checkpoint"):
         check_model(config["model"])
     check_data(config["data"])
     m = config["method"]
-    check_choice(m["kind"], CHOICES["schedule"](), "schedule (method.kind)")
-    check_choice(m["criterion"], criterion_names() if criteria is None else criteria, "criterion")
-    check_choice(m["scope"], CHOICES["scope"](), "scope")
-    check_choice(m["pattern"], CHOICES["pattern"](), "pattern")
+    check_choice(m["kind"], live("kind"), "schedule (method.kind)")
+    every = sorted(set(live("criterion")) | set(live("pruner")))
+    check_choice(m["criterion"], every if criteria is None else criteria, "criterion")
+    check_choice(m["scope"], live("scope"), "scope")
+    check_choice(m["pattern"], live("pattern"), "pattern")
     for section in ("dense", "finetune"):
-        for key, flag in (("optimizer", "optimizer"), ("lr_schedule", "lr-schedule")):
+        for key, kind in (("optimizer", "optimizer"), ("lr_schedule", "lr_schedule")):
             if key in config[section]:
-                check_choice(config[section][key], CHOICES[flag](), f"{section}.{key}")
+                check_choice(config[section][key], live(kind), f"{section}.{key}")
 
 
 def _parse_nm(nm) -> list:
@@ -274,9 +287,10 @@ def run(args) -> int:
     method = to_method(config)
     exp = {**{k: config[k] for k in ("model", "model_kwargs", "checkpoint", "data", "seed", "batch_size",
                                       "limit_train", "limit_test", "dense")},
-           "title": f"prunekit prune: {config['model']} on {config['data']}", "methods": [method]}
+           "title": f"prunekit prune: {config['model']} on {config['data']}", "methods": [method],
+           "threads": args.threads}   # recorded in results.json's config (env.torch_threads too), not a recipe field
     out = Path(config["out"])
-    ckpt = out / "checkpoints"
+    ckpt = out / "checkpoints"   # under the run's folder, never the working directory
     pkdist.init_from_env()   # under torchrun: DDP fine-tuning, rank 0 writes
     if ckpt.is_dir() and not args.resume and pkdist.is_main():
         shutil.rmtree(ckpt)  # checkpoints of another run must never be resumed silently
@@ -287,6 +301,8 @@ def run(args) -> int:
         if not pkdist.is_main():
             return 0
         _write_outputs(out, config, method, results, heatmaps, models)
+        if not args.keep_checkpoints:  # they exist to resume an interrupted run: this one finished
+            shutil.rmtree(ckpt, ignore_errors=True)
     finally:
         pkdist.cleanup()
     return 0

@@ -17,11 +17,9 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List
 
-from prunekit._util import atomic_write_text, check_choice
-from prunekit.analysis.sensitivity import PATTERNS, WEIGHTS
-from prunekit.cli._common import apply_quick, listed
+from prunekit.cli._common import add_threads, apply_quick, atomic_write_text, listed
+from prunekit.cli._names import live, names
 from prunekit.cli.prune import FLAGS, flag_help, resolve_config, to_method
-from prunekit.criteria import CRITERIA
 from prunekit.errors import PrunekitError
 
 HELP = "per-layer sensitivity curves and per-layer sparsities that meet a global target with the least loss"
@@ -36,9 +34,10 @@ def add_arguments(p) -> None:
     p.add_argument("--recipe", help="a `prunekit prune` YAML recipe (model, data, dense training, method); "
                                     "flags override its fields")
     own = {  # what these two take here differs from `prunekit prune` (no whole-model pruners, no N:M)
-        "criterion": f"a registered criterion: {listed(CRITERIA.names())} (whole-model pruners such as "
+        "criterion": f"a registered criterion: {listed(names('criterion'), 'l1')} (whole-model pruners such as "
                      "sparsegpt do not prune one layer alone)",
-        "pattern": f"what is pruned: {listed(PATTERNS)} (N:M fixes the sparsity: nothing to sweep)",
+        "pattern": f"what is pruned: {listed(names('sensitivity_pattern'), 'unstructured')} (N:M fixes the "
+                   "sparsity: nothing to sweep)",
     }
     for flag in SHARED:
         _, typ, _ = FLAGS[flag]
@@ -55,7 +54,7 @@ def add_arguments(p) -> None:
     p.add_argument("--target", type=float, default=0.9,
                    help="global sparsity (fraction of the analysed layers' weights) to allocate (default 0.9)")
     p.add_argument("--metric", default="accuracy", choices=("accuracy", "loss"), help="what the curves measure")
-    p.add_argument("--weights", default="params", choices=WEIGHTS,
+    p.add_argument("--weights", default="params", choices=names("sensitivity_weights"),
                    help="params: the target counts weights (default); uniform: the mean of the layer sparsities")
     p.add_argument("--eval-on", default="test", choices=("test", "train"),
                    help="which split the curves are measured on (default test; train keeps the test set unseen)")
@@ -65,6 +64,7 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="tiny setting for tests: 1000 train / 300 test images, "
                                                         "1 dense epoch (flags still override)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_threads(p)
     p.add_argument("--bias-correction", action="store_true",
                    help="correct each trial's (and the allocation's) biases by the removed weights' mean "
                         "contribution, as `prunekit prune --bias-correction` does")
@@ -84,10 +84,12 @@ def _parse_sparsities(text: str) -> List[float]:
 
 def _settings(args) -> Dict[str, Any]:
     """Resolve and check everything before any data is loaded or model trained."""
+    from prunekit._util import check_choice
+
     apply_quick(args, QUICK)   # as if these flags were given, unless they were
-    config = resolve_config(args, criteria=CRITERIA.names())   # scoring criteria only: no whole-model pruners
+    config = resolve_config(args, criteria=live("criterion"))   # scoring criteria only: no whole-model pruners
     prune_kw = to_method(config)["prune"]
-    check_choice(prune_kw["pattern"], PATTERNS, "pattern")
+    check_choice(prune_kw["pattern"], live("sensitivity_pattern"), "pattern")
     if not 0.0 <= args.target < 1.0:
         raise PrunekitError(f"--target {args.target} must be a fraction in [0, 1)")
     if args.eval_batches is not None and args.eval_batches < 1:
@@ -182,7 +184,7 @@ def run(args) -> int:
            "achieved": result.achieved(alloc, args.weights), "sparsities": alloc, "baseline": result.baseline,
            "predicted_drop": result.predicted_drop(alloc), "measured": measured,
            "criterion": prune_kw["criterion"], "pattern": prune_kw["pattern"], "seed": config["seed"],
-           "scope": trial["scope"], "bias_correction": trial["bias_correction"]}
+           "scope": trial["scope"], "bias_correction": trial["bias_correction"], "threads": args.threads}
     atomic_write_text(out / "allocation.json", json.dumps(doc, indent=1, allow_nan=False))
     _print(result, alloc, doc, out)
     return 0

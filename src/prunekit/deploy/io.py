@@ -85,12 +85,7 @@ def save(model: nn.Module, path: PathLike, *, compressed: bool = False, spec: Op
     and run ``to_sparse`` on the machine it will run on.
     """
     folder = Path(path)
-    moved = masking.revived(model)
-    if moved:  # saving them would write values that load() zeroes: the reloaded model would differ
-        raise PrunekitError(
-            f"{sum(moved.values())} pruned weights are not zero ({', '.join(f'{k}: {v}' for k, v in list(moved.items())[:4])}"
-            "): a training loop moved them off their masks. Keep them at zero while training with "
-            "prunekit.keep_masks(optimizer, model), or zero them now with prunekit.apply.enforce(model), then save")
+    masking.check_not_revived(model)  # saved revived values would differ from what load() gives back
     model, sparse_layers = _dense_equivalent(model)
     sd = _state_for_saving(model)
     tensors, cmeta = (compress_state_dict(sd) if compressed else (sd, None))

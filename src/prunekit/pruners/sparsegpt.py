@@ -43,7 +43,7 @@ from prunekit.spec import Calibration, PruneSpec
 from prunekit.targets import select_targets
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by a hook once it has what it needs: the rest of the forward is not computed."""
 
 
@@ -162,6 +162,18 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Optional[fl
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's projections): a Linear whose weight is stored (in, out)."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+            and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == module.nf)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A layer computing ``x @ W^T + b`` on the last dimension: nn.Linear or a transposed one."""
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
+
+
 def _targets(model: nn.Module, names: Optional[Sequence[str]], notes: List[str]) -> Dict[str, nn.Module]:
     """The layers to prune; a selected layer SparseGPT cannot take is skipped with a note (and a warning)."""
     if names is None:
@@ -172,7 +184,7 @@ def _targets(model: nn.Module, names: Optional[Sequence[str]], notes: List[str])
     out = {}
     for name in names:
         module, pname = masking.owner_of(model, name)
-        if pname != "weight" or not isinstance(module, SUPPORTED):
+        if pname != "weight" or not (isinstance(module, SUPPORTED) or is_linear(module)):
             raise PrunekitError(f"sparsegpt prunes the weights of {', '.join(t.__name__ for t in SUPPORTED)} layers; "
                                 f"{name} is the {pname!r} of a {type(module).__name__}")
         why = _unsupported_conv(module)
@@ -186,7 +198,7 @@ def _targets(model: nn.Module, names: Optional[Sequence[str]], notes: List[str])
 
 
 def _unsupported_conv(module: nn.Module) -> Optional[str]:
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         return None
     if isinstance(module.padding, str) or module.padding_mode != "zeros":
         return f"{type(module).__name__} with padding={module.padding!r}, padding_mode={module.padding_mode!r} " \
@@ -206,10 +218,10 @@ def _conv2d_view(module: nn.Module) -> Tuple[Tuple[int, int], Tuple[int, int], T
     return module.kernel_size, module.stride, module.padding, module.dilation
 
 
-def _features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def layer_features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as (groups, rows, cols): the rows X of ``H = X^T X`` for each group."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, module.in_features).unsqueeze(0)
+    if is_linear(module):
+        return x.reshape(-1, _in_width(module)).unsqueeze(0)
     x = x.unsqueeze(-2) if isinstance(module, nn.Conv1d) else x  # (N, C, L) -> (N, C, 1, L)
     if x.dim() == 3:  # an unbatched input
         x = x.unsqueeze(0)
@@ -220,19 +232,19 @@ def _features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return u.permute(1, 0, 4, 3, 2).reshape(g, -1, taps * (module.in_channels // g))
 
 
-def _as_matrix(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """A weight-shaped tensor as (groups, out_g, cols), columns as in :func:`_features`."""
-    if isinstance(module, nn.Linear):
-        return t.unsqueeze(0)
+def as_matrix(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor as (groups, out_g, cols), columns as in :func:`layer_features`."""
+    if is_linear(module):
+        return (t.t() if is_transposed_linear(module) else t).unsqueeze(0)
     g = module.groups
     w = t.reshape(g, t.shape[0] // g, t.shape[1], -1)                 # (G, out_g, in_g, taps)
     return w.permute(0, 1, 3, 2).reshape(g, t.shape[0] // g, -1)
 
 
-def _from_matrix(module: nn.Module, m: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`_as_matrix`."""
-    if isinstance(module, nn.Linear):
-        return m.squeeze(0)
+def from_matrix(module: nn.Module, m: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`as_matrix`."""
+    if is_linear(module):
+        return m.squeeze(0).t() if is_transposed_linear(module) else m.squeeze(0)
     g, out_g = m.shape[0], m.shape[1]
     in_g = shape[1]
     w = m.reshape(g, out_g, -1, in_g).permute(0, 1, 3, 2)               # (G, out_g, in_g, taps)
@@ -241,10 +253,14 @@ def _from_matrix(module: nn.Module, m: torch.Tensor, shape: Tuple[int, ...]) -> 
 
 def _nm_width(module: nn.Module) -> int:
     """The input width an N:M group runs along: in_features, or the input channels of one group at a tap."""
-    return module.in_features if isinstance(module, nn.Linear) else module.in_channels // module.groups
+    return _in_width(module) if is_linear(module) else module.in_channels // module.groups
 
 
-def _record_calls(model: nn.Module, targets: Dict[str, nn.Linear], batch, forward_fn):
+def _in_width(module: nn.Module) -> int:
+    return module.weight.shape[0] if is_transposed_linear(module) else module.in_features
+
+
+def record_calls(model: nn.Module, targets: Dict[str, nn.Linear], batch, forward_fn):
     """Forward order of the targets on one batch, grouped where consecutive layers read the very same
     tensor (their inputs do not depend on each other); also how often each layer is called."""
     calls: List[Tuple[str, torch.Tensor]] = []
@@ -281,19 +297,19 @@ def _hessian(model: nn.Module, module: nn.Module, data, forward_fn, max_batches,
     acc = {"H": None, "rows": 0}
 
     def hook(mod, args):
-        x = _features(mod, args[0].detach()).float()
+        x = layer_features(mod, args[0].detach()).float()
         h = (x.transpose(1, 2) @ x).double()  # float32 products, float64 sum over batches
         acc["H"] = h if acc["H"] is None else acc["H"].add_(h)
         acc["rows"] += x.shape[1]
         if stop_early:
-            raise _Stop
+            raise StopForward
 
     handle = module.register_forward_pre_hook(hook)
     try:
         for batch in batches(data, max_batches, False, "sparsegpt"):
             try:
                 forward_fn(model, batch)
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         handle.remove()
@@ -363,7 +379,7 @@ def sparsegpt_prune(model: nn.Module, data: Iterable, sparsity: Union[None, floa
             first = next(iter(data), None)
             if first is None:
                 raise PrunekitError("the calibration data yielded no batch")
-            groups, count = _record_calls(model, targets, first, job.forward_fn)
+            groups, count = record_calls(model, targets, first, job.forward_fn)
             _prune_groups(job, groups, count, progress)
         masking.apply(model, plan)
         for note in notes:  # layers left as they were: said on stderr too, not only in plan.notes
@@ -384,26 +400,26 @@ def _prune_groups(job: _Job, groups: List[List[str]], count: Dict[str, int], pro
         for name in group:
             module = job.targets[name]
             obs = {**job.obs, "sparsity": None if job.obs["nm"] else amount_of(job.obs["sparsity"], name)}
-            new, keep, loss = _prune_layer(module, H, obs, job.current.get(name))
+            new, keep, loss = obs_prune_layer(module, H, obs, job.current.get(name))
             job.backup[name] = module.weight.detach().clone()
             module.weight.copy_(new)
-            job.plan.tensors[name] = _tensor_plan(name, keep, job.obs["nm"])
+            job.plan.tensors[name] = keep_plan(name, keep, job.obs["nm"])
             job.plan.meta["obs_loss"][name] = loss
         del H
 
 
-def _prune_layer(module: nn.Module, H: torch.Tensor, obs: Dict[str, Any], current: Optional[torch.Tensor]):
+def obs_prune_layer(module: nn.Module, H: torch.Tensor, obs: Dict[str, Any], current: Optional[torch.Tensor]):
     """obs_prune on each group's matrix; the weight and keep mask back in the layer's shape."""
     w = module.weight
-    mats, keeps = _as_matrix(module, w.detach()), None if current is None else _as_matrix(module, current)
+    mats, keeps = as_matrix(module, w.detach()), None if current is None else as_matrix(module, current)
     out = [obs_prune(mats[g], H[g], obs["sparsity"], nm=obs["nm"], blocksize=obs["blocksize"], damp=obs["damp"],
                      keep=None if keeps is None else keeps[g]) for g in range(mats.shape[0])]
-    new = _from_matrix(module, torch.stack([o[0] for o in out]), tuple(w.shape))
-    keep = _from_matrix(module, torch.stack([o[1] for o in out]), tuple(w.shape))
+    new = from_matrix(module, torch.stack([o[0] for o in out]), tuple(w.shape))
+    keep = from_matrix(module, torch.stack([o[1] for o in out]), tuple(w.shape))
     return new, keep, float(sum(o[2] for o in out))
 
 
-def _tensor_plan(name: str, keep: torch.Tensor, nm) -> TensorPlan:
+def keep_plan(name: str, keep: torch.Tensor, nm) -> TensorPlan:
     pattern = "unstructured" if nm is None else "nm"
     return TensorPlan(name, tuple(keep.shape), pattern, units=keep.numel(), pruned_units=int((~keep).sum()),
                       keep_bits=pack_bits(keep.reshape(-1).cpu()), nm=None if nm is None else tuple(nm))

@@ -1,0 +1,79 @@
+"""``prunekit llm prune`` / ``llm eval`` end to end, in subprocesses, on a tiny random Llama that uses SmolLM2's
+tokenizer (fetched by the install step), calibrated and evaluated on Jane Austen."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from prunekit.zoo.llm import load_smollm2, tiny_decoder
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "PRUNEKIT_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "prunekit.cli.__main__", "llm", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama with SmolLM2's vocabulary, saved as a plain transformers folder with the tokenizer."""
+    _, tok = load_smollm2()
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_decoder("llama", vocab_size=len(tok), num_hidden_layers=2).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+TEXT = ["--tokens", 256, "--context", 128]
+
+
+def test_prune_saves_a_transformers_folder_and_reports_perplexity(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pruned"
+    r = _cli("prune", "--model", tiny_dir, "--method", "sparsegpt", "--sparsity", 0.5, "--calib-windows", 4,
+             "--calib-len", 32, "--out", out, *TEXT, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    assert summary["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert summary["perplexity"] > 1 and summary["dense_perplexity"] > 1
+    assert summary["ppl_ratio"] == pytest.approx(summary["perplexity"] / summary["dense_perplexity"])
+    model = AutoModelForCausalLM.from_pretrained(out)   # plain transformers, no prunekit
+    q = model.model.layers[1].self_attn.q_proj.weight
+    assert (q == 0).float().mean().item() == pytest.approx(0.5, abs=1e-6)
+    assert (model.lm_head.weight != 0).all()   # the tied embeddings are not pruned
+    r = _cli("eval", out, *TEXT, "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert res["perplexity"] == pytest.approx(summary["perplexity"], rel=1e-4)
+    assert res["tokens"] == 2 * 127 and res["windows"] == 2
+
+
+def test_nm_with_owl_and_bad_flags_refused_before_loading(tiny_dir, tmp_path):
+    for flags, msg in ((["--sparsity", 0.5, "--nm", "2:4"], "exactly one of"),
+                       (["--nm", "4:4"], "N:M"), (["--sparsity", 1.5], "fraction"),
+                       (["--nm", "2:4", "--allocation", "owl"], "allocation must be uniform")):
+        r = _cli("prune", "--model", "no/such/model", *flags, cwd=tmp_path)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (flags, r.stderr)
+    r = _cli("prune", "--model", tmp_path / "missing", "--sparsity", 0.5, "--no-eval", cwd=tmp_path)
+    assert r.returncode == 2 and "config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_wanda_nm_no_eval(tiny_dir, tmp_path):
+    out = tmp_path / "nm"
+    r = _cli("prune", "--model", tiny_dir, "--method", "wanda", "--nm", "2:4", "--calib-windows", 2, "--calib-len",
+             32, "--no-eval", "--out", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["perplexity"] is None
+    from prunekit.deploy.hf import load_pretrained
+
+    model = load_pretrained(out)
+    w = model.model.layers[0].mlp.down_proj.weight
+    assert torch.all((w.reshape(-1, 4) != 0).sum(1) <= 2)
