@@ -62,8 +62,8 @@ from prunekit.select.nm import parse_nm
 from prunekit.surgery import compact, plan_groups
 from prunekit.train.loop import finetune
 
-__all__ = ["Advice", "advise", "build_candidate", "parse_candidate", "TargetUnavailable", "TARGETS", "KINDS",
-           "DEFAULT_CANDIDATES"]
+__all__ = ["Advice", "advise", "recommend", "build_candidate", "parse_candidate", "TargetUnavailable", "TARGETS",
+           "KINDS", "DEFAULT_CANDIDATES"]
 
 TARGETS = ("cpu", "gpu", "sparse")
 KINDS = ("dense", "structured", "unstructured", "nm")
@@ -508,6 +508,51 @@ def advise(model: nn.Module, example_inputs: Any, *, target: str = "cpu", budget
     return advice
 
 
+_MEASURED_KEYS = ("metric_value", "params", "nonzeros", "macs", "macs_effective", "size_bytes", "latency_ms")
+
+
+def recommend(candidates: Sequence[Mapping[str, Any]], *, budget_pp: float = 1.0, metric: str = "accuracy",
+              latency_tie: float = LATENCY_TIE, batch: int = 1, device: str = "cpu") -> "Advice":
+    """advise's judgement over candidates measured elsewhere (the points of ``prunekit demo`` / ``prune``):
+    the same budget check, ranking by CPU latency with ties (within ``latency_tie``) going to the smaller
+    file, and the same reason; nothing is built or timed here.
+
+    Each candidate is a dict: ``name``, ``kind`` (one ``"dense"``, the reference; ``"structured"`` for a
+    compacted model, ``"unstructured"`` / ``"nm"`` for masked ones), the numbers of :data:`_MEASURED_KEYS`
+    (``metric_value`` a fraction, higher is better; ``size_bytes`` the file to ship) and optionally
+    ``spread`` (interquartile range / median of its latency) and ``notes``. Latencies timed one model after
+    another are noisier than advise's interleaved ones: give a ``latency_tie`` at least their spread.
+    """
+    _check_numbers(budget_pp, 1, 0, 0, None, None, latency_tie)
+    rows: Dict[str, Dict[str, Any]] = {}
+    for c in candidates:
+        missing = [k for k in _MEASURED_KEYS if c.get(k) is None]
+        if c.get("kind") not in KINDS or missing or not c["latency_ms"] > 0:
+            raise PrunekitError(f"candidate {c.get('name')!r}: needs a kind in {KINDS}, a latency_ms > 0 and "
+                                f"every one of {', '.join(_MEASURED_KEYS)}")
+        rows[str(c["name"])] = {"name": str(c["name"]), "kind": c["kind"], "amount": c.get("amount"),
+                                "nm": c.get("nm"), "options": {"sparse_kernels": False}, "status": "ok",
+                                "error": None, "notes": list(c.get("notes") or []), "digest": None,
+                                **{k: c[k] for k in _MEASURED_KEYS}}
+    if len(rows) != len(candidates) or [r["kind"] for r in rows.values()].count("dense") != 1:
+        raise PrunekitError("recommend needs uniquely named candidates and exactly one of kind 'dense'")
+    _judge(rows, budget_pp)
+    dense_ms = next(r for r in rows.values() if r["kind"] == "dense")["latency_ms"]
+    for c, r in zip(candidates, rows.values()):
+        speedup = dense_ms / r["latency_ms"]
+        r["batches"] = [{"batch": batch, "latency_ms": r["latency_ms"], "speedup": speedup,
+                         "spread": float(c.get("spread") or 0.0), "sparse_layers": [], "device": "cpu"}]
+        r.update(speedup=speedup, sparse_layers=[], needs_prunekit=[], plain_pytorch=None, gpu_macs=r["macs"],
+                 score=r["latency_ms"])
+    listed = list(rows.values())
+    rec = _pick(listed, "latency_ms", latency_tie)
+    advice = Advice(target="cpu", rank_by="latency_ms", measured=True, device=device, metric=metric,
+                    budget_pp=float(budget_pp), batches=[batch], candidates=listed, recommended=rec["name"],
+                    reason="", settings={"latency_tie": latency_tie, "measured_by": "recommend"})
+    advice.reason = _reason(advice, rec)
+    return advice
+
+
 def _device_label(device: torch.device, threads: int) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
@@ -573,6 +618,8 @@ def _family_clauses(a: "Advice", rows: List[Dict[str, Any]], rec: Dict[str, Any]
         u = max([r for r in unstructured if r["within_budget"]] or unstructured, key=lambda r: r["speedup"])
         if u["sparse_layers"]:
             csr = f" + CSR ({len(u['sparse_layers'])} layer(s))"
+        elif not u["options"].get("sparse_kernels", True):
+            csr = " (masked, dense kernels: CSR not tried)"
         elif "forms_ms" in u["batches"][0]:
             csr = " (its CSR layers were slower end to end, so it runs dense)"
         else:

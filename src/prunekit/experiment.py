@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import platform
+import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -26,8 +27,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunekit._util import check_choice, default_cache_dir, progress_enabled, seed_everything
+from prunekit._util import (
+    call_model,
+    check_choice,
+    default_cache_dir,
+    eval_mode,
+    median,
+    progress_enabled,
+    seed_everything,
+    time_calls,
+)
 from prunekit._version import __version__
+from prunekit.advise import LATENCY_TIE, recommend
 from prunekit.analysis.metrics import evaluate, summarize
 from prunekit.api import needs_data, prune
 from prunekit.apply import masking
@@ -107,13 +118,37 @@ def dense_model(model: str, model_kwargs: Dict[str, Any], train, test, info: Dic
 
 # ----------------------------------------------------------------------------- measuring
 
-def measure(model: nn.Module, test, info: Dict[str, Any], *, latency_repeats: int = 30) -> Dict[str, Any]:
-    """Every number of one point: accuracy, sizes, MACs, latency (batch 1), per-layer rows."""
-    return summarize(model, example_batch(info, 1), test, latency=True, repeats=latency_repeats, warmup=5)
+def paired_speedup(model: nn.Module, reference: nn.Module, x: Any, *, repeats: int = 30,
+                   warmup: int = 5) -> Dict[str, Any]:
+    """Latency of ``reference`` / latency of ``model``, the two timed in alternation, single calls: rounds
+    go (ref, model), (model, ref), ... and each ratio is taken over two consecutive rounds, a moment apart and
+    with each first once. That cancels the drift of a busy machine, which separate medians keep (timed one
+    after the other, a masked LeNet read 0.90x of its dense twin), and the cost of going first (~25% for a
+    40 us call). Returns the median ratio, its quartiles and the number of ratios."""
+    n = 2 * max(1, int(repeats))
+    with eval_mode(model), eval_mode(reference), torch.no_grad():
+        t = time_calls({"dense": lambda: call_model(reference, x), "model": lambda: call_model(model, x)},
+                       repeat=n, warmup=warmup, sample_ms=None)
+    d, m = t["dense"], t["model"]
+    ratios = [(d[i] + d[i + 1]) / (m[i] + m[i + 1]) for i in range(0, n - 1, 2) if m[i] + m[i + 1] > 0]
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {"speedup_measured": median(ratios), "speedup_q1": q[0], "speedup_q3": q[-1],
+            "speedup_repeats": len(ratios)}
 
 
-def _point(model, test, info, target: float, names: Sequence[str], extra: Dict[str, Any]) -> Dict[str, Any]:
-    res = measure(model, test, info)
+def measure(model: nn.Module, test, info: Dict[str, Any], *, latency_repeats: int = 30,
+            reference: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """Every number of one point: accuracy, sizes, MACs, latency (batch 1, with its spread), per-layer rows;
+    with ``reference`` (the dense model) also the speedup over it, timed in alternation (:func:`paired_speedup`)."""
+    res = summarize(model, example_batch(info, 1), test, latency=True, repeats=latency_repeats, warmup=5)
+    if reference is not None:
+        res.update(paired_speedup(model, reference, example_batch(info, 1), repeats=latency_repeats))
+    return res
+
+
+def _point(model, test, info, target: float, names: Sequence[str], extra: Dict[str, Any],
+           reference: Optional[nn.Module] = None) -> Dict[str, Any]:
+    res = measure(model, test, info, reference=reference)
     res.update(target_sparsity=target, pruned_sparsity=global_sparsity(model, names), **extra)
     return res
 
@@ -168,6 +203,7 @@ def _check_against_model(config: Dict[str, Any], info: Dict[str, Any]) -> None:
     kwargs = {"num_classes": info["num_classes"], **config.get("model_kwargs", {})}
     with torch.device("meta"):
         probe = build_model(config["model"], **kwargs)
+    _check_inputs(probe, config["model"], info)
     params = dict(probe.named_parameters())
     for method in config["methods"]:
         pk = method.get("prune", {})
@@ -181,6 +217,18 @@ def _check_against_model(config: Dict[str, Any], info: Dict[str, Any]) -> None:
             if not -nd <= dim < nd:
                 raise PrunekitError(f"method {method.get('name')!r}: dim={dim} is out of range for {name} with {nd} "
                                     f"dims (allowed {-nd}..{nd - 1})")
+
+
+def _check_inputs(probe: nn.Module, model: str, info: Dict[str, Any]) -> None:
+    """A forward of one shape-only example: a model built for other inputs (3-channel CIFAR models on 1-channel
+    MNIST) is said in one line, before any training, instead of a traceback minutes later."""
+    try:
+        with torch.no_grad():
+            probe.eval()(torch.empty(1, *info["input_shape"], device="meta"))
+    except (RuntimeError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PrunekitError(f"model {model!r} cannot take {info['name']} inputs of shape {list(info['input_shape'])} "
+                            f"({reason}); choose a model built for this data") from None
 
 
 def _ckpt(folder: Optional[Path], name: str) -> Optional[Path]:
@@ -222,7 +270,7 @@ def _oneshot(dense, method, train, test, info, seed, progress, ckpt_dir) -> Tupl
         if pk.get("pattern") == "nm":
             target = 1 - n / m
         points.append(_point(model, test, info, target if target is not None else achieved, names,
-                             {"accuracy_before_finetune": before}))
+                             {"accuracy_before_finetune": before}, reference=dense))
     return points, model, notes
 
 
@@ -246,7 +294,7 @@ def _scheduled(dense, method, train, test, info, seed, progress, ckpt_dir) -> Tu
                                 eval_loader=test, prune_kwargs=pk, progress=progress, **ft)
     names = select_targets(model, **{k: pk[k] for k in ("types", "include", "exclude", "include_classifier")
                                      if k in pk})
-    final = _point(model, test, info, max(method["sparsities"]), names, {})
+    final = _point(model, test, info, max(method["sparsities"]), names, {}, reference=dense)
     return [final], model, state.history
 
 
@@ -275,7 +323,7 @@ def _surgery(dense, method, train, test, info, seed, progress, ckpt_dir):
         before = evaluate(masked, test)["accuracy"]
         _finetune_point(masked, method, train, seed, progress, _ckpt(ckpt_dir, f"{method['name']}-{target}"))
         slim = compact(masked, plan, x)
-        res = measure(slim, test, info)
+        res = measure(slim, test, info, reference=dense)
         slim_params = sum(p.numel() for p in slim.parameters())
         # "sparsity" of a compacted model: the share of the dense model's parameters that are gone,
         # so that its points sit where they belong on the report's curves
@@ -341,12 +389,17 @@ def run_experiment(config: Dict[str, Any], *, progress: Optional[bool] = None,
 
     ``config`` keys: model, model_kwargs, data, seed, batch_size, limit_train,
     limit_test, dense (training settings), checkpoint (optional saved model to
-    start from instead of training), methods (list of method dicts), heat_layers.
+    start from instead of training), methods (list of method dicts), heat_layers,
+    budget_pp (the accuracy drop, in percentage points, that the report's
+    recommendation may spend; default 1.0, as advise).
     With ``checkpoint_dir``, every training run checkpoints there at each epoch
     end and resumes from an existing checkpoint.
     """
 
     seed = int(config.get("seed", 0))
+    budget = config.get("budget_pp", 1.0)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < float("inf"):
+        raise PrunekitError(f"budget_pp={budget!r} must be a number >= 0 (percentage points of accuracy)")
     for m in config["methods"]:
         _check_method(m)
     train, test, info = get_loaders(config.get("data", "mnist"), batch_size=config.get("batch_size", 128),
@@ -375,7 +428,61 @@ def run_experiment(config: Dict[str, Any], *, progress: Optional[bool] = None,
             results["history"][method["name"]] = history
         heatmaps.update(heat)
         models[method["name"]] = model
+    results["conclusion"] = conclusion(results, float(budget))
     return results, heatmaps, models
+
+
+def _candidate(name: str, kind: str, point: Dict[str, Any], nm: Any = None,
+               dense_ms: Optional[float] = None) -> Optional[Dict[str, Any]]:
+    """A measured point as a candidate of :func:`prunekit.advise.recommend` (None: a number is missing); with
+    a speedup timed against dense, its latency is dense's over that speedup."""
+    sizes = [v for v in (point.get("size_bytes"), point.get("size_compressed_bytes")) if v is not None]
+    c = {"name": name, "kind": kind, "nm": nm, "metric_value": point.get("accuracy"), "params": point.get("params"),
+         "nonzeros": point.get("nonzeros"), "macs": point.get("macs"), "macs_effective": point.get("macs_effective"),
+         "size_bytes": min(sizes) if sizes else None, "latency_ms": point.get("latency_ms")}
+    if any(c[k] is None for k in c if k != "nm") or not c["latency_ms"] > 0:
+        return None
+    q1, q3 = point.get("latency_q1_ms"), point.get("latency_q3_ms")
+    c["spread"] = (q3 - q1) / c["latency_ms"] if q1 is not None and q3 is not None else 0.0
+    speedup = point.get("speedup_measured")
+    if speedup and dense_ms:   # timed against dense in alternation: put every point on dense's clock
+        c["latency_ms"] = dense_ms / speedup
+        c["spread"] = (point.get("speedup_q3", speedup) - point.get("speedup_q1", speedup)) / speedup
+    return c
+
+
+def conclusion(results: Dict[str, Any], budget_pp: float = 1.0) -> Optional[Dict[str, Any]]:
+    """advise's recommendation (:func:`prunekit.advise.recommend`) among every measured point of ``results``,
+    for an accuracy budget of ``budget_pp`` percentage points; None when the dense model lacks a number.
+
+    A point's latency is the dense model's over the speedup timed against it in alternation (as advise
+    times candidates), else its own median; latencies within the typical spread of these timings (the
+    median relative IQR over all points, at least advise's 5%) tie."""
+    dense = _candidate("dense", "dense", results.get("dense") or {})
+    if dense is None:
+        return None
+    candidates = [dense]
+    for m in results.get("methods") or []:
+        pk, label = m.get("prune") or {}, m.get("label") or m.get("name")
+        for p in m.get("points") or []:
+            t = p.get("target_sparsity")
+            name = label if t is None else f"{label} at {100 * t:.3g}%"
+            while any(c["name"] == name for c in candidates):
+                name += "'"
+            kind = "structured" if p.get("compacted") else "nm" if pk.get("pattern") == "nm" else "unstructured"
+            c = _candidate(name, kind, p, list(pk.get("nm", (2, 4))) if kind == "nm" else None,
+                           dense["latency_ms"])
+            if c is not None:
+                c["method"] = m.get("name")
+                candidates.append(c)
+    spreads = sorted(c["spread"] for c in candidates)
+    tie = min(0.5, max(LATENCY_TIE, spreads[len(spreads) // 2]))
+    env = results.get("env") or {}
+    device = f"cpu: {env.get('processor') or '?'}, {(results.get('dense') or {}).get('threads', '?')} torch thread(s)"
+    advice = recommend(candidates, budget_pp=budget_pp, latency_tie=tie, device=device)
+    out = advice.to_dict()
+    out["methods"] = {c["name"]: c.get("method") for c in candidates}   # candidate -> method name
+    return out
 
 
 def summary_rows(results: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -385,7 +492,8 @@ def summary_rows(results: Dict[str, Any]) -> List[Dict[str, Any]]:
     def row(name, p):
         acc = p.get("accuracy")
         return {"method": name, "target": p.get("target_sparsity"),
-                "sparsity": round(p.get("pruned_sparsity", p.get("sparsity", 0.0)), 4),
+                "sparsity_whole_model": round(p.get("sparsity", 0.0), 4),
+                "sparsity_pruned_layers": round(p.get("pruned_sparsity", p.get("sparsity", 0.0)), 4),
                 "accuracy_%": None if acc is None else round(100 * acc, 2),
                 "drop_pp": None if acc is None else round(100 * (dense["accuracy"] - acc), 2),
                 "compression_x": None if not p.get("compression_ratio") else round(p["compression_ratio"], 2),

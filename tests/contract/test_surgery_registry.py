@@ -297,6 +297,32 @@ def _hf(kind: str) -> Case:
     return Case(model.eval(), (ids, mask), [layer + n for n in cut])
 
 
+def _hf_decoder(arch: str) -> Case:
+    """A one-layer Hugging Face decoder (GQA: 4 query / 2 KV heads): its block rule declares KV groups and FFN
+    neurons (prunekit.surgery.decoder), with no fx."""
+    pytest.importorskip("transformers")
+    from prunekit.zoo.llm import tiny_decoder
+
+    model = tiny_decoder(arch, num_hidden_layers=1)   # the *Model sits at .model: a named module, as registered
+    ids = torch.randint(2, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    cut = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+           "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+    return Case(_LastHidden(model.eval()), (ids, mask), ["lm.model.layers.0." + n for n in cut])
+
+
+class _LastHidden(nn.Module):
+    """A causal LM's last hidden states (what the contract compares), its decoder still at ``lm.model``."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids, mask):
+        return self.lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
 _T = "torch.nn.modules."
 _BERT, _ROBERTA = "transformers.models.bert.modeling_bert.", "transformers.models.roberta.modeling_roberta."
 
@@ -362,6 +388,9 @@ CASES: Dict[str, List[Callable[[], Case]]] = {
     _BERT + "BertSelfAttention": [lambda: _hf("bert")],
     _ROBERTA + "RobertaLayer": [lambda: _hf("roberta")],
     _ROBERTA + "RobertaSelfAttention": [lambda: _hf("roberta")],
+    **{f"transformers.models.{arch}.modeling_{arch}.{cls}{part}": [lambda arch=arch: _hf_decoder(arch)]
+       for arch, cls in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"))
+       for part in ("Attention", "DecoderLayer", "MLP", "Model")},
 }
 _TIMM_KEYS = {k for k in CASES if k.startswith("timm.")}
 

@@ -134,6 +134,16 @@ def test_demo_writes_results_config_and_report(demo_runs):
     for expected in ("tradeoff.png", "size_latency.png", "layer_sparsity.png"):
         assert (out / "report" / expected).is_file(), expected
     assert "prunekit demo" in page
+    # issue 14: a recommendation by advise's rule, honest speedup columns, both sparsities, "before" once per layer
+    assert page.index("<h2>Conclusion</h2>") < page.index("<h2>Summary</h2>") and "Recommended: " in page
+    assert results["conclusion"]["recommended"] and results["conclusion"]["format"] == "prunekit.advice/1"
+    assert "Speedup (theor.)" not in page and "<th>Measured speedup [IQR]</th>" in page
+    assert "<th>Sparsity (whole model)</th>" in page and "<th>Sparsity (pruned layers)</th>" in page
+    heat = sorted(p.name for p in (out / "report").glob("heatmap_*.png"))
+    assert len(heat) == 2, heat  # the two default heat layers, one figure each (was one per method and layer)
+    for m in results["methods"]:   # every point was timed against dense in alternation, with its spread
+        assert m["final"]["speedup_q1"] <= m["final"]["speedup_measured"] <= m["final"]["speedup_q3"], m["name"]
+        assert m["final"]["latency_q1_ms"] <= m["final"]["latency_ms"] <= m["final"]["latency_q3_ms"], m["name"]
 
 
 def test_demo_second_run_reuses_the_dense_model_and_gives_the_same_masks(demo_runs):
@@ -413,7 +423,8 @@ def test_eval_uses_the_data_the_model_was_trained_on(pruned, tmp_path):
 
 
 @pytest.mark.parametrize("flags,said", [(["--pattern", "nm", "--nm", "4:4"], "0 < N < M"),
-                                        (["--pattern", "structured", "--dim", 5], "dim=5 is out of range")])
+                                        (["--pattern", "structured", "--dim", 5], "dim=5 is out of range"),
+                                        (["--model", "resnet18_cifar"], "cannot take mnist inputs of shape [1, 28, 28]")])
 def test_pattern_options_are_checked_before_training(pruned, flags, said):
     # issue 11.6: --nm 4:4 and --dim 5 were only rejected after the dense model trained
     _, cwd, _ = pruned

@@ -118,7 +118,7 @@ def test_sections_follow_a_demo_report(tmp_path):
     res = {**make_results(), "lottery": lottery().to_dict()}
     page = build_report(res, tmp_path)["html"].read_text()
     heads = re.findall(r"<h2>(.*?)</h2>", page)
-    assert heads[:4] == ["Summary", "Figures", "Lottery tickets", "Methods"]
+    assert heads[:5] == ["Conclusion", "Summary", "Figures", "Lottery tickets", "Methods"]
     assert page.index('id="tradeoff"') < page.index("<h2>Lottery tickets</h2>") < page.index('id="lottery"')
 
 

@@ -219,3 +219,21 @@ def test_dense_targets_default_follows_the_solver():
     assert SequentialOptions(method="sparsegpt").dense_targets is True
     assert SequentialOptions(method="wanda").dense_targets is False
     assert SequentialOptions(method="sparsegpt", dense_targets=False).dense_targets is False
+
+
+def test_blocks_left_out_stay_dense_and_later_blocks_still_see_both_streams(ids):
+    """Only block 1 selected: block 0 stays exactly dense, and both streams go through it, so at block 1 the
+    pruned and dense hidden states are the same and dense targets change nothing for its first group, q/k/v
+    (W* = W exactly); later groups read outputs of pruned layers, where the dense targets do differ."""
+    dense, runs = tiny_decoder("llama"), {}
+    for flag in (True, False):
+        model = tiny_decoder("llama")
+        plan = prunekit.prune(model, 0.5, criterion="sequential", method="sparsegpt", include="model.layers.1.*",
+                              dense_targets=flag, data=ids, progress=False)
+        assert {n.split(".")[2] for n in plan.tensors} == {"1"} and plan.meta["dense_targets"] is flag
+        for (n, p), q in zip(model.model.layers[0].named_parameters(), dense.model.layers[0].parameters()):
+            assert torch.equal(p, q), n
+        runs[flag] = model.model.layers[1].state_dict()
+    first = [k for k in runs[True] if k.split(".")[1] in ("q_proj", "k_proj", "v_proj")]
+    assert len(first) == 6 and all(torch.equal(runs[True][k], runs[False][k]) for k in first)  # weights, masks
+    assert not torch.equal(runs[True]["mlp.down_proj.weight"], runs[False]["mlp.down_proj.weight"])

@@ -8,7 +8,7 @@ from torch import nn
 import prunekit
 from prunekit.apply import masking
 from prunekit.criteria import calibrate
-from prunekit.pruners.sparsegpt import record_calls, obs_prune, sparsegpt_prune
+from prunekit.pruners.sparsegpt import obs_prune, record_calls, sparsegpt_prune
 from prunekit.select.nm import check_nm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -240,7 +240,7 @@ def _conv_input(conv, n=6):
 
 @pytest.mark.parametrize("kind", list(CONVS))
 def test_a_conv_seen_as_matrices_computes_the_conv(kind):
-    from prunekit.pruners.sparsegpt import as_matrix, layer_features, from_matrix
+    from prunekit.pruners.sparsegpt import as_matrix, from_matrix, layer_features
 
     torch.manual_seed(0)
     conv = CONVS[kind]()

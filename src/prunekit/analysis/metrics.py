@@ -137,7 +137,7 @@ def _sync(inputs: Any) -> None:
 
 def measure_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 5, repeats: int = 20,
                     threads: Optional[int] = None) -> Dict[str, Any]:
-    """Median/p10/p90 wall time (ms) of one no-grad eval forward."""
+    """Median, p10/p90, quartiles (q1/q3) and min/max wall time (ms) of one no-grad eval forward."""
     if repeats < 1 or warmup < 0:
         raise PrunekitError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     old_threads = torch.get_num_threads()
@@ -151,7 +151,9 @@ def measure_latency(model: nn.Module, example_inputs: Any, *, warmup: int = 5, r
     finally:
         torch.set_num_threads(old_threads)
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
-    return {"median_ms": median(times), "p10_ms": q[0], "p90_ms": q[-1],
+    quart = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+    return {"median_ms": median(times), "p10_ms": q[0], "p90_ms": q[-1], "q1_ms": quart[0], "q3_ms": quart[-1],
+            "min_ms": min(times), "max_ms": max(times),
             "batch": batch_of(example_inputs), "threads": used_threads, "repeats": repeats}
 
 
@@ -231,7 +233,10 @@ def summarize(model: nn.Module, example_inputs: Any, loader: Optional[Iterable] 
     }
     if latency:
         lat = measure_latency(model, with_batch(example_inputs, batch), threads=threads, **lat_kw)
-        out.update(latency_ms=lat["median_ms"], batch=lat["batch"], threads=lat["threads"])
+        out.update(latency_ms=lat["median_ms"], batch=lat["batch"], threads=lat["threads"],
+                   # the spread, so that a report can tell a speedup from noise
+                   latency_q1_ms=lat["q1_ms"], latency_q3_ms=lat["q3_ms"], latency_min_ms=lat["min_ms"],
+                   latency_max_ms=lat["max_ms"], latency_repeats=lat["repeats"])
     if loader is not None:
         out.update({k: v for k, v in evaluate(model, loader, **eval_kw).items() if k != "n"})
     out["layers"] = _layer_rows(model, flops)

@@ -439,12 +439,15 @@ def _walk_blocks(walk: Walk, batches: List[Any], targets_of: Mapping[str, Target
     inputs = capture_inputs(walk.model, walk.blocks[0], batches) if needs_data else None
     if walk.options.dense_targets:
         walk.dense = BlockInputs(list(inputs.hidden), inputs.args, inputs.kwargs)
-    bar = tqdm(range(len(walk.blocks)), desc=f"{walk.options.method} (blocks)", leave=False,
+    last = max(k for k, t in enumerate(walk.targets) if t)   # nothing to compute past the last selected block
+    bar = tqdm(range(last + 1), desc=f"{walk.options.method} (blocks)", leave=False,
                disable=not progress_enabled(walk.options.progress))
     for k in bar:
         if walk.targets[k]:
             prune_block(walk, k, inputs, targets_of)
-        if needs_data and k + 1 < len(walk.blocks):
+        elif walk.dense is not None:   # a block left dense: both streams go through it
+            walk.dense.advance(walk.blocks[k])
+        if needs_data and k < last:
             inputs.advance(walk.blocks[k])
 
 

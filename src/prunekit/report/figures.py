@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import textwrap
 from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -29,15 +31,18 @@ DPI = 110
 # colour of the viridis map, so pruned entries cannot be mistaken for small ones.
 PRUNED_COLOR = "white"
 DEFAULT_MAX_SIDE = 400
-PERCENT_KEYS = frozenset({"accuracy", "top5", "sparsity", "target_sparsity"})
+GRID_MAX_SIDE = 240  # heatmap panels of a per-layer grid are ~300 px: one displayed cell per pixel or more
+LABEL_WIDTH = 38     # legend labels wrap at this many characters, so a legend never outgrows its figure
+PERCENT_KEYS = frozenset({"accuracy", "top5", "sparsity", "pruned_sparsity", "target_sparsity"})
 AXIS_LABELS = {
-    "sparsity": "Sparsity (%)",
+    "sparsity": "Sparsity, whole model (%)",
+    "pruned_sparsity": "Sparsity, pruned layers (%)",
     "target_sparsity": "Target sparsity (%)",
     "accuracy": "Top-1 accuracy (%)",
     "top5": "Top-5 accuracy (%)",
     "loss": "Loss",
     "compression_ratio": "Compression ratio (×)",
-    "theoretical_speedup": "Theoretical speedup (×)",
+    "theoretical_speedup": "MACs ÷ (dense / effective) (×)",
     "latency_ms": "Latency (ms)",
     "size_bytes": "Size (KB)",
     "size_compressed_bytes": "Compressed size (KB)",
@@ -50,6 +55,7 @@ __all__ = [
     "weight_sparsity",
     "method_points",
     "weight_heatmap",
+    "weight_heatmaps",
     "layer_sparsity_bars",
     "tradeoff_curve",
     "size_latency_curves",
@@ -94,6 +100,10 @@ def _label(method: Mapping[str, Any], index: int) -> str:
     return str(method.get("label") or method.get("name") or f"method {index + 1}")
 
 
+def _wrap(text: str, width: int = LABEL_WIDTH) -> str:
+    return "\n".join(textwrap.wrap(str(text), width)) or str(text)
+
+
 def method_points(method: Mapping[str, Any]) -> List[Mapping[str, Any]]:
     """The sweep points of a method; a method with only a ``final`` point gives [final]."""
     points = [p for p in (method.get("points") or []) if isinstance(p, Mapping)]
@@ -114,7 +124,22 @@ def _series(points: Iterable[Mapping[str, Any]], x: str, y: str) -> Tuple[List[f
 
 
 def _new_figure(width: float, height: float) -> Figure:
-    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)  # a renderer to measure legends with before saving
+    return fig
+
+
+def _outside_legend(fig: Figure, handles: Sequence[Any], fontsize: float = 9, **kwargs: Any) -> Any:
+    """One legend right of every axes, never over the data; the figure widens by the legend's width, so the
+    axes keep the size they were given and the legend stays inside the saved canvas."""
+    if not handles:
+        return None
+    legend = fig.legend(handles=list(handles), loc="outside right upper", fontsize=fontsize, framealpha=0.95,
+                        **kwargs)
+    extra = legend.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi + 0.2
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width + extra, height)
+    return legend
 
 
 def _save(fig: Figure, path: Any) -> Path:
@@ -129,11 +154,6 @@ def _note_if_empty(ax: Any, text: str = "no data") -> None:
     """Say so on empty axes instead of leaving a blank frame the reader must puzzle over."""
     if not ax.lines and not ax.patches and not ax.images:
         ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
-
-
-def _legend(ax: Any, **kwargs: Any) -> None:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(**kwargs)
 
 
 # --------------------------------------------------------------------------- heatmaps
@@ -209,6 +229,39 @@ def weight_heatmap(before: Any, after: Any, path: Any, title: str = "", *,
     return _save(fig, path)
 
 
+def weight_heatmaps(before: Any, afters: Sequence[Tuple[str, Any]], path: Any, title: str = "", *,
+                    max_side: int = GRID_MAX_SIDE, ncols: int = 3) -> Path:
+    """|W| of one layer before pruning, drawn once, and after each method (``afters``: (label, weights)),
+    in a grid on one colour scale; pruned entries drawn in ``PRUNED_COLOR``."""
+    panels = [("before pruning (dense)", before)] + [(str(k), w) for k, w in afters]
+    shown = [heatmap_matrix(w, max_side) for _, w in panels]
+    nonzero = np.concatenate([m[m > 0] for m in shown])
+    vmax = float(np.percentile(nonzero, 99.5)) if nonzero.size else 1.0
+    cmap = colormaps["viridis"].with_extremes(bad=PRUNED_COLOR)
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = _new_figure(3.7 * ncols + 0.9, 3.25 * nrows + 0.5)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    rows, cols = _as_matrix(before).shape
+    for k, (ax, (name, raw), mat) in enumerate(zip(axes, panels, shown)):
+        image = ax.imshow(np.ma.masked_equal(mat, 0.0), cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto",
+                          interpolation="nearest", extent=(-0.5, cols - 0.5, rows - 0.5, -0.5))
+        ax.set_title(_wrap(name, 44) + f"\nsparsity {100 * weight_sparsity(raw):.1f}%", fontsize=8.5)
+        ax.set_facecolor(PRUNED_COLOR)
+        ax.tick_params(labelsize=7)
+        if k % ncols == 0:
+            ax.set_ylabel("output", fontsize=8)
+        if k >= len(panels) - ncols:
+            ax.set_xlabel("input (in·k·k)", fontsize=8)
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    fig.colorbar(image, ax=list(axes), label="|W| (shared scale)", extend="max", shrink=0.6)
+    pooled = shown[0].shape != (rows, cols)
+    fig.suptitle(f"{title or 'Weights'}: {rows}×{cols}" + ("; block max-pooled for display" if pooled else "")
+                 + "; white = pruned (0)")
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------- bars and curves
 def _layer_names(methods: Sequence[Mapping[str, Any]]) -> List[str]:
     """Union of layer names across methods, in order of first appearance (model order)."""
@@ -235,17 +288,16 @@ def layer_sparsity_bars(methods: Sequence[Mapping[str, Any]], path: Any,
         if not rows:
             continue
         bars = ax.barh([j - 0.4 + height * (i + 0.5) for j, _ in rows], [v for _, v in rows],
-                       height=height * 0.92, color=_color(i), label=_label(method, i))
+                       height=height * 0.92, color=_color(i), label=_wrap(_label(method, i)))
         if len(names) <= 30:  # value labels stay readable only for modest layer counts
             ax.bar_label(bars, fmt="%.1f%%", padding=2, fontsize=8)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()  # first layer at the top, like a model summary
     ax.set_xlim(0, 112)  # room for the value labels of fully pruned layers
-    ax.set_xlabel("Sparsity (% of weights that are zero)")
+    ax.set_xlabel("Sparsity of the layer (% of its dense weights that are zero or removed)")
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # below the plot: inside it would hide bars
-        fig.legend(loc="outside lower center", ncol=min(3, len(methods)))
+    _outside_legend(fig, ax.get_legend_handles_labels()[0], fontsize=8)  # inside it would hide bars
     _note_if_empty(ax)
     return _save(fig, path)
 
@@ -263,41 +315,118 @@ def _plot_methods(ax: Any, results: Mapping[str, Any], x: str, y: str) -> None:
         xs, ys = _series(method_points(method), x, y)
         if xs:
             ax.plot(xs, ys, marker=_marker(i), ms=6, lw=1.8, color=_color(i),
-                    label=_label(method, i))
+                    label=_wrap(_label(method, i)))
+        if "latency_ms" in (x, y):
+            _latency_bars(ax, method_points(method), x, y, _color(i))
+
+
+def latency_interval(point: Mapping[str, Any]) -> Optional[Tuple[float, float]]:
+    """(first, third) quartile of a point's latency samples in ms, when they were recorded."""
+    q1, q3 = num(point.get("latency_q1_ms")), num(point.get("latency_q3_ms"))
+    return (q1, q3) if q1 is not None and q3 is not None else None
+
+
+def _latency_bars(ax: Any, points: Sequence[Mapping[str, Any]], x: str, y: str, color: Any) -> None:
+    """The interquartile range of each latency as an error bar: medians inside each other's bars are noise."""
+    for p in points:
+        iqr, mx, my = latency_interval(p), _scaled(p.get(x), x), _scaled(p.get(y), y)
+        if iqr is None or mx is None or my is None:
+            continue
+        if y == "latency_ms":
+            ax.errorbar([mx], [my], yerr=[[max(0.0, my - iqr[0])], [max(0.0, iqr[1] - my)]], fmt="none",
+                        ecolor=color, elinewidth=1.2, capsize=3, alpha=0.8)
+        else:
+            ax.errorbar([mx], [my], xerr=[[max(0.0, mx - iqr[0])], [max(0.0, iqr[1] - mx)]], fmt="none",
+                        ecolor=color, elinewidth=1.2, capsize=3, alpha=0.8)
+
+
+PAIRED_LATENCY = "Latency (ms): dense median ÷ measured speedup"
+
+
+def _dense_clock(results: Mapping[str, Any]) -> Tuple[Mapping[str, Any], bool]:
+    """``results`` with the latency of every point timed against dense in alternation (``speedup_measured``)
+    put on the dense model's clock: dense median / speedup, its quartiles likewise. Models timed one after
+    another drift with a busy machine's load by more than their own spread; the paired ratio does not."""
+    dense = num((results.get("dense") or {}).get("latency_ms"))
+    if dense is None:
+        return results, False
+    changed, methods = False, []
+    for method in results.get("methods") or []:
+        points = []
+        for p in method_points(method):
+            s, q1, q3 = (num(p.get(k)) for k in ("speedup_measured", "speedup_q1", "speedup_q3"))
+            if s and q1 and q3:
+                p = {**p, "latency_ms": dense / s, "latency_q1_ms": dense / q3, "latency_q3_ms": dense / q1}
+                changed = True
+            points.append(p)
+        methods.append({**method, "points": points})
+    return {**results, "methods": methods}, changed
+
+
+def _dense_band(ax: Any, dense: Mapping[str, Any], vertical: bool) -> None:
+    iqr = latency_interval(dense)
+    if iqr is not None:
+        span = ax.axvspan if vertical else ax.axhspan
+        span(iqr[0], iqr[1], color="0.5", alpha=0.18, lw=0, label="dense: interquartile range")
+
+
+def _handles(*axes: Any) -> List[Any]:
+    """Legend handles of several axes, each label once."""
+    seen, out = set(), []
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in seen:
+                seen.add(label)
+                out.append(handle)
+    return out
 
 
 def tradeoff_curve(results: Mapping[str, Any], path: Any, x: str = "sparsity",
                    y: str = "accuracy") -> Path:
-    """``y`` against ``x`` for every method's sweep, the dense model as a dashed line."""
+    """``y`` against ``x`` for every method's sweep, the dense model as a dashed line; latencies timed against
+    dense in alternation are drawn on the dense model's clock (see :func:`_dense_clock`)."""
     fig = _new_figure(8, 5)
     ax = fig.add_subplot()
+    paired = False
+    if "latency_ms" in (x, y):
+        results, paired = _dense_clock(results)
     _plot_methods(ax, results, x, y)
-    _dense_line(ax, results.get("dense") or {}, y, "%" if y in PERCENT_KEYS else "")
-    xlabel, ylabel = AXIS_LABELS.get(x, x), AXIS_LABELS.get(y, y)
+    dense = results.get("dense") or {}
+    _dense_line(ax, dense, y, "%" if y in PERCENT_KEYS else "")
+    if "latency_ms" in (x, y):
+        _dense_band(ax, dense, vertical=x == "latency_ms")
+    labels = {**AXIS_LABELS, "latency_ms": PAIRED_LATENCY} if paired else AXIS_LABELS
+    xlabel, ylabel = labels.get(x, x), labels.get(y, y)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{ylabel.split(' (')[0]} vs {xlabel.split(' (')[0].lower()}")
     ax.grid(alpha=0.3)
-    _legend(ax, loc="best")
+    _outside_legend(fig, _handles(ax))
     _note_if_empty(ax)
     return _save(fig, path)
 
 
 def size_latency_curves(results: Mapping[str, Any], path: Any) -> Path:
-    """Two panels against sparsity: compressed size (KB) and latency (ms); dense dashed."""
+    """Two panels against sparsity: compressed size (KB) and latency (ms, medians with their interquartile
+    range); dense dashed; one legend for both, right of them."""
     fig = _new_figure(12, 4.8)
     panels = (("size_compressed_bytes", " KB", "Compressed size"),
-              ("latency_ms", " ms", "Latency"))
-    for ax, (key, unit, name) in zip(fig.subplots(1, 2), panels):
-        _plot_methods(ax, results, "sparsity", key)
-        _dense_line(ax, results.get("dense") or {}, key, unit)
+              ("latency_ms", " ms", "Latency (median, IQR bars)"))
+    axes = fig.subplots(1, 2)
+    dense = results.get("dense") or {}
+    clocked, paired = _dense_clock(results)
+    for ax, (key, unit, name) in zip(axes, panels):
+        _plot_methods(ax, clocked if key == "latency_ms" else results, "sparsity", key)
+        _dense_line(ax, dense, key, unit)
+        if key == "latency_ms":
+            _dense_band(ax, dense, vertical=False)
         ax.set_xlabel(AXIS_LABELS["sparsity"])
-        ax.set_ylabel(AXIS_LABELS[key])
+        ax.set_ylabel(PAIRED_LATENCY if paired and key == "latency_ms" else AXIS_LABELS[key])
         ax.set_title(f"{name} vs sparsity")
         ax.set_ylim(bottom=0)  # sizes and times start at zero; a cropped axis exaggerates gains
         ax.grid(alpha=0.3)
-        _legend(ax, loc="best", fontsize=9)
         _note_if_empty(ax, "not measured")
+    _outside_legend(fig, _handles(*axes))
     return _save(fig, path)
 
 
@@ -319,20 +448,20 @@ def history_curve(history: Mapping[str, Sequence[Mapping[str, Any]]], path: Any,
         xs, ys = _series(steps, "step", "accuracy")
         if xs:
             ax.plot(xs, ys, marker=_marker(i), ms=4, lw=1.8, color=_color(i),
-                    label=labels.get(name, name))
+                    label=_wrap(labels.get(name, name)))
         xs, ys = _series(steps, "step", "sparsity")
         if xs:
             ax2.plot(xs, ys, ls="--", lw=1.4, color=_color(i), alpha=0.8)
     ax.set_xlabel("Fine-tuning step")
     ax.set_ylabel(AXIS_LABELS["accuracy"])
-    ax2.set_ylabel("Sparsity (%, dashed)")
+    ax2.set_ylabel("Sparsity, pruned layers (%, dashed)")
     ax2.set_ylim(0, 100)
     ax.set_title("Accuracy and sparsity during fine-tuning")
     ax.grid(alpha=0.3)
     style = [Line2D([], [], color="0.2", label="accuracy (left)"),
-             Line2D([], [], color="0.2", ls="--", label="sparsity (right)")]
+             Line2D([], [], color="0.2", ls="--", label="sparsity, pruned layers (right)")]
     handles = ax.get_legend_handles_labels()[0] + style
-    ax.legend(handles=handles, loc="lower left", fontsize=9)
+    _outside_legend(fig, handles)
     _note_if_empty(ax)
     return _save(fig, path)
 
@@ -382,7 +511,7 @@ def sensitivity_curves(sens: Mapping[str, Any], path: Any,
     ax.set_title(f"Sensitivity per layer ({sens.get('meta', {}).get('criterion', '?')}, "
                  f"{sens.get('meta', {}).get('pattern', '?')})" + ("; ★ allocated sparsity" if alloc else ""))
     ax.grid(alpha=0.3)
-    _legend(ax, loc="best", fontsize=7)
+    _outside_legend(fig, _handles(ax), fontsize=7)
     _note_if_empty(ax)
     return _save(fig, path)
 
@@ -404,12 +533,12 @@ def lottery_curve(lottery: Mapping[str, Any], path: Any, title: str = "") -> Pat
     dense = _scaled(rounds[0].get("accuracy"), "accuracy") if rounds else None
     if dense is not None:
         ax.axhline(dense, ls="--", color="0.25", lw=1.3, label=f"round 0: dense ({dense:.4g}%)")
-    ax.set_xlabel(AXIS_LABELS["sparsity"])
+    ax.set_xlabel(AXIS_LABELS["pruned_sparsity"])
     ax.set_ylabel(AXIS_LABELS["accuracy"])
     meta = lottery.get("meta") if isinstance(lottery.get("meta"), Mapping) else {}
     what = " on ".join(str(meta[k]) for k in ("model", "data") if meta.get(k) is not None)
     ax.set_title(title or "Lottery ticket vs random re-init" + (f": {what}" if what else ""))
     ax.grid(alpha=0.3)
-    _legend(ax, loc="best")
+    _outside_legend(fig, _handles(ax))
     _note_if_empty(ax)
     return _save(fig, path)

@@ -26,6 +26,16 @@ from prunekit.surgery.compact import (
     slice_tensors,
 )
 from prunekit.surgery.criteria import AGGREGATES, group_scores, plan_groups
+from prunekit.surgery.decoder import (  # decoder LLMs without fx; its block rule and handlers register on import
+    DecoderStats,
+    block_influence,
+    compact_decoder,
+    decoder_layout,
+    decoder_plan,
+    decoder_stats,
+    plan_decoder,
+    unit_members,
+)
 from prunekit.surgery.graph import (
     ChannelGraph,
     Group,
@@ -47,4 +57,6 @@ __all__ = [
     "check_runs", "compact", "compact_shapes", "handler_for", "LayerHandler", "rebuild", "register_layer_handler",
     "same_channels", "slice_tensors", "register_block_rule", "SlimMultiheadAttention",
     "batchnorm_rule", "consume", "linear_rule", "node_arg", "param_name", "produce",
+    "DecoderStats", "block_influence", "compact_decoder", "decoder_layout", "decoder_plan", "decoder_stats",
+    "plan_decoder", "unit_members",
 ]

@@ -227,7 +227,7 @@ def _cuts_by_module(model: nn.Module, pruned: Mapping[Tuple[str, int], Set[int]]
     return cuts
 
 
-def _strip(model: nn.Module) -> None:
+def strip_masks_and_hooks(model: nn.Module) -> None:
     """Drop masks and hooks: the result must run as a plain module (hooks may expect old shapes)."""
     masking.make_permanent(model)
     for m in model.modules():
@@ -284,7 +284,7 @@ def compact(model: nn.Module, plan: Plan, example_inputs=None) -> nn.Module:
         raise PrunekitError(f"no layer handler for {', '.join(missing)}; register one with "
                          "@prunekit.surgery.register_layer_handler(YourLayer)")
     slim = copy.deepcopy(model)
-    _strip(slim)
+    strip_masks_and_hooks(slim)
     slim_modules = dict(slim.named_modules())
     for mod_name, mcuts in cuts.items():
         module = slim_modules[mod_name]
@@ -346,7 +346,7 @@ def rebuild(original: nn.Module, shapes: Mapping[str, Any]) -> nn.Module:
     if not isinstance(shapes, Mapping) or shapes.get("format") != SHAPES_FORMAT:
         raise PrunekitError(f"not a prunekit shapes record: expected format {SHAPES_FORMAT!r}")
     model = copy.deepcopy(original)
-    _strip(model)
+    strip_masks_and_hooks(model)
     modules = dict(model.named_modules())
     for name, spec in shapes["modules"].items():
         m = modules.get(name)
