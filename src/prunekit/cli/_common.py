@@ -13,14 +13,14 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from prunekit.cli._names import criterion_names, dataset_names, listed, live, model_names
 from prunekit.errors import PrunekitError
 
 __all__ = ["criterion_names", "dataset_names", "listed", "model_names", "check_data", "check_model",
            "add_threads", "apply_threads", "default_threads", "no_progress", "write_yaml", "write_json",
-           "write_run", "print_summary", "apply_quick"]
+           "write_run", "print_summary", "quick_value", "pct", "percent_columns"]
 
 # ----------------------------------------------------------------------------- checking names (live registries)
 
@@ -128,16 +128,30 @@ def write_run(out: Path, results: Dict[str, Any], heatmaps, config: Dict[str, An
     return build_report(results, out / "report", heatmaps=heatmaps)
 
 
+# ----------------------------------------------------------------------------- accuracy as every command prints it
+
+
+def pct(fraction: Any) -> Optional[str]:
+    """An accuracy (a fraction in [0, 1]) as every command prints it: 0.98036 -> ``'98.04%'`` (None stays None).
+    JSON outputs keep the fraction (``results.json``, ``eval --json``, ``lottery.json``, ``advice.json``)."""
+    return None if fraction is None else f"{100 * float(fraction):.2f}%"
+
+
+def percent_columns(rows: Sequence[Dict[str, Any]], columns: Dict[str, str]) -> List[Dict[str, Any]]:
+    """Display rows whose ``columns`` (old name -> new name) hold percentages (98.04), renamed and shown as
+    ``'98.04%'``, in place in the column order."""
+    return [{columns.get(k, k): (f"{v:.2f}%" if k in columns and isinstance(v, (int, float)) else v)
+             for k, v in row.items()} for row in rows]
+
+
 def print_summary(results: Dict[str, Any]) -> None:
     from prunekit.analysis.metrics import format_table
     from prunekit.experiment import summary_rows
 
-    print(format_table(summary_rows(results)))
+    print(format_table(percent_columns(summary_rows(results), {"accuracy_%": "accuracy"})))
 
 
-def apply_quick(args, quick) -> None:
-    """``--quick``: the tiny setting's values for every flag the user did not give."""
-    if getattr(args, "quick", False):
-        for dest, value in quick.items():
-            if getattr(args, dest) is None:
-                setattr(args, dest, value)
+def quick_value(configured: Any, tiny: Any) -> Any:
+    """``--quick`` for a setting no flag gave: at most the tiny setting's value (a smaller one from the recipe
+    or the defaults stands; None, i.e. all of it: the tiny value). A flag given on the command line wins."""
+    return tiny if configured is None else min(configured, tiny)

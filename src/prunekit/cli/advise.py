@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List
 
-from prunekit.cli._common import add_threads, apply_quick, listed
+from prunekit.cli._common import add_threads, listed, percent_columns
 from prunekit.cli._names import names
 from prunekit.cli.prune import FLAGS, flag_help, resolve_config
 from prunekit.errors import PrunekitError
@@ -23,7 +23,7 @@ HELP = f"measure pruning strategies on this machine and recommend one for a targ
 
 # the flags of `prunekit prune` that say which model and data: the rest concern pruning methods
 SHARED = ("model", "checkpoint", "data", "seed", "batch-size", "limit-train", "limit-test", "dense-epochs")
-QUICK = {"limit_train": 1000, "limit_test": 300, "dense_epochs": 1}  # argparse dests
+QUICK = {"limit-train": 1000, "limit-test": 300, "dense-epochs": 1}  # --quick: at most these (flags win)
 
 
 def add_arguments(p) -> None:
@@ -72,8 +72,7 @@ def _settings(args) -> Dict[str, Any]:
     """Resolve and check everything before any data is loaded or model trained."""
     from prunekit.advise import check_candidates, check_target
 
-    apply_quick(args, QUICK)   # as if these flags were given, unless they were
-    config = resolve_config(args)
+    config = resolve_config(args, quick=QUICK)
     candidates = None if args.candidates is None else [c.strip() for c in args.candidates.split(",") if c.strip()]
     check_candidates(candidates)
     check_target(args.target, args.allow_proxy, None)  # no GPU for --target gpu: say so before training anything
@@ -83,6 +82,15 @@ def _settings(args) -> Dict[str, Any]:
         if value is not None and value < low:
             raise PrunekitError(f"{flag} {value} must be >= {low}")
     return {"config": config, "candidates": candidates, "batches": _parse_batches(args.batch)}
+
+
+def table(advice) -> str:
+    """``advice.table()`` with the accuracy as every command prints it (98.04%)."""
+    from prunekit.analysis.metrics import format_table
+
+    rows = advice.rows()
+    shown = percent_columns(rows, {f"{advice.metric}_%": advice.metric})
+    return advice.table().replace(format_table(rows), format_table(shown), 1)
 
 
 def run(args) -> int:
@@ -103,6 +111,6 @@ def run(args) -> int:
                     finetune_kwargs={"lr": args.finetune_lr}, threads=args.threads, repeat=args.repeat,
                     seed=config["seed"], allow_proxy=args.allow_proxy, progress=progress)
     paths = advice.save(Path(args.out))
-    print(advice.table())
+    print(table(advice))
     print(f"\nwritten: {paths[0]}  {paths[1]}")
     return 0

@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 import sys
 
-from prunekit.cli._common import add_threads, check_data, dataset_names, listed
+from prunekit.cli._common import add_threads, check_data, dataset_names, listed, pct
 from prunekit.errors import PrunekitError
 
 HELP = "evaluate a saved prunekit model folder: accuracy, params, MACs, size, latency"
+PERCENT = ("accuracy", "top5")   # fractions, printed as percentages (98.04%) in the tables
 
 
 def add_arguments(p) -> None:
@@ -19,7 +20,8 @@ def add_arguments(p) -> None:
     add_threads(p)   # also the latency measurement's (printed as "threads")
     p.add_argument("--seed", type=int, default=0, help="seed (data subset order)")
     p.add_argument("--layers", action="store_true", help="also print the per-layer table")
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables (accuracy and top5 as "
+                                                        "fractions in [0, 1]; the tables print percentages)")
 
 
 def _check_same_data(trained_on, info) -> None:
@@ -54,7 +56,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({**res, "layers": layers}, indent=1))
         return 0
-    print(format_table([res]))
+    print(format_table([{k: pct(v) if k in PERCENT else v for k, v in res.items()}]))
     if args.layers:
         print()
         print(format_table(layers))

@@ -23,6 +23,7 @@ from prunekit.cli._common import (
     listed,
     model_names,
     print_summary,
+    quick_value,
     write_run,
 )
 from prunekit.cli._names import live, names
@@ -45,6 +46,9 @@ DEFAULTS: Dict[str, Any] = {
 }
 
 DEFAULT_SCOPE = "global"  # one ranking across layers: the strongest default for magnitude (see the README)
+# --quick: at most these (flag -> value; as `prunekit demo --quick`), for the fields no flag gives: seconds
+QUICK = {"limit-train": 2000, "limit-test": 500, "dense-epochs": 2, "epochs": 1, "gradual-epochs": 2,
+         "prune-epochs": 1}
 
 # flag -> (path in the recipe, type, help); "{names}" in a help is filled in by flag_help() with the values the
 # flag takes (CHOICES, as _names has them when the parser is built), and the recipe default is added
@@ -134,6 +138,11 @@ def add_arguments(p) -> None:
     p.add_argument("--bias-correction", action="store_true",
                    help="move each pruned layer's bias by the mean contribution of its removed weights "
                         "(input means from a few training batches; not with sparsegpt or surgery)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"tiny setting, as `prunekit demo --quick` (seconds): at most {QUICK['limit-train']} train / "
+                        f"{QUICK['limit-test']} test images, {QUICK['dense-epochs']} dense epochs, "
+                        f"{QUICK['epochs']} fine-tuning epoch, {QUICK['gradual-epochs']} gradual epochs "
+                        f"({QUICK['prune-epochs']} pruning); smaller recipe values and flags still stand")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_threads(p)
     p.add_argument("--resume", action="store_true",
@@ -171,6 +180,12 @@ def _nested(path: str, value: Any) -> Dict[str, Any]:
     return value
 
 
+def _get(config: Dict[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        config = config[part]
+    return config
+
+
 def _set(config: Dict[str, Any], path: str, value: Any) -> None:
     *parents, leaf = path.split(".")
     node = config
@@ -179,10 +194,13 @@ def _set(config: Dict[str, Any], path: str, value: Any) -> None:
     node[leaf] = value
 
 
-def resolve_config(args, *, criteria: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Defaults ← recipe ← flags; validated shape and names, ready for run_experiment.
+def resolve_config(args, *, criteria: Optional[Sequence[str]] = None,
+                   quick: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Defaults ← recipe ← ``--quick`` ← flags; validated shape and names, ready for run_experiment.
 
     ``criteria``: the criterion names the command takes (default: every criterion and whole-model pruner).
+    ``quick``: the command's tiny setting (flag -> value, at most that value, see :func:`quick_value`), applied
+    when ``args.quick`` is set (default: prune's :data:`QUICK`).
     """
     recipe: Dict[str, Any] = {}
     if args.recipe:
@@ -193,6 +211,9 @@ def resolve_config(args, *, criteria: Optional[Sequence[str]] = None) -> Dict[st
         if not isinstance(recipe, dict):
             raise PrunekitError(f"recipe {path} must be a YAML mapping of fields")
     config = _merge(DEFAULTS, recipe)
+    if getattr(args, "quick", False):
+        for flag, tiny in (QUICK if quick is None else quick).items():
+            _set(config, FLAGS[flag][0], quick_value(_get(config, FLAGS[flag][0]), tiny))
     for flag, (path, _, _) in FLAGS.items():
         value = getattr(args, flag.replace("-", "_"))
         if value is not None:

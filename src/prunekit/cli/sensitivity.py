@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List
 
-from prunekit.cli._common import add_threads, apply_quick, atomic_write_text, listed
+from prunekit.cli._common import add_threads, atomic_write_text, listed, pct
 from prunekit.cli._names import live, names
 from prunekit.cli.prune import FLAGS, flag_help, resolve_config, to_method
 from prunekit.errors import PrunekitError
@@ -27,7 +27,7 @@ HELP = "per-layer sensitivity curves and per-layer sparsities that meet a global
 # the flags of `prunekit prune` that say which model, data and criterion: the rest concern training methods
 SHARED = ("model", "checkpoint", "data", "seed", "batch-size", "limit-train", "limit-test", "dense-epochs",
           "criterion", "pattern", "dim", "norm", "include", "exclude", "min-keep")
-QUICK = {"limit_train": 1000, "limit_test": 300, "dense_epochs": 1}  # argparse dests
+QUICK = {"limit-train": 1000, "limit-test": 300, "dense-epochs": 1}  # --quick: at most these (flags win)
 
 
 def add_arguments(p) -> None:
@@ -86,8 +86,7 @@ def _settings(args) -> Dict[str, Any]:
     """Resolve and check everything before any data is loaded or model trained."""
     from prunekit._util import check_choice
 
-    apply_quick(args, QUICK)   # as if these flags were given, unless they were
-    config = resolve_config(args, criteria=live("criterion"))   # scoring criteria only: no whole-model pruners
+    config = resolve_config(args, criteria=live("criterion"), quick=QUICK)   # scoring criteria only: no whole-model pruners
     prune_kw = to_method(config)["prune"]
     check_choice(prune_kw["pattern"], live("sensitivity_pattern"), "pattern")
     if not 0.0 <= args.target < 1.0:
@@ -193,11 +192,21 @@ def run(args) -> int:
 def _print(result, alloc, doc, out: Path) -> None:
     from prunekit.analysis.metrics import format_table
 
-    print(f"{result.metric} with each layer pruned alone (baseline {result.baseline:.4f}, "
+    acc = result.metric == "accuracy"   # a fraction: printed as every command prints accuracy (98.04%, pp)
+
+    def value(v):
+        return pct(v) if acc else v
+
+    def drop(d):
+        return f"{100 * d:.2f} pp" if acc else f"{d:.4f}"
+
+    print(f"{result.metric} with each layer pruned alone (baseline {value(result.baseline)}, "
           f"{result.meta['criterion']}, {result.meta['pattern']}):")
-    print(format_table(result.rows(alloc)))
+    sparsities = {f"s={s:g}" for s in result.sparsities}
+    print(format_table([{k: value(v) if k in sparsities else v for k, v in row.items()} for row in result.rows(alloc)]))
     print(f"\nallocation for target {doc['target']:g} ({doc['weights']}-weighted; achieved {doc['achieved']:.4f}): "
-          f"predicted drop {doc['predicted_drop']:.4f}")
-    print(format_table([{"method": k, result.metric: v, "drop": result.drop(v)} for k, v in doc["measured"].items()]))
+          f"predicted drop {drop(doc['predicted_drop'])}")
+    print(format_table([{"method": k, result.metric: value(v), "drop_pp" if acc else "drop": round(100 * result.drop(v), 2)
+                         if acc else result.drop(v)} for k, v in doc["measured"].items()]))
     print(f"\nwritten: {out / 'sensitivity.json'}  {out / 'sensitivity.png'}  {out / 'allocation.json'}  "
           f"{out / 'plan.json'}")

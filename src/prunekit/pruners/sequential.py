@@ -273,7 +273,7 @@ class Walk:
     targets: List[Dict[str, nn.Module]]
     options: SequentialOptions
     plan: Plan
-    backup: Dict[str, torch.Tensor] = field(default_factory=dict)
+    backup: Optional[Dict[str, torch.Tensor]] = field(default_factory=dict)
     dense: Optional[BlockInputs] = None    # the dense model's hidden states (dense_targets)
 
 
@@ -287,7 +287,8 @@ def _prune_module(walk: Walk, name: str, module: nn.Module, stat, target: Target
         W = _dense_target(W, stat, cross, target.damp)
     keep = None if current is None else as_matrix(module, current)[0]
     new, mask = solver.solve(name, W, stat, target, keep)
-    walk.backup[name] = w.detach().clone()
+    if walk.backup is not None:  # None: the caller keeps the originals (offload: the source shards)
+        walk.backup[name] = w.detach().clone()
     with torch.no_grad():
         if new is not None:
             w.copy_(from_matrix(module, new.unsqueeze(0), tuple(w.shape)))
@@ -318,6 +319,14 @@ def prune_block(walk: Walk, k: int, inputs: Optional[BlockInputs], targets_of: M
         walk.dense.advance(dense[0])
 
 
+def owl_block_scores(walk: Walk, k: int, inputs: BlockInputs) -> torch.Tensor:
+    """Block k's Wanda scores ``|W| * ||X||`` on its (dense) inputs, its target layers flattened into one vector."""
+    targets = walk.targets[k]
+    norms = _collect(walk.blocks[k], inputs, targets, "norms", stop_early=False)
+    return torch.cat([(as_matrix(m, m.weight.detach())[0].abs().float() * norms[n].sqrt().float()).reshape(-1)
+                      for n, m in targets.items()])
+
+
 def _owl_sparsities(walk: Walk, batches: List[Any], amount: float) -> Dict[str, float]:
     """OWL: a dense pass collecting Wanda scores per block; blocks with more outliers keep more."""
     inputs = capture_inputs(walk.model, walk.blocks[0], batches)
@@ -325,14 +334,10 @@ def _owl_sparsities(walk: Walk, batches: List[Any], amount: float) -> Dict[str, 
     bar = tqdm(range(len(walk.blocks)), desc="owl statistics", leave=False,
                disable=not progress_enabled(walk.options.progress))
     for k in bar:
-        block, targets = walk.blocks[k], walk.targets[k]
-        if targets:
-            norms = _collect(block, inputs, targets, "norms", stop_early=False)
-            parts = [(as_matrix(m, m.weight.detach())[0].abs().float() * norms[n].sqrt().float()).reshape(-1)
-                     for n, m in targets.items()]
-            scores[str(k)] = torch.cat(parts)
+        if walk.targets[k]:
+            scores[str(k)] = owl_block_scores(walk, k, inputs)
             sizes[str(k)] = int(scores[str(k)].numel())
-        inputs.advance(block)
+        inputs.advance(walk.blocks[k])
     per_block = owl_allocation(scores, amount, sizes, m=walk.options.owl_m, lam=walk.options.owl_lambda)
     return {n: per_block[str(k)] for k, t in enumerate(walk.targets) for n in t}
 
@@ -407,15 +412,9 @@ def sequential_prune(model: nn.Module, data: Any, amount: Optional[float] = None
     """
     spec = spec or PruneSpec(criterion="sequential")
     options = options or SequentialOptions()
-    nm = _check_request(amount, spec)
-    prefix, blocks = find_blocks(model)
+    nm = check_request(amount, spec)
     batches = calibration_batches(data, options.batch_size)
-    walk = Walk(model, blocks, block_targets(model, prefix, blocks, spec), options,
-                 Plan(meta={"criterion": "sequential", "method": options.method, "pattern": spec.pattern,
-                            "amount": amount, "nm": list(nm) if nm else None, "allocation": spec.allocation,
-                            "blocks": prefix, "true_sequential": options.true_sequential,
-                            "dense_targets": options.dense_targets, "seed": spec.seed}))
-    walk.plan.meta["targets"] = [n for t in walk.targets for n in t]
+    walk = new_walk(model, spec, options, amount, nm)
     start = time.perf_counter()
     try:
         with preserved_state(model), torch.no_grad():
@@ -434,24 +433,47 @@ def sequential_prune(model: nn.Module, data: Any, amount: Optional[float] = None
     return walk.plan
 
 
+def new_walk(model: nn.Module, spec: PruneSpec, options: SequentialOptions, amount: Optional[float],
+             nm: Optional[Tuple[int, int]]) -> Walk:
+    """The Walk of one run: the model's blocks, their target layers and an empty Plan with the run's metadata."""
+    prefix, blocks = find_blocks(model)
+    walk = Walk(model, blocks, block_targets(model, prefix, blocks, spec), options,
+                Plan(meta={"criterion": "sequential", "method": options.method, "pattern": spec.pattern,
+                           "amount": amount, "nm": list(nm) if nm else None, "allocation": spec.allocation,
+                           "blocks": prefix, "true_sequential": options.true_sequential,
+                           "dense_targets": options.dense_targets, "seed": spec.seed}))
+    walk.plan.meta["targets"] = [n for t in walk.targets for n in t]
+    return walk
+
+
+def last_block(walk: Walk) -> int:
+    """The last block with a target layer: nothing is computed past it."""
+    return max(k for k, t in enumerate(walk.targets) if t)
+
+
+def walk_block(walk: Walk, k: int, inputs: Optional[BlockInputs], targets_of: Mapping[str, Target]) -> None:
+    """One step of the walk: prune block ``k`` (when it has targets; the dense stream goes through a block left
+    dense) and advance the hidden states past it (up to the last block with targets)."""
+    if walk.targets[k]:
+        prune_block(walk, k, inputs, targets_of)
+    elif walk.dense is not None:   # a block left dense: both streams go through it
+        walk.dense.advance(walk.blocks[k])
+    if inputs is not None and k < last_block(walk):
+        inputs.advance(walk.blocks[k])
+
+
 def _walk_blocks(walk: Walk, batches: List[Any], targets_of: Mapping[str, Target]) -> None:
     needs_data = get_solver(walk.options.method).stats != "none"
     inputs = capture_inputs(walk.model, walk.blocks[0], batches) if needs_data else None
     if walk.options.dense_targets:
         walk.dense = BlockInputs(list(inputs.hidden), inputs.args, inputs.kwargs)
-    last = max(k for k, t in enumerate(walk.targets) if t)   # nothing to compute past the last selected block
-    bar = tqdm(range(last + 1), desc=f"{walk.options.method} (blocks)", leave=False,
+    bar = tqdm(range(last_block(walk) + 1), desc=f"{walk.options.method} (blocks)", leave=False,
                disable=not progress_enabled(walk.options.progress))
     for k in bar:
-        if walk.targets[k]:
-            prune_block(walk, k, inputs, targets_of)
-        elif walk.dense is not None:   # a block left dense: both streams go through it
-            walk.dense.advance(walk.blocks[k])
-        if needs_data and k < last:
-            inputs.advance(walk.blocks[k])
+        walk_block(walk, k, inputs, targets_of)
 
 
-def _check_request(amount, spec: PruneSpec) -> Optional[Tuple[int, int]]:
+def check_request(amount, spec: PruneSpec) -> Optional[Tuple[int, int]]:
     check_choice(spec.allocation, SEQUENTIAL_ALLOCATIONS, "allocation")
     if spec.include_classifier:
         raise PrunekitError("sequential pruning prunes the linear layers inside the blocks; the lm_head / "

@@ -89,6 +89,17 @@ def group_scores(model: nn.Module, graph: ChannelGraph, criterion="l1", *, norm:
     return out
 
 
+def relative_scores(scores: Mapping[int, torch.Tensor]) -> Dict[int, torch.Tensor]:
+    """Each group's channel scores over the group's mean score (1.0: an average channel of its layer), so
+    that one global ranking compares channels of different layers fairly. A group whose scores are all zero
+    stays zero."""
+    out = {}
+    for gid, v in scores.items():
+        mean = v.mean()
+        out[gid] = v / mean if mean > 0 else torch.zeros_like(v)
+    return out
+
+
 def _already_pruned(current: Mapping[str, torch.Tensor], g: Group) -> Optional[torch.Tensor]:
     """Keep-vector of channels whose parameter slices are all masked already (gradual pruning)."""
     params = [m for m in g.params() if m.name in current]
@@ -175,8 +186,8 @@ def _mark_protected(graph: ChannelGraph, protect: Sequence[str]) -> None:
 def plan_groups(model: nn.Module, example_inputs, amount: Amount, *, criterion="l1", scope: str = "layer",
                 norm: float = 2.0, aggregate: str = "sum", min_keep: Amount = 0.01,
                 round_to: Optional[int] = None, protect: Union[str, Sequence[str]] = (), seed: int = 0,
-                normalize: Optional[bool] = None, exact: bool = True, leaf_modules: Sequence[str] = (),
-                graph: Optional[ChannelGraph] = None,
+                normalize: Optional[bool] = None, relative: Optional[bool] = None, exact: bool = True,
+                leaf_modules: Sequence[str] = (), graph: Optional[ChannelGraph] = None,
                 stats: Optional[Mapping[str, Dict[str, Any]]] = None) -> Plan:
     """Plan structured pruning of whole channel groups; see the module docstring.
 
@@ -185,6 +196,12 @@ def plan_groups(model: nn.Module, example_inputs, amount: Amount, *, criterion="
     entry and per member). ``min_keep`` is the per-group floor, ``round_to`` keeps a
     multiple of that many channels (or the whole group), ``protect`` lists module-name
     globs whose output channels are kept. Pass ``graph`` to reuse :func:`build_groups`.
+
+    ``relative`` (default: on for ``scope="global"``) divides each group's channel scores by the group's
+    mean score before the global ranking. Raw Ln norms are not comparable across layers (a 3x3 conv's
+    weights are an order of magnitude larger than a wide Linear's, a BatchNorm scale adds ~1 per channel),
+    so without it one ranking empties some layers and leaves others whole; with it a channel competes by
+    how it compares with its own layer. It does not change ``scope="layer"`` (a ranking within one group).
     """
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise PrunekitError(f"round_to={round_to!r} must be a positive int (e.g. 8) or None")
@@ -197,6 +214,9 @@ def plan_groups(model: nn.Module, example_inputs, amount: Amount, *, criterion="
     normalize = (scope == "global") if normalize is None else normalize
     scores = group_scores(model, graph, criterion, norm=norm, aggregate=aggregate, normalize=normalize,
                           seed=seed, stats=stats)
+    relative = (scope == "global") if relative is None else bool(relative)
+    if relative:
+        scores = relative_scores(scores)
     masks_now = masking.masks(model)
     current = {g.id: k for g in groups if (k := _already_pruned(masks_now, g)) is not None}
     keeps, floor_hits = _select_channels(scores, current, amount, scope, min_keep)
@@ -210,7 +230,7 @@ def plan_groups(model: nn.Module, example_inputs, amount: Amount, *, criterion="
                  "criterion": criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "custom"),
                  "norm": norm, "aggregate": aggregate, "min_keep": min_keep, "round_to": round_to,
                  "protect": [protect] if isinstance(protect, str) else list(protect), "seed": seed,
-                 "normalize": normalize, "exact": exact,
+                 "normalize": normalize, "relative": relative, "exact": exact,
                  "groups": _groups_meta(graph, pruned)}
     plan.notes = list(graph.notes) + _notes(graph, pruned, floor_hits, min_keep)
     if given_back:
