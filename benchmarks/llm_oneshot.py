@@ -15,7 +15,8 @@ SparseGPT aims at the dense model's outputs, ``dense_targets``, its default):
 
 - ``perplexity`` with peer ``dense`` (lower is better, so ratio = dense / pruned, at most about 1);
 - ``ppl_ratio`` = pruned / dense (lower is better) with peer ``magnitude`` at the same target, where
-  magnitude was run (ratio = magnitude's ppl_ratio / this one: how many times better than magnitude);
+  magnitude was run (ratio = magnitude's ppl_ratio / this one: how many times better than magnitude); for an
+  allocated case the peer is the same method with uniform sparsity (``wanda uniform``);
 - ``sparsity`` (zeros over the pruned tensors, achieved), ``time_s`` (time to prune, calibration included).
 """
 from __future__ import annotations
@@ -92,7 +93,7 @@ def main() -> None:
     dense_ppl = perplexity(dense, windows, progress=False).perplexity
     C.log(f"dense perplexity {dense_ppl:.3f} on {windows.numel()} tokens")
     common = dict(threads=torch.get_num_threads(), seed=args.seed)
-    magnitude_ratio = {}
+    magnitude_ratio, uniform_ratio = {}, {}
     for method, target, allocation in runs:
         case = _case(label, method, target, allocation)
         model = copy.deepcopy(dense)
@@ -105,8 +106,12 @@ def main() -> None:
         key = (target, allocation)
         if method == "magnitude":
             magnitude_ratio[key] = ratio
+        if allocation == "uniform":
+            uniform_ratio[(method, target)] = ratio
         peer = {"peer": "magnitude", "peer_value": magnitude_ratio[key]} if method != "magnitude" \
             and key in magnitude_ratio else {}
+        if allocation != "uniform" and (method, target) in uniform_ratio:   # what the allocation bought
+            peer = {"peer": f"{method} uniform", "peer_value": uniform_ratio[(method, target)]}
         C.emit(BENCH, case, "ppl_ratio", ratio, "x", **peer, **common)
         C.emit(BENCH, case, "sparsity", res["sparsity"], "frac", **common)
         C.emit(BENCH, case, "time_s", res["time_s"], "s", n=1, **common)

@@ -86,7 +86,7 @@ def _settings(args) -> Dict[str, Any]:
     """Resolve and check everything before any data is loaded or model trained."""
     from prunekit._util import check_choice
 
-    config = resolve_config(args, criteria=live("criterion"), quick=QUICK)   # scoring criteria only: no whole-model pruners
+    config = resolve_config(args, criteria=live("criterion"), quick=QUICK)   # scoring criteria only: no pruners
     prune_kw = to_method(config)["prune"]
     check_choice(prune_kw["pattern"], live("sensitivity_pattern"), "pattern")
     if not 0.0 <= args.target < 1.0:
@@ -197,16 +197,19 @@ def _print(result, alloc, doc, out: Path) -> None:
     def value(v):
         return pct(v) if acc else v
 
-    def drop(d):
-        return f"{100 * d:.2f} pp" if acc else f"{d:.4f}"
+    def measured(method, v):
+        if acc:
+            return {"method": method, "accuracy": pct(v), "drop_pp": round(100 * result.drop(v), 2)}
+        return {"method": method, result.metric: v, "drop": result.drop(v)}
 
-    print(f"{result.metric} with each layer pruned alone (baseline {value(result.baseline)}, "
-          f"{result.meta['criterion']}, {result.meta['pattern']}):")
     sparsities = {f"s={s:g}" for s in result.sparsities}
+    print(f"{result.metric} with each layer pruned alone (baseline "
+          f"{pct(result.baseline) if acc else f'{result.baseline:.4f}'}, {result.meta['criterion']}, "
+          f"{result.meta['pattern']}):")
     print(format_table([{k: value(v) if k in sparsities else v for k, v in row.items()} for row in result.rows(alloc)]))
+    drop = doc["predicted_drop"]
     print(f"\nallocation for target {doc['target']:g} ({doc['weights']}-weighted; achieved {doc['achieved']:.4f}): "
-          f"predicted drop {drop(doc['predicted_drop'])}")
-    print(format_table([{"method": k, result.metric: value(v), "drop_pp" if acc else "drop": round(100 * result.drop(v), 2)
-                         if acc else result.drop(v)} for k, v in doc["measured"].items()]))
+          f"predicted drop {f'{100 * drop:.2f} pp' if acc else f'{drop:.4f}'}")
+    print(format_table([measured(k, v) for k, v in doc["measured"].items()]))
     print(f"\nwritten: {out / 'sensitivity.json'}  {out / 'sensitivity.png'}  {out / 'allocation.json'}  "
           f"{out / 'plan.json'}")
