@@ -45,3 +45,21 @@ def check_convention(rec, bench: str, units) -> None:
     assert math.isfinite(rec["value"]), rec
     if rec["metric"] in units:
         assert rec["unit"] == units[rec["metric"]], rec
+
+
+def one(records, case: str, metric: str):
+    """The single record of ``case`` and ``metric`` (fails the test if there are none or several)."""
+    hits = [r for r in records if r["case"] == case and r["metric"] == metric]
+    assert len(hits) == 1, (case, metric, hits)
+    return hits[0]
+
+
+def check_run(records, bench: str, units, cases) -> None:
+    """Every line follows the convention with seed 0 and a thread count, the run has exactly ``cases``, and every
+    case reports every metric of ``units``."""
+    for r in records:
+        check_convention(r, bench, units)
+        assert r["seed"] == 0 and r["threads"] >= 1, r
+    assert {r["case"] for r in records} == set(cases)
+    for case in cases:
+        assert {r["metric"] for r in records if r["case"] == case} == set(units), case

@@ -2,7 +2,7 @@
 (wanda and sparsegpt), checked bit for bit against sequential_prune in memory; JSON lines per
 /work/shared/BENCHMARKS.md."""
 import pytest
-from benchjson import check_convention, run_quick
+from benchjson import check_run, one, run_quick
 
 BENCH = "llm_offload"
 UNITS = {"peak_rss_frac": "frac", "peak_rss_mb": "MB", "time_s": "s", "size_bytes": "bytes", "identical": "frac"}
@@ -14,32 +14,22 @@ def run():
     return run_quick("llm_offload.py", timeout=300)
 
 
-def _one(records, case, metric):
-    hits = [r for r in records if r["case"] == case and r["metric"] == metric]
-    assert len(hits) == 1, (case, metric, hits)
-    return hits[0]
-
-
 def test_every_line_follows_the_convention(records):
-    for r in records:
-        check_convention(r, BENCH, UNITS)
-        assert r["seed"] == 0 and r["threads"] >= 1 and r["layers"] == 4
-    assert {r["case"] for r in records} == CASES
-    for case in CASES:
-        assert {r["metric"] for r in records if r["case"] == case} == set(UNITS)
+    check_run(records, BENCH, UNITS, CASES)
+    assert all(r["layers"] == 4 for r in records)
 
 
 def test_memory_is_reported_against_the_model_size(records):
     for case in CASES:
-        size = _one(records, case, "size_bytes")["value"]
-        mb = _one(records, case, "peak_rss_mb")["value"]
+        size = one(records, case, "size_bytes")["value"]
+        mb = one(records, case, "peak_rss_mb")["value"]
         assert 100_000 < size < 10_000_000 and 50 < mb < 4000  # a tiny model: the process itself dominates
-        assert _one(records, case, "peak_rss_frac")["value"] == pytest.approx(mb * 1e6 / size)
-        t = _one(records, case, "time_s")
+        assert one(records, case, "peak_rss_frac")["value"] == pytest.approx(mb * 1e6 / size)
+        t = one(records, case, "time_s")
         assert t["value"] > 0 and t["n"] == 1
 
 
 def test_streamed_output_equals_the_in_memory_run(records):
     for case in CASES:
-        r = _one(records, case, "identical")
+        r = one(records, case, "identical")
         assert r["value"] == 1.0 and r["peer_value"] == 1.0 and r["ratio"] == 1.0

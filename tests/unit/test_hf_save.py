@@ -8,16 +8,13 @@ import prunekit
 from prunekit.apply import masking
 from prunekit.deploy import hf
 from prunekit.errors import PrunekitError
+from prunekit.zoo.llm import tiny_decoder
 
 transformers = pytest.importorskip("transformers")
 
 
 def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_decoder("llama", seed=seed, num_hidden_layers=2, tie_word_embeddings=True, pad_token_id=0)
 
 
 def tiny_gpt2(seed: int = 0):
