@@ -31,6 +31,7 @@ import copy
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -504,8 +505,24 @@ def advise(model: nn.Module, example_inputs: Any, *, target: str = "cpu", budget
                     metric=metric, budget_pp=float(budget_pp), batches=batches, candidates=listed,
                     recommended=rec["name"], reason="", settings=settings,
                     models={n: m for n, (_, m) in built.items()} if keep_models else {})
-    advice.reason = _reason(advice, rec)
+    advice.reason = _reason(advice, rec) + _weak_reference(rows, metric)
     return advice
+
+
+WEAK_DENSE = 0.8   # a dense accuracy below this: the model is barely trained, its advice may not carry over
+
+
+def _weak_reference(rows: Mapping[str, Dict[str, Any]], metric: str) -> str:
+    """A warning (stderr, the dense row's notes and the reason) when the reference model is barely trained:
+    how much pruning costs depends on it, so advice from a 48%-accurate model says little about a trained one."""
+    dense = next(r for r in rows.values() if r["kind"] == "dense")
+    if metric != "accuracy" or dense["metric_value"] >= WEAK_DENSE:
+        return ""
+    msg = (f"the dense model scores only {100 * dense['metric_value']:.2f}%: advice from a barely trained model may "
+           "not hold for a trained one (--quick trains briefly: drop it, or give your trained checkpoint)")
+    dense["notes"].append(msg)
+    warnings.warn(msg, stacklevel=3)
+    return f" Warning: {msg}."
 
 
 _MEASURED_KEYS = ("metric_value", "params", "nonzeros", "macs", "macs_effective", "size_bytes", "latency_ms")
@@ -549,8 +566,24 @@ def recommend(candidates: Sequence[Mapping[str, Any]], *, budget_pp: float = 1.0
     advice = Advice(target="cpu", rank_by="latency_ms", measured=True, device=device, metric=metric,
                     budget_pp=float(budget_pp), batches=[batch], candidates=listed, recommended=rec["name"],
                     reason="", settings={"latency_tie": latency_tie, "measured_by": "recommend"})
-    advice.reason = _reason(advice, rec)
+    advice.reason = _reason(advice, rec) + _weak_reference(rows, metric)
     return advice
+
+
+WEAK_DENSE = 0.8   # a dense accuracy below this: the model is barely trained, its advice may not carry over
+
+
+def _weak_reference(rows: Mapping[str, Dict[str, Any]], metric: str) -> str:
+    """A warning (stderr, the dense row's notes and the reason) when the reference model is barely trained:
+    how much pruning costs depends on it, so advice from a 48%-accurate model says little about a trained one."""
+    dense = next(r for r in rows.values() if r["kind"] == "dense")
+    if metric != "accuracy" or dense["metric_value"] >= WEAK_DENSE:
+        return ""
+    msg = (f"the dense model scores only {100 * dense['metric_value']:.2f}%: advice from a barely trained model may "
+           "not hold for a trained one (--quick trains briefly: drop it, or give your trained checkpoint)")
+    dense["notes"].append(msg)
+    warnings.warn(msg, stacklevel=3)
+    return f" Warning: {msg}."
 
 
 def _device_label(device: torch.device, threads: int) -> str:

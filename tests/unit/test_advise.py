@@ -332,3 +332,14 @@ def test_json_round_trip_table_and_markdown(tmp_path):
         Advice.from_dict({"format": "other"})
     with pytest.raises(KeyError, match="no candidate 'x'; known: dense"):
         a.candidate("x")
+
+
+def test_a_barely_trained_reference_is_warned_about():
+    """issue 14: advise --quick recommended from a 48%-accurate model without a word."""
+    model = tiny_cnn()
+    with pytest.warns(UserWarning, match="only 48.00%"):
+        a = advise(model, torch.randn(1, 1, 8, 8), eval_fn=lambda m: 0.48, candidates=["dense", "structured:0.5"],
+                   budget_pp=100, **FAST)
+    assert "barely trained" in a.reason and any("barely trained" in n for n in a.candidate("dense")["notes"])
+    quiet = advise(model, torch.randn(1, 1, 8, 8), eval_fn=lambda m: 0.95, candidates=["dense"], budget_pp=1, **FAST)
+    assert "barely trained" not in quiet.reason
