@@ -570,22 +570,6 @@ def recommend(candidates: Sequence[Mapping[str, Any]], *, budget_pp: float = 1.0
     return advice
 
 
-WEAK_DENSE = 0.8   # a dense accuracy below this: the model is barely trained, its advice may not carry over
-
-
-def _weak_reference(rows: Mapping[str, Dict[str, Any]], metric: str) -> str:
-    """A warning (stderr, the dense row's notes and the reason) when the reference model is barely trained:
-    how much pruning costs depends on it, so advice from a 48%-accurate model says little about a trained one."""
-    dense = next(r for r in rows.values() if r["kind"] == "dense")
-    if metric != "accuracy" or dense["metric_value"] >= WEAK_DENSE:
-        return ""
-    msg = (f"the dense model scores only {100 * dense['metric_value']:.2f}%: advice from a barely trained model may "
-           "not hold for a trained one (--quick trains briefly: drop it, or give your trained checkpoint)")
-    dense["notes"].append(msg)
-    warnings.warn(msg, stacklevel=3)
-    return f" Warning: {msg}."
-
-
 def _device_label(device: torch.device, threads: int) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
