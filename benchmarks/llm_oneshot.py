@@ -11,12 +11,14 @@ from the same dense weights and the same calibration tokens, without retraining.
 
 JSON lines (../shared/BENCHMARKS.md); ``case`` = ``smollm2-135m/<method>/sparsity=0.5`` or ``.../2:4``
 (``+owl`` / ``+sensitivity`` when the per-block sparsities come from outlier statistics / measured block errors;
-SparseGPT aims at the dense model's outputs, ``dense_targets``, its default):
+``<method>+refit`` when the kept weights are then refit exactly, :mod:`prunekit.pruners.reconstruct`, aiming at
+the dense model's outputs; SparseGPT always aims at them, ``dense_targets``, its default):
 
 - ``perplexity`` with peer ``dense`` (lower is better, so ratio = dense / pruned, at most about 1);
 - ``ppl_ratio`` = pruned / dense (lower is better) with peer ``magnitude`` at the same target, where
   magnitude was run (ratio = magnitude's ppl_ratio / this one: how many times better than magnitude); for an
-  allocated case the peer is the same method with uniform sparsity (``wanda uniform``);
+  allocated case the peer is the same method with uniform sparsity (``wanda uniform``), for a refit case the
+  method without the refit, when it ran;
 - ``sparsity`` (zeros over the pruned tensors, achieved), ``time_s`` (time to prune, calibration included).
 """
 from __future__ import annotations
@@ -43,8 +45,11 @@ FULL = [("magnitude", 0.5, "uniform"), ("sparsegpt", 0.5, "uniform"), ("wanda", 
         ("magnitude", "2:4", "uniform"), ("sparsegpt", "2:4", "uniform"), ("wanda", "2:4", "uniform"),
         ("magnitude", 0.7, "uniform"), ("wanda", 0.7, "uniform"), ("sparsegpt", 0.7, "uniform"),
         ("sparsegpt", 0.7, "sensitivity"), ("wanda", 0.7, "sensitivity"), ("wanda", 0.7, "owl"),
-        ("magnitude", 0.6, "uniform"), ("wanda", 0.6, "uniform"), ("sparsegpt", 0.6, "uniform")]
-QUICK = [("magnitude", 0.5, "uniform"), ("wanda", 0.5, "uniform"), ("sparsegpt", "2:4", "uniform")]
+        ("magnitude", 0.6, "uniform"), ("wanda", 0.6, "uniform"), ("sparsegpt", 0.6, "uniform"),
+        ("sparsegpt+refit", 0.5, "uniform"), ("sparsegpt+refit", "2:4", "uniform"), ("wanda+refit", 0.5, "uniform"),
+        ("wanda+refit", "2:4", "uniform")]
+QUICK = [("magnitude", 0.5, "uniform"), ("wanda", 0.5, "uniform"), ("sparsegpt", "2:4", "uniform"),
+         ("wanda+refit", 0.5, "uniform")]
 
 
 def _case(model: str, method: str, target, allocation: str) -> str:
@@ -54,6 +59,8 @@ def _case(model: str, method: str, target, allocation: str) -> str:
 
 def _prune(model, calib, method: str, target, allocation: str, args) -> dict:
     opts = dict(pattern="nm", nm=target) if isinstance(target, str) else dict(allocation=allocation)
+    method, _, variant = method.partition("+")
+    opts["refit"] = variant == "refit"
     if allocation == "owl":
         opts.update(owl_m=args.owl_m, owl_lambda=args.owl_lambda)
     start = time.perf_counter()
@@ -112,6 +119,9 @@ def main() -> None:
             and key in magnitude_ratio else {}
         if allocation != "uniform" and (method, target) in uniform_ratio:   # what the allocation bought
             peer = {"peer": f"{method} uniform", "peer_value": uniform_ratio[(method, target)]}
+        plain = method.partition("+")[0]
+        if plain != method and (plain, target) in uniform_ratio and allocation == "uniform":  # what refit bought
+            peer = {"peer": plain, "peer_value": uniform_ratio[(plain, target)]}
         C.emit(BENCH, case, "ppl_ratio", ratio, "x", **peer, **common)
         C.emit(BENCH, case, "sparsity", res["sparsity"], "frac", **common)
         C.emit(BENCH, case, "time_s", res["time_s"], "s", n=1, **common)

@@ -8,7 +8,9 @@ first ``--tokens`` tokens of *Sense and Sensibility* in non-overlapping windows 
 
 Every case plans from the same dense model (:func:`prunekit.surgery.plan_decoder`), compacts it
 (:func:`prunekit.surgery.compact_decoder`: a smaller ``LlamaForCausalLM`` that plain transformers reloads)
-and is measured without any retraining (``recovered=0``; recovery is not run here):
+and is measured without any retraining (``recovered=0``), then, for the cases ``--recover-cases`` selects,
+distilled from the dense model (KL of the next-token distributions, :func:`prunekit.train.causal_lm.recover`)
+for ``--recover-steps`` steps of ``--recover-batch`` windows drawn from *Pride and Prejudice* (``recovered=1``):
 
 - ``heads``: whole KV groups (one KV head with its 3 query heads and their o_proj columns), per layer;
 - ``qheads``: query heads inside their KV groups, the same number from every group (``num_key_value_groups``
@@ -18,7 +20,8 @@ and is measured without any retraining (``recovered=0``; recovery is not run her
 
 Width units lose the same number in every layer (transformers keeps one head count / intermediate size per
 model). JSON lines (../shared/BENCHMARKS.md); ``case`` = ``smollm2-135m/<heads|qheads|ffn|depth>/<fraction
-removed>/recovered=0`` (the fraction of that unit kind removed, two decimals):
+removed>/recovered=0`` (the fraction of that unit kind removed, two decimals; ``recovered=1`` cases report ``perplexity``, ``ppl_ratio``, ``params`` and the training
+``time_s``: their shapes, hence their speed, are those of ``recovered=0``):
 
 - ``perplexity`` with peer ``dense`` (same tokens, same run), ``ppl_ratio`` = pruned / dense;
 - ``params`` (unique parameters, tied embeddings once) with peer ``dense``;
@@ -46,6 +49,7 @@ import _common as C
 from prunekit.analysis.perplexity import generation_speed, perplexity, token_windows
 from prunekit.apply import masking
 from prunekit.surgery import compact_decoder, decoder_stats, plan_decoder
+from prunekit.train.causal_lm import RecoveryOptions, recover
 from prunekit.zoo.llm import calibration_windows, load_smollm2, read_text
 
 BENCH = "llm_structured"
@@ -90,6 +94,24 @@ def _speeds(dense, slim, prompt, new_tokens: int, rounds: int) -> Tuple[float, f
     return C.median(rates["dense"]), C.median(rates["pruned"])
 
 
+def _recovered(slim, dense, train, windows, case: str, dense_ppl: float, params: int, dense_params: int, args,
+               common) -> None:
+    """Distil ``slim`` from the dense model (in place) and emit the ``recovered=1`` case."""
+    start = time.perf_counter()
+    recover(slim, train, teacher=dense, options=RecoveryOptions(loss="kl", batch_size=args.recover_batch,
+                                                                seed=args.seed),
+            max_steps=args.recover_steps, epochs=max(1, -(-args.recover_steps * args.recover_batch // len(train))),
+            lr=args.recover_lr, progress=False)
+    seconds = time.perf_counter() - start
+    ppl = perplexity(slim, windows, progress=False).perplexity
+    C.log(f"{case}: perplexity {ppl:.3f} ({ppl / dense_ppl:.3f}x dense) after {args.recover_steps} steps of "
+          f"distillation in {seconds:.0f} s")
+    C.emit(BENCH, case, "perplexity", ppl, "ppl", peer="dense", peer_value=dense_ppl, **common)
+    C.emit(BENCH, case, "ppl_ratio", ppl / dense_ppl, "x", **common)
+    C.emit(BENCH, case, "params", params, "count", peer="dense", peer_value=dense_params, **common)
+    C.emit(BENCH, case, "time_s", seconds, "s", n=1, steps=args.recover_steps, **common)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny setting for the tests (few tokens, three cases)")
@@ -107,6 +129,12 @@ def main() -> None:
     ap.add_argument("--ffn-criterion", default="output", help="score of SwiGLU neurons (l2, l1, wanda, activation, output)")
     ap.add_argument("--heads-criterion", default="output", help="score of KV groups / query heads")
     ap.add_argument("--only", help="comma-separated case filters (substrings), e.g. depth,ffn/0.25")
+    ap.add_argument("--recover-cases", default="depth,ffn/0.25,heads",
+                    help="comma-separated filters of the cases also recovered ('' for none) (default: %(default)s)")
+    ap.add_argument("--recover-steps", type=int, default=32)
+    ap.add_argument("--recover-batch", type=int, default=4)
+    ap.add_argument("--recover-windows", type=int, default=128)
+    ap.add_argument("--recover-lr", type=float, default=1e-4)
     args = ap.parse_args()
     if args.quick and not args.threads:
         args.threads = 1
@@ -116,10 +144,12 @@ def main() -> None:
     if args.quick:  # the whole model (width units go in every layer), few tokens
         args.calib_windows, args.calib_len, args.tokens, args.context = 4, 64, 128, 128
         args.prompt, args.new_tokens, args.repeat = 8, 8, 1
+        args.recover_cases, args.recover_steps, args.recover_batch, args.recover_windows = "depth", 2, 2, 4
 
     dense, tok = load_smollm2()
     calib_ids = tok(read_text("austen:prideprejudice"), return_tensors="pt").input_ids[0]
     calib = calibration_windows(calib_ids, args.calib_windows, args.calib_len, seed=args.seed)
+    train = calibration_windows(calib_ids, args.recover_windows, args.calib_len, seed=args.seed + 1)
     eval_ids = tok(read_text("austen:sensesensibility"), return_tensors="pt").input_ids[0]
     windows = token_windows(eval_ids, args.context, args.tokens)
     prompt = eval_ids[-args.prompt:]          # away from the perplexity windows
@@ -155,6 +185,9 @@ def main() -> None:
         C.emit(BENCH, case, "speedup", speed / peer, "x", batch=1, n=args.repeat, **common)
         C.emit(BENCH, case, "max_diff", diff32, "abs", dtype="fp32", **common)
         C.emit(BENCH, case, "max_diff_fp64", diff64, "abs", dtype="fp64", **common)
+        if any(f in case for f in args.recover_cases.split(",") if f):
+            _recovered(slim, dense, train, windows, case.replace("recovered=0", "recovered=1"), dense_ppl, params,
+                       dense_params, args, common)
         del slim
 
 

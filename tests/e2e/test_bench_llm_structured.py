@@ -1,13 +1,14 @@
 """benchmarks/llm_structured.py --quick: the real SmolLM2-135M loses a KV group per layer, a quarter of its SwiGLU
 neurons, or 8 of its 30 layers (few tokens); JSON lines per /work/shared/BENCHMARKS.md."""
 import pytest
-from benchjson import check_run, one, run_quick
+from benchjson import check_convention, one, run_quick
 
 pytestmark = pytest.mark.slow
 
 BENCH = "llm_structured"
 UNITS = {"perplexity": "ppl", "ppl_ratio": "x", "params": "count", "tokens_per_s": "tokens/s", "speedup": "x",
-         "max_diff": "abs", "max_diff_fp64": "abs"}
+         "max_diff": "abs", "max_diff_fp64": "abs", "time_s": "s"}
+RECOVERED = "smollm2-135m-quick/depth/0.27/recovered=1"   # --quick distils the depth case only
 CASES = {"smollm2-135m-quick/heads/0.33/recovered=0", "smollm2-135m-quick/ffn/0.25/recovered=0",
          "smollm2-135m-quick/depth/0.27/recovered=0"}
 
@@ -18,7 +19,22 @@ def run():
 
 
 def test_every_line_follows_the_convention(records):
-    check_run(records, BENCH, UNITS, CASES)
+    for r in records:
+        check_convention(r, BENCH, UNITS)
+        assert r["seed"] == 0 and r["threads"] >= 1, r
+    assert {r["case"] for r in records} == CASES | {RECOVERED}
+    for case in CASES:
+        assert {r["metric"] for r in records if r["case"] == case} == set(UNITS) - {"time_s"}, case
+    assert {r["metric"] for r in records if r["case"] == RECOVERED} == {"perplexity", "ppl_ratio", "params", "time_s"}
+
+
+def test_distillation_recovers_the_depth_pruned_model(records):
+    before = one(records, RECOVERED.replace("recovered=1", "recovered=0"), "perplexity")
+    after = one(records, RECOVERED, "perplexity")
+    assert after["peer_value"] == before["peer_value"]                  # the same dense baseline
+    assert after["value"] < before["value"]                             # two steps of distillation already help
+    assert one(records, RECOVERED, "params")["value"] == one(records, before["case"], "params")["value"]
+    assert one(records, RECOVERED, "time_s")["steps"] == 2
 
 
 def test_pruned_models_are_smaller_exact_and_measured_against_dense(records):

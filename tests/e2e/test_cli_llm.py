@@ -59,7 +59,14 @@ def test_prune_saves_a_transformers_folder_and_reports_perplexity(tiny_dir, tmp_
 def test_nm_with_owl_and_bad_flags_refused_before_loading(tiny_dir, tmp_path):
     for flags, msg in ((["--sparsity", 0.5, "--nm", "2:4"], "exactly one of"),
                        (["--nm", "4:4"], "N:M"), (["--sparsity", 1.5], "fraction"),
-                       (["--nm", "2:4", "--allocation", "owl"], "allocation must be uniform")):
+                       (["--nm", "2:4", "--allocation", "owl"], "allocation must be uniform"),
+                       (["--structured", "ffn", "--sparsity", 0.5], "takes --amount"),
+                       (["--structured", "layers"], "needs --amount"),
+                       (["--sparsity", 0.5, "--amount", 2], "--amount is for --structured"),
+                       (["--sparsity", 0.5, "--recover", "kl", "--no-eval"], "drop --no-eval"),
+                       (["--sparsity", 0.5, "--recover", "kl", "--recover-steps", 0], "--recover-steps"),
+                       (["--sparsity", 0.5, "--method", "wanda", "--no-dense-targets"], "--refit"),
+                       (["--sparsity", 0.5, "--tokens", 100], "at least one --context")):
         r = _cli("prune", "--model", "no/such/model", *flags, cwd=tmp_path)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (flags, r.stderr)
     r = _cli("prune", "--model", tmp_path / "missing", "--sparsity", 0.5, "--no-eval", cwd=tmp_path)
@@ -77,3 +84,51 @@ def test_wanda_nm_no_eval(tiny_dir, tmp_path):
     model = load_pretrained(out)
     w = model.model.layers[0].mlp.down_proj.weight
     assert torch.all((w.reshape(-1, 4) != 0).sum(1) <= 2)
+
+
+def test_sweep_flags_refused_before_loading(tmp_path):
+    for flags, msg in ((["--methods", "wanda,bogus"], "allowed: magnitude, wanda, sparsegpt"),
+                       (["--allocations", "even"], "allowed: uniform"), (["--sparsities", "0.5,x"], "numbers"),
+                       (["--sparsities", "1.2"], "fractions in (0, 1)"), (["--nm", "5:4"], "N:M")):
+        r = _cli("sweep", "--model", "no/such/model", *flags, cwd=tmp_path)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (flags, r.stderr)
+
+
+def test_structured_depth_with_recovery_saves_a_smaller_model_and_llm_json(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "depth"
+    r = _cli("prune", "--model", tiny_dir, "--structured", "layers", "--amount", 1, "--recover", "ce",
+             "--recover-steps", 2, "--recover-windows", 4, "--recover-batch", 2, "--calib-windows", 4, "--calib-len",
+             32, "--out", out, *TEXT, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    assert summary["kind"] == "structured" and summary["removed"].startswith("layers ")
+    rec = summary["recovered"]
+    assert rec["loss"] == "ce" and rec["steps"] == 2 and rec["ppl_ratio"] == pytest.approx(
+        rec["perplexity"] / summary["dense_perplexity"])
+    assert summary["tokens_per_s"] > 0 and summary["dense_tokens_per_s"] > 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1
+    doc = json.loads((out / "llm.json").read_text())
+    assert doc["format"] == "prunekit.llm/1" and len(doc["block_influence"]) == 2
+    assert doc["runs"][0]["removed_layers"] == [int(summary["removed"].split()[-1])]
+    assert doc["dense"]["params"] > doc["runs"][0]["params"]
+
+
+def test_sweep_writes_one_record_per_method_target_and_allocation(tiny_dir, tmp_path):
+    out = tmp_path / "sweep"
+    r = _cli("sweep", "--model", tiny_dir, "--methods", "magnitude,wanda", "--sparsities", "0.5", "--nm", "2:4",
+             "--allocations", "uniform,owl", "--refit", "--calib-windows", 4, "--calib-len", 32, "--out", out, *TEXT,
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads((out / "llm.json").read_text())
+    got = sorted((x["method"], str(x["target"]), x["allocation"]) for x in doc["runs"])
+    assert got == sorted((m, t, a) for m in ("magnitude", "wanda") for t, a in
+                         (("0.5", "uniform"), ("0.5", "owl"), ("2:4", "uniform")))
+    for run in doc["runs"]:
+        assert run["refit"] is True and run["ppl_ratio"] == pytest.approx(run["perplexity"] / doc["dense"]["perplexity"])
+        assert run["sparsity"] == pytest.approx(0.5, abs=0.02)
+    owl = next(x for x in doc["runs"] if x["allocation"] == "owl" and x["method"] == "wanda")
+    assert len(set(round(v, 6) for v in owl["layer_sparsity"].values())) > 1   # OWL spreads the sparsities
+    assert len(doc["block_influence"]) == 2

@@ -152,3 +152,40 @@ def test_compacted_model_saves_and_loads_as_slim_builtin(tmp_path):
     back = prunekit.load(tmp_path / "slim")
     assert sum(p.numel() for p in back.parameters()) == sum(p.numel() for p in slim.parameters())
     assert torch.allclose(back(x), slim(x), atol=1e-6)
+
+
+class _SamePadConv(nn.Conv2d):
+    """EfficientNet-Lite's Conv2dStaticSamePadding, in short: pads, then calls F.conv2d (a rule-less function)."""
+
+    def forward(self, x):
+        pad = self.kernel_size[0] // 2
+        return nn.functional.conv2d(nn.functional.pad(x, (pad, pad, pad, pad)), self.weight, self.bias, self.stride)
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+class _SubclassNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = _SamePadConv(3, 16, 3)
+        self.bn = nn.BatchNorm2d(16)
+        self.conv = _SamePadConv(16, 16, 3)
+        self.fc1, self.fc2 = _ScaledLinear(16, 32), _ScaledLinear(32, 4)
+
+    def forward(self, x):
+        x = self.conv(torch.relu(self.bn(self.stem(x)))).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_conv_and_linear_subclasses_are_handled_as_their_base_class():
+    # issue 12: EfficientNet-Lite's padding conv subclass gave "no prunable group"
+    torch.manual_seed(0)
+    model, x = _SubclassNet().eval(), torch.randn(2, 3, 12, 12)
+    plan, masked, slim = _prune_both(model, x, amount=0.5)
+    assert {"stem.weight", "conv.weight", "fc1.weight"} <= set(plan.tensors)
+    assert type(slim.stem) is _SamePadConv and slim.stem.out_channels == 8 and slim.fc1.out_features == 16
+    with torch.no_grad():
+        assert torch.allclose(masked(x), slim(x), atol=1e-5)

@@ -248,3 +248,27 @@ def test_model_output_tuple_blocks_every_returned_group():
             return feats, self.head(feats)
     g = build_groups(Net(), torch.randn(2, 4))
     assert not _groups_with(g, "body.weight").prunable
+
+
+def test_trace_errors_name_the_real_cause_and_fix():
+    from prunekit.zoo.llm import tiny_decoder
+
+    with pytest.raises(TraceError) as info:
+        build_groups(tiny_decoder("llama"), torch.randint(0, 64, (2, 8)), fallback=False)
+    msg = str(info.value)
+    assert "Hugging Face" in msg and "plan_decoder" in msg and "register_block_rule" in msg
+    assert "torch.where" not in msg       # control flow is not the cause here
+
+    class Reversed(nn.Module):
+        def forward(self, x):
+            return torch.stack(list(x.unbind(1))[::-1], 1)   # iterates over a proxy
+    with pytest.raises(TraceError) as info:
+        build_groups(nn.Sequential(nn.Conv2d(3, 8, 3), Reversed()), X)
+    assert "iterates over a traced tensor" in str(info.value) and "torch.where" not in str(info.value)
+
+    class Sized(nn.Module):
+        def forward(self, x):
+            return x * len(x)   # len() of a proxy: fx refuses it
+    with pytest.raises(TraceError) as info:
+        build_groups(nn.Sequential(nn.Conv2d(3, 8, 3), Sized()), X)
+    assert "register_module_rule" in str(info.value) and "torch.where" not in str(info.value)

@@ -413,9 +413,12 @@ def test_a_float16_run_that_diverges_says_why():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).half()
     data = [(torch.randn(8, 16).half() * 100, torch.randint(0, 4, (8,))) for _ in range(20)]
-    with pytest.raises(FloatingPointError, match="float16.*GradScaler"):
+    with pytest.raises(FloatingPointError, match="restored.*float16.*GradScaler"):
         finetune(m, data, epochs=3, lr=10.0, optimizer="adamw", progress=False,
                  loss_fn=lambda out, y: nn.functional.cross_entropy(out.float(), y))
+    # the step that overflowed was undone: the user's model is left finite, and still works
+    assert all(bool(torch.isfinite(p).all()) for p in m.parameters())
+    assert bool(torch.isfinite(m(data[0][0])).all())
 
 
 def test_overflowed_gradients_never_reach_the_weights(mlp):

@@ -220,3 +220,17 @@ def test_an_unpruned_model_round_trips_without_masks(tmp_path):
     back = hf.load_pretrained(folder)
     assert not masking.is_masked(back) and hf.read_meta(folder)["masks"] == {}
     torch.testing.assert_close(logits(back), logits(model), atol=1e-5, rtol=0)
+
+
+def test_extra_files_are_written_atomically_and_names_are_checked(tmp_path):
+    import json as _json
+
+    from prunekit.deploy.hf import save_pretrained
+    from prunekit.zoo.llm import tiny_decoder
+
+    out = save_pretrained(tiny_decoder("llama"), tmp_path / "m", files={"llm.json": _json.dumps({"a": 1})})
+    assert _json.loads((out / "llm.json").read_text()) == {"a": 1}
+    for bad in ("../x.json", "prunekit.json", "run.py"):
+        with pytest.raises(prunekit.PrunekitError, match="plain .json"):
+            save_pretrained(tiny_decoder("llama"), tmp_path / "n", files={bad: "{}"})
+        assert not (tmp_path / "n").exists()

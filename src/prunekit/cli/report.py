@@ -12,12 +12,12 @@ from typing import Any, Dict, List
 
 from prunekit.cli._common import percent_columns
 
-HELP = "render report.html / report.md / figures from a run folder (demo, prune, sensitivity, lottery, advise)"
+HELP = "render report.html / report.md / figures from a run folder (demo, prune, sensitivity, lottery, advise, llm)"
 ADVICE = "advice.json"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("run", help="a run folder written by 'prunekit demo', 'prune', 'sensitivity', 'lottery' or "
+    p.add_argument("run", help="a run folder written by 'prunekit demo', 'prune', 'sensitivity', 'lottery', 'llm' or "
                                "'advise', or one of its JSON files")
     p.add_argument("--out", help="report folder (default: <run>/report)")
 

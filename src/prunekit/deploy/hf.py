@@ -51,14 +51,15 @@ def _mask_doc(model: nn.Module) -> Dict[str, Dict[str, Any]]:
 
 
 def save_pretrained(model: nn.Module, directory: PathLike, tokenizer: Any = None, *, plan: Optional[Plan] = None,
-                    metadata: Optional[Dict[str, Any]] = None) -> Path:
+                    metadata: Optional[Dict[str, Any]] = None, files: Optional[Dict[str, str]] = None) -> Path:
     """Write ``model`` (a Hugging Face ``PreTrainedModel``, pruned with prunekit or not) to the folder
     ``directory``; returns the folder.
 
     Plain ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` loads it (pruned weights are stored
     as zeros); :func:`load_pretrained` also restores the masks. ``tokenizer`` (anything with
     ``save_pretrained``) is saved with it; ``plan`` (what :func:`prunekit.prune` returned) records its
-    metadata, and ``metadata`` free-form JSON, in ``prunekit.json``. A model whose pruned weights moved off
+    metadata, and ``metadata`` free-form JSON, in ``prunekit.json``; ``files`` maps plain file names to text
+    written beside them (``llm.json`` for the report), in the same atomic step. A model whose pruned weights moved off
     zero (trained without the masks) is refused, as :func:`prunekit.save` refuses it.
     """
     if not callable(getattr(model, "save_pretrained", None)) or getattr(model, "config", None) is None:
@@ -86,6 +87,11 @@ def save_pretrained(model: nn.Module, directory: PathLike, tokenizer: Any = None
         "metadata": to_jsonable(metadata or {}),
     }
     text = json.dumps(doc, indent=1, allow_nan=False)  # fails here, before anything is written
+    extra = dict(files or {})
+    bad = [n for n in extra if Path(n).name != n or n in (META, MASKS) or not n.endswith((".json", ".txt", ".md"))]
+    if bad:
+        raise PrunekitError(f"files: {', '.join(map(repr, bad))} must be plain .json/.txt/.md file names other "
+                            f"than {META} and {MASKS}")
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(str(tmp), state_dict=masking.plain_state_dict(model), safe_serialization=True)
@@ -93,6 +99,8 @@ def save_pretrained(model: nn.Module, directory: PathLike, tokenizer: Any = None
             tokenizer.save_pretrained(str(tmp))
         save_file(packed, str(tmp / MASKS), metadata={"format": FORMAT})
         (tmp / META).write_text(text, encoding="utf-8")
+        for name, content in extra.items():
+            (tmp / name).write_text(content, encoding="utf-8")
 
     atomic_folder(target, fill)
     return target

@@ -71,7 +71,6 @@ from prunekit.pruners.sequential import (
     owl_block_scores,
     walk_block,
 )
-from prunekit.pruners.solvers import get_solver
 from prunekit.select.allocation import owl_allocation
 from prunekit.select.ranking import PruningShortfall
 from prunekit.spec import PruneSpec
@@ -557,7 +556,7 @@ class _Run:
     def walk_blocks(self, batches: List[Any], targets_of, doc: Dict[str, Any], started: float) -> float:
         walk, blocks = self.walk, self.walk.blocks
         done = len(doc["blocks"])
-        needs_data = get_solver(walk.options.method).stats != "none"
+        needs_data = walk.options.stat_kind != "none"
         last = last_block(walk)   # past it, blocks are copied as they are
         inputs = None
         if needs_data and done <= last:

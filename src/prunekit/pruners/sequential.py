@@ -34,6 +34,7 @@ from prunekit.criteria.stats import preserved_state
 from prunekit.errors import PrunekitError
 from prunekit.plan import Plan
 from prunekit.pruners.base import Pruner, register_pruner
+from prunekit.pruners.reconstruct import refit_rows
 from prunekit.pruners.solvers import SOLVERS, Target, get_solver
 from prunekit.pruners.sparsegpt import (
     StopForward,
@@ -246,20 +247,28 @@ class SequentialOptions:
     damp: float = 0.01
     owl_m: float = OWL_M
     owl_lambda: float = OWL_LAMBDA
-    dense_targets: Optional[bool] = None   # None: on for solvers that reconstruct (sparsegpt)
+    dense_targets: Optional[bool] = None   # None: on when the kept weights are rewritten (sparsegpt, refit)
+    refit: bool = False                    # exact least-squares kept weights once the mask is chosen
     progress: Optional[bool] = None
 
     def __post_init__(self) -> None:
         check_choice(self.method, SOLVERS.names(), "method")
+        if not isinstance(self.refit, bool):
+            raise PrunekitError(f"refit={self.refit!r} must be True or False")
         if self.dense_targets is None:  # frozen: set through object.__setattr__, as dataclasses do
-            object.__setattr__(self, "dense_targets", get_solver(self.method).stats == "hessian")
-        if self.dense_targets and get_solver(self.method).stats != "hessian":
-            raise PrunekitError(f"dense_targets rewrites the kept weights: it needs a solver that reconstructs "
-                                f"({', '.join(n for n in SOLVERS.names() if get_solver(n).stats == 'hessian')}), "
-                                f"not {self.method!r}")
+            object.__setattr__(self, "dense_targets", self.stat_kind == "hessian")
+        if self.dense_targets and self.stat_kind != "hessian":
+            raise PrunekitError(f"dense_targets rewrites the kept weights: it needs refit=True or a solver that "
+                                f"reconstructs ({', '.join(n for n in SOLVERS.names() if get_solver(n).stats == 'hessian')}"
+                                f"), not {self.method!r}")
         for what, v in (("owl_m", self.owl_m), ("owl_lambda", self.owl_lambda)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise PrunekitError(f"{what}={v!r} must be a number > 0")
+
+    @property
+    def stat_kind(self) -> str:
+        """The layer statistic the walk collects: the solver's, or the Hessian a refit needs."""
+        return "hessian" if self.refit else get_solver(self.method).stats
 
 
 @dataclass
@@ -277,6 +286,14 @@ class Walk:
     dense: Optional[BlockInputs] = None    # the dense model's hidden states (dense_targets)
 
 
+def _solver_stat(solver_kind: str, stat: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The statistic a solver asked for, from the one collected (a refit collects the Hessian, whose
+    diagonal is Wanda's mean square per input)."""
+    if solver_kind == "none" or stat is None:
+        return None
+    return torch.diagonal(stat) if solver_kind == "norms" and stat.dim() == 2 else stat
+
+
 def _prune_module(walk: Walk, name: str, module: nn.Module, stat, target: Target) -> None:
     solver = get_solver(walk.options.method)
     w = module.weight
@@ -286,7 +303,9 @@ def _prune_module(walk: Walk, name: str, module: nn.Module, stat, target: Target
         stat, cross = stat
         W = _dense_target(W, stat, cross, target.damp)
     keep = None if current is None else as_matrix(module, current)[0]
-    new, mask = solver.solve(name, W, stat, target, keep)
+    new, mask = solver.solve(name, W, _solver_stat(solver.stats, stat), target, keep)
+    if walk.options.refit:
+        new = refit_rows(W, stat, mask, target.damp)
     if walk.backup is not None:  # None: the caller keeps the originals (offload: the source shards)
         walk.backup[name] = w.detach().clone()
     with torch.no_grad():
@@ -300,7 +319,7 @@ def prune_block(walk: Walk, k: int, inputs: Optional[BlockInputs], targets_of: M
     """Prune the target layers of block ``k`` given its (pruned model's) inputs; fills ``walk.plan`` and
     ``walk.backup``, advances ``walk.dense`` past the block. The caller advances ``inputs``."""
     block, targets = walk.blocks[k], walk.targets[k]
-    kind = get_solver(walk.options.method).stats
+    kind = walk.options.stat_kind
     if kind == "none":
         for name, m in targets.items():
             _prune_module(walk, name, m, None, targets_of[name])
@@ -441,7 +460,8 @@ def new_walk(model: nn.Module, spec: PruneSpec, options: SequentialOptions, amou
                 Plan(meta={"criterion": "sequential", "method": options.method, "pattern": spec.pattern,
                            "amount": amount, "nm": list(nm) if nm else None, "allocation": spec.allocation,
                            "blocks": prefix, "true_sequential": options.true_sequential,
-                           "dense_targets": options.dense_targets, "seed": spec.seed}))
+                           "dense_targets": options.dense_targets,
+                           "refit": options.refit, "seed": spec.seed}))
     walk.plan.meta["targets"] = [n for t in walk.targets for n in t]
     return walk
 
@@ -463,7 +483,7 @@ def walk_block(walk: Walk, k: int, inputs: Optional[BlockInputs], targets_of: Ma
 
 
 def _walk_blocks(walk: Walk, batches: List[Any], targets_of: Mapping[str, Target]) -> None:
-    needs_data = get_solver(walk.options.method).stats != "none"
+    needs_data = walk.options.stat_kind != "none"
     inputs = capture_inputs(walk.model, walk.blocks[0], batches) if needs_data else None
     if walk.options.dense_targets:
         walk.dense = BlockInputs(list(inputs.hidden), inputs.args, inputs.kwargs)
@@ -498,7 +518,7 @@ class SequentialPruner(Pruner):
     patterns = ("unstructured", "nm")
     scopes = ("layer",)  # each layer to its target (wanda compares within rows, as in the paper)
     options = ("method", "batch_size", "true_sequential", "blocksize", "damp", "owl_m", "owl_lambda",
-               "dense_targets", "progress")
+               "dense_targets", "refit", "progress")
 
     def prune(self, model: nn.Module, amount, spec: PruneSpec, calib: Calibration, **options: Any) -> Plan:
         if calib.data is None:

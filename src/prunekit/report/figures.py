@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import textwrap
 from pathlib import Path
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from matplotlib import colormaps
@@ -23,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from prunekit.errors import PrunekitError
 
@@ -62,6 +64,16 @@ __all__ = [
     "history_curve",
     "sensitivity_curves",
     "lottery_curve",
+    "block_index",
+    "llm_kind",
+    "llm_runs",
+    "llm_label",
+    "llm_target",
+    "achieved_sparsity",
+    "ppl_ratio",
+    "perplexity_curves",
+    "block_sparsity_plot",
+    "block_influence_plot",
 ]
 
 
@@ -540,5 +552,200 @@ def lottery_curve(lottery: Mapping[str, Any], path: Any, title: str = "") -> Pat
     ax.set_title(title or "Lottery ticket vs random re-init" + (f": {what}" if what else ""))
     ax.grid(alpha=0.3)
     _outside_legend(fig, _handles(ax))
+    _note_if_empty(ax)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- decoder LLMs (llm.json)
+# "model.layers.12.mlp.up_proj" (Llama, Mistral, Qwen), "model.decoder.layers.3..." (OPT), "layers_5_..." (names
+# flattened with "_"), "transformer.h.3.attn.c_attn" (GPT-2); (?!\d) keeps "layers.1" from matching "layers.12"
+_BLOCK_INDEX = re.compile(r"(?:layers[._]|(?:^|\.)h\.)(\d+)(?!\d)")
+_ALLOCATION_MARKERS = "osD^vPX"   # one per allocation; "*" is kept for N:M runs
+REMOVED_COLOR = "tab:red"
+
+
+def block_index(name: Any) -> Optional[int]:
+    """The decoder block a tensor belongs to, parsed from its name (None for a tensor outside the blocks, such
+    as the embeddings): "model.layers.12.mlp.up_proj" -> 12, "transformer.h.3.attn.c_attn" -> 3."""
+    match = _BLOCK_INDEX.search(str(name))
+    return int(match.group(1)) if match else None
+
+
+def llm_kind(run: Mapping[str, Any]) -> str:
+    """"unstructured" or "structured" (a run without a kind is structured when it names a unit)."""
+    return str(run.get("kind") or ("structured" if run.get("unit") else "unstructured"))
+
+
+def llm_runs(llm: Mapping[str, Any], kind: Optional[str] = None) -> List[Mapping[str, Any]]:
+    """The runs of an llm.json dict, all or those of one ``kind`` (see :func:`llm_kind`)."""
+    runs = [r for r in llm.get("runs") or [] if isinstance(r, Mapping)]
+    return [r for r in runs if kind is None or llm_kind(r) == kind]
+
+
+def llm_label(run: Mapping[str, Any]) -> str:
+    """'wanda', 'sparsegpt+refit'; a structured run by its unit ('layers')."""
+    if run.get("unit") is not None and run.get("method") is None:
+        return str(run["unit"])
+    return str(run.get("method") or "?") + ("+refit" if run.get("refit") else "")
+
+
+def llm_target(target: Any) -> str:
+    """A run's target as shown: 0.5 -> '50%', '2:4' as is."""
+    value = num(target)
+    if value is not None:
+        return f"{100 * value:g}%"
+    return str(target) if target is not None else "?"
+
+
+def _nm_fraction(target: Any) -> Optional[float]:
+    """The sparsity an N:M target means: '2:4' -> 0.5."""
+    n, _, m = str(target).partition(":")
+    return 1.0 - int(n) / int(m) if n.isdigit() and m.isdigit() and int(m) > 0 else None
+
+
+def achieved_sparsity(run: Mapping[str, Any]) -> Optional[float]:
+    """The run's measured sparsity, else the one its target asks for (a fraction)."""
+    for value in (num(run.get("sparsity")), num(run.get("target")), _nm_fraction(run.get("target"))):
+        if value is not None:
+            return value
+    return None
+
+
+def ppl_ratio(entry: Mapping[str, Any], dense_ppl: Optional[float]) -> Optional[float]:
+    """Perplexity ÷ the dense model's: the recorded ``ppl_ratio``, else computed from ``perplexity``."""
+    ratio, ppl = num(entry.get("ppl_ratio")), num(entry.get("perplexity"))
+    if ratio is None and ppl is not None and dense_ppl:
+        ratio = ppl / dense_ppl
+    return ratio
+
+
+def _dense_ppl(llm: Mapping[str, Any]) -> Optional[float]:
+    dense = llm.get("dense")
+    return num(dense.get("perplexity")) if isinstance(dense, Mapping) else None
+
+
+def _recovered_point(ax: Any, run: Mapping[str, Any], xy: Tuple[float, float], style: Dict[str, Any],
+                     series: str, dense_ppl: Optional[float]) -> None:
+    """The run after recovery: a hollow marker of its series, a dotted line down from the pruned point."""
+    rec = run.get("recovered")
+    y = ppl_ratio(rec, dense_ppl) if isinstance(rec, Mapping) else None
+    if y is None or y <= 0:
+        return
+    ax.plot([xy[0], xy[0]], [xy[1], y], ls=":", lw=1, color=style["color"])
+    ax.plot([xy[0]], [y], ls="none", markerfacecolor="none", markeredgewidth=1.6, **style,
+            label=_wrap(f"{series}: after recovery ({rec.get('loss') or '?'})"))
+
+
+def _ratio_ticks(ax: Any) -> None:
+    """Label a log axis of ratios at 1, 2, 5, 10, ... ("2×"): decades alone leave most runs unreadable."""
+    def label(value: float, _: Any) -> str:
+        lead = round(value / 10 ** math.floor(math.log10(value))) if value > 0 else 0
+        return f"{value:g}×" if lead in (1, 2, 5) else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(label))
+    ax.yaxis.set_minor_formatter(FuncFormatter(label))
+
+
+def perplexity_curves(llm: Mapping[str, Any], path: Any) -> Path:
+    """Perplexity ÷ dense vs achieved sparsity (log scale) of the unstructured runs of an llm.json dict.
+
+    One line per method (+refit, one colour each) and allocation (one marker each) over the runs with a
+    sparsity target; an N:M run is a star of its method's colour ("wanda 2:4"); a run after recovery is a
+    hollow marker of its series ("after recovery (kl)"); the dense model is the dashed line at 1.
+    """
+    dense_ppl = _dense_ppl(llm)
+    # (method, allocation or N:M pattern, is N:M) -> points; a float target joins its method's line
+    points: Dict[Tuple[str, str, bool], List[Tuple[float, float, Mapping[str, Any]]]] = {}
+    for run in llm_runs(llm, "unstructured"):
+        x, y = achieved_sparsity(run), ppl_ratio(run, dense_ppl)
+        if x is not None and y is not None and y > 0:
+            nm = isinstance(run.get("target"), str)
+            group = str(run["target"]) if nm else str(run.get("allocation") or "uniform")
+            points.setdefault((llm_label(run), group, nm), []).append((100.0 * x, y, run))
+    methods = list(dict.fromkeys(k[0] for k in points))
+    allocations = list(dict.fromkeys(k[1] for k in points if not k[2]))
+    fig = _new_figure(8, 5)
+    ax = fig.add_subplot()
+    for (method, group, nm), pts in points.items():
+        pts.sort(key=lambda p: p[0])
+        series = f"{method} {group}" if nm else f"{method} ({group})"
+        style = dict(color=_color(methods.index(method)), ms=12 if nm else 6,
+                     marker="*" if nm else _ALLOCATION_MARKERS[allocations.index(group) % len(_ALLOCATION_MARKERS)])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0 if nm else 1.8,
+                ls="-" if group == "uniform" else "--", label=_wrap(series), **style)
+        for x, y, run in pts:
+            _recovered_point(ax, run, (x, y), style, series, dense_ppl)
+    dense = f" (perplexity {dense_ppl:.4g})" if dense_ppl is not None else ""
+    ax.axhline(1.0, ls="--", color="0.25", lw=1.3, label=f"dense{dense}")
+    ax.set_yscale("log")
+    _ratio_ticks(ax)
+    ax.set_xlabel("Achieved sparsity of the pruned weights (%)")
+    ax.set_ylabel("Perplexity ÷ dense (log scale)")
+    ax.set_title(f"Perplexity vs sparsity{': ' + str(llm['model']) if llm.get('model') else ''}")
+    ax.grid(alpha=0.3, which="both")
+    _outside_legend(fig, _handles(ax), fontsize=8)
+    return _save(fig, path)
+
+
+def _block_means(layer_sparsity: Mapping[str, Any]) -> Dict[int, float]:
+    """Mean sparsity of each decoder block's tensors (unweighted: it shows how an allocation spreads)."""
+    blocks: Dict[int, List[float]] = {}
+    for name, value in layer_sparsity.items():
+        index, v = block_index(name), num(value)
+        if index is not None and v is not None:
+            blocks.setdefault(index, []).append(v)
+    return {i: sum(vs) / len(vs) for i, vs in sorted(blocks.items())}
+
+
+def block_sparsity_plot(llm: Mapping[str, Any], path: Any) -> Optional[Path]:
+    """Mean sparsity per decoder block of each run whose tensors were pruned unevenly (OWL, a sensitivity
+    allocation, ...); runs with one sparsity everywhere are left out, and None (no figure) when none remain."""
+    shown = []
+    for run in llm_runs(llm):
+        spars = run.get("layer_sparsity")
+        values = [v for v in map(num, spars.values()) if v is not None] if isinstance(spars, Mapping) else []
+        means = _block_means(spars) if values and max(values) - min(values) > 1e-9 else {}
+        if means:
+            shown.append((run, means))
+    if not shown:
+        return None
+    fig = _new_figure(8, 4.5)
+    ax = fig.add_subplot()
+    for i, (run, means) in enumerate(shown):
+        label = f"{llm_label(run)}, {run.get('allocation') or 'uniform'}, target {llm_target(run.get('target'))}"
+        ax.plot(list(means), [100.0 * v for v in means.values()], marker=_marker(i), ms=5, lw=1.6,
+                color=_color(i), label=_wrap(label))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("Decoder block")
+    ax.set_ylabel("Mean sparsity of the block's tensors (%)")
+    ax.set_title("Sparsity per decoder block (non-uniform allocations)")
+    ax.grid(alpha=0.3)
+    _outside_legend(fig, _handles(ax), fontsize=8)
+    return _save(fig, path)
+
+
+def block_influence_plot(llm: Mapping[str, Any], path: Any) -> Path:
+    """Block influence (ShortGPT: 1 − cos of a block's input and output) per decoder layer, as bars; the layers
+    removed by the structured "layers" run that removed the most (its ``removed_layers``) are highlighted."""
+    values = [num(v) for v in llm.get("block_influence") or []]
+    layer_runs = [r for r in llm_runs(llm, "structured")
+                  if r.get("unit") == "layers" and isinstance(r.get("removed_layers"), list)]
+    widest = max(layer_runs, key=lambda r: len(r["removed_layers"]), default=None)
+    removed = {i for i in widest["removed_layers"] if isinstance(i, int)} if widest else set()
+    shown = [i for i, v in enumerate(values) if v is not None]
+    fig = _new_figure(max(7.0, 2.5 + 0.28 * len(values)), 4.5)
+    ax = fig.add_subplot()
+    ax.bar(shown, [values[i] for i in shown], width=0.8,
+           color=[REMOVED_COLOR if i in removed else _color(0) for i in shown])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("Decoder layer")
+    ax.set_ylabel("Block influence (1 − cos)")
+    ax.set_title("Block influence per layer: low = the layer changes its input little")
+    ax.grid(axis="y", alpha=0.3)
+    if removed & set(shown):
+        _outside_legend(fig, [Patch(facecolor=_color(0), label="kept"),
+                              Patch(facecolor=REMOVED_COLOR, label=_wrap(
+                                  f"removed by the structured 'layers' run ({len(removed)} of {len(values)})"))],
+                        fontsize=8)
     _note_if_empty(ax)
     return _save(fig, path)

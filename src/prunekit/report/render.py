@@ -47,6 +47,7 @@ Input schema (a JSON-safe dict; numpy/torch scalars are accepted and converted):
       "sensitivity": {...},                      # optional: sensitivity.json (SensitivityResult.to_dict())
       "allocation": {...},                       # optional: allocation.json of `prunekit sensitivity`
       "lottery": {...},                          # optional: lottery.json (prunekit.train.lottery.LotteryRecord)
+      "llm": {...},                              # optional: llm.json of `prunekit llm prune` / `llm sweep`
       "notes": ["allocation.json not found"],    # optional: said at the top (e.g. missing files)
       "conclusion": {...},                       # optional: the recommendation, an advice document
     }                                            # (prunekit.experiment.conclusion, advise's rule)
@@ -55,7 +56,7 @@ Every key is optional and any metric may be missing or ``None`` (e.g. latency no
 measured): the table shows "—", a column that is empty for every row is dropped,
 and a figure is written only when the data for it exists. A method without
 ``final`` uses its last point; one without ``points`` plots its ``final`` point.
-The sensitivity and lottery sections are in :mod:`prunekit.report.sections`;
+The sensitivity, lottery and decoder LLM sections are in :mod:`prunekit.report.sections`;
 :func:`prunekit.report.runs.collect_run` gathers all of it from a run folder.
 """
 from __future__ import annotations
@@ -89,7 +90,13 @@ from prunekit.report.blocks import (
     table,
 )
 from prunekit.report.figures import num
-from prunekit.report.sections import SECTION_FIGURES, lottery_blocks, section_figures, sensitivity_blocks
+from prunekit.report.sections import (
+    SECTION_FIGURES,
+    llm_blocks,
+    lottery_blocks,
+    section_figures,
+    sensitivity_blocks,
+)
 
 __all__ = ["build_report", "to_jsonable", "fmt_pct", "fmt_pp", "fmt_int", "fmt_ratio",
            "fmt_kb", "fmt_ms"]
@@ -292,8 +299,8 @@ def _summary(results: Mapping[str, Any]) -> List[Block]:
     rows += [_metric_row(F._label(m, i), _final(m), dense, tie)
              for i, m in enumerate(results.get("methods") or [])]
     if not rows:
-        if any(isinstance(results.get(k), Mapping) for k in ("sensitivity", "allocation", "lottery")):
-            return []  # a run of `prunekit sensitivity` or `prunekit lottery`: its own sections say it all
+        if any(isinstance(results.get(k), Mapping) for k in ("sensitivity", "allocation", "lottery", "llm")):
+            return []  # a run of `prunekit sensitivity`, `lottery` or `llm`: its own sections say it all
         return [("h", 2, "Summary"), ("p", "No results to show.")]
     return [("h", 2, "Summary"), table(_SUMMARY_HEADERS, rows),
             ("ul", ["Sparsity (whole model): the share of all the model's parameters (biases and unpruned "
@@ -481,6 +488,7 @@ def document(results: Mapping[str, Any], figures: Figures) -> List[Block]:
         blocks += [("figure", key, path, caption) for key, path, caption in general]
     blocks += sensitivity_blocks(results, figures)
     blocks += lottery_blocks(results, figures)
+    blocks += llm_blocks(results, figures)
     methods = results.get("methods") or []
     if methods:
         blocks.append(("h", 2, "Methods"))
@@ -582,7 +590,8 @@ def build_report(results: Mapping[str, Any], out_dir: Any, *,
     ``"metrics"`` and one per figure (``"tradeoff"``, ``"size_latency"``,
     ``"layer_sparsity"``, ``"history"``, ``"heatmap_<layer>"`` (one per layer: "before" once, then
     every method's "after"),
-    ``"sensitivity"``, ``"lottery"``), each only when the data for it exists.
+    ``"sensitivity"``, ``"lottery"``, ``"llm_perplexity"``, ``"llm_block_sparsity"``,
+    ``"llm_block_influence"``), each only when the data for it exists.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

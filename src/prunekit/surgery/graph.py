@@ -50,6 +50,19 @@ def type_key(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def module_rule_key(cls: type) -> Optional[str]:
+    """The MODULE_RULES key for modules of ``cls``: its own, else its nearest registered base class's.
+
+    A subclass of nn.Conv2d / nn.Linear (EfficientNet's ``Conv2dStaticSamePadding``, a weight-standardised
+    conv) keeps its base's channel semantics whatever it does to the spatial dims, so it is handled as that
+    base by default; registering a rule for the subclass itself overrides this.
+    """
+    for c in cls.__mro__:
+        if type_key(c) in MODULE_RULES:
+            return type_key(c)
+    return None
+
+
 def register_module_rule(*types: Any) -> Callable:
     """Decorator: ``rule(prop, node, name, module) -> Optional[Tag]`` for leaf modules of these types.
 
@@ -423,8 +436,8 @@ class Propagation:
     def rule_for(self, node: fx.Node) -> Optional[Callable]:
         if node.op == "call_module":
             module = self.modules[node.target]
-            key = type_key(type(module))
-            if key not in MODULE_RULES:
+            key = module_rule_key(type(module))
+            if key is None:
                 return self._block_rule(module) if _has_block_rules(module) else None
             fn = MODULE_RULES.get(key)
             return lambda prop, n: fn(prop, n, str(n.target), module)
@@ -462,7 +475,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if any(fnmatch.fnmatchcase(qualname, p) for p in self._leaf_patterns):
             return True
-        if type_key(type(m)) in MODULE_RULES or type_key(type(m)) in BLOCK_RULES:
+        if module_rule_key(type(m)) is not None or type_key(type(m)) in BLOCK_RULES:
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -479,11 +492,30 @@ def _trace_message(model: nn.Module, tracer: _Tracer, err: Exception) -> str:
               if not f.filename.startswith(_TORCH_DIR) and not f.filename.startswith(os.path.dirname(__file__))]
     where = f", at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}()" if frames else ""
     type_name = getattr(mod_type, "__name__", str(mod_type))
-    leaf_hint = (f" or pass leaf_modules=['{mod_name}'] to treat that module as an opaque leaf "
+    leaf_hint = (f"; or pass leaf_modules=['{mod_name}'] to treat that module as an opaque leaf "
                  "(its channels are then kept)" if stack and stack[-1][1][0] else "")
     return (f"cannot trace {type(model).__name__} with torch.fx: {type(err).__name__}: {err}. "
-            f"It stopped in module {mod_name} ({type_name}){where}. Fix: avoid Python control flow "
-            f"that depends on tensor values there (e.g. use torch.where){leaf_hint}.")
+            f"It stopped in module {mod_name} ({type_name}){where}. {_trace_fix(model, err)}{leaf_hint}.")
+
+
+def _trace_fix(model: nn.Module, err: Exception) -> str:
+    """What to do about a trace failure, by its cause (the generic advice is wrong for most of them)."""
+    text = str(err)
+    if "cannot be iterated" in text:
+        return ("Cause: Python iterates over a traced tensor there (a for loop over it, *x, list(x.unbind())), "
+                "whose length fx cannot know. Fix: index it explicitly (x[:, 0], x.unbind(1) unpacked into "
+                "names) or make that module a leaf")
+    if "control flow" in text or "symbolically traced variables" in text:
+        return ("Cause: Python control flow on a tensor's value. Fix: compute it with tensor ops (torch.where) "
+                "there")
+    if callable(getattr(model, "save_pretrained", None)) and getattr(model, "config", None) is not None:
+        return ("Cause: Hugging Face models use Python features torch.fx cannot follow (argument introspection, "
+                "caches, dynamic dispatch), whatever the weights. Fix: for a decoder LLM use "
+                "prunekit.surgery.plan_decoder / compact_decoder (no tracing); for other architectures "
+                "register a block rule (surgery.register_block_rule) for its layer class, as prunekit does for "
+                "BERT layers, and the fallback prunes inside those blocks")
+    return ("Fix: teach prunekit that module: surgery.register_module_rule(YourModule) with the public helpers "
+            "in prunekit.surgery.rules, or a block rule (surgery.register_block_rule) for a whole layer")
 
 
 def trace(model: nn.Module, leaf_modules: Sequence[str] = ()) -> fx.GraphModule:

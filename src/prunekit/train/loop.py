@@ -185,14 +185,36 @@ def _check_grads(state: TrainState) -> None:
                                  f"updated with them); {_diverged_advice(state)}")
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 class _Stepper:
-    """One optimizer step: forward through the (DDP) net, masks enforced around the update."""
+    """One optimizer step: forward through the (DDP) net, masks enforced around the update.
+
+    A float16/bfloat16 model's optimizer update itself can overflow (Adam's squared gradients exceed float16's
+    range with gradients above 256) and write NaN into the weights: for such a model the parameters are
+    copied before each step and put back if the step made any of them non-finite, so a diverging run never
+    leaves the user's model broken.
+    """
 
     def __init__(self, state: TrainState, lr: float, lr_schedule: str, loss_fn, callbacks):
         self.state, self.lr, self.lr_schedule, self.loss_fn = state, lr, lr_schedule, loss_fn
         self.callbacks = callbacks
         self.enforcer = masking.MaskEnforcer(state.model)
         self.device = next(state.model.parameters()).device
+        self.params = [p for p in state.model.parameters() if p.requires_grad]
+        self.guard = any(p.dtype in LOW_PRECISION for p in self.params)
+
+    def _update(self) -> None:
+        """``optimizer.step()``; for a low-precision model, undone when it leaves a weight NaN or infinite."""
+        saved = [p.detach().clone() for p in self.params] if self.guard else None
+        self.state.optimizer.step()
+        if saved is None or bool(torch.isfinite(torch.stack(torch._foreach_norm(self.params)).float()).all()):
+            return
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, saved)
+        raise FloatingPointError(f"the optimizer step {self.state.step} made weights NaN or infinite (they are "
+                                 f"restored to their values before it); {_diverged_advice(self.state)}")
 
     def __call__(self, x, y) -> None:
         state, enforcer = self.state, self.enforcer
@@ -209,7 +231,7 @@ class _Stepper:
         loss.backward()  # under DDP the gradients are all-reduced here, pruned entries included
         enforcer.zero_grads()
         _check_grads(state)  # before the step: an overflowed gradient must not reach the weights
-        state.optimizer.step()
+        self._update()
         enforcer()  # momentum and weight decay may have moved pruned weights: zero them again
         state.loss = loss.item()
         state.step += 1
