@@ -171,6 +171,19 @@ def _layernorm_reference(model: nn.Module, plan: Plan, inputs) -> torch.Tensor:
     return F.linear(h, model.b.weight[:, keep], model.b.bias)
 
 
+def _functional_layernorm(fn: Callable) -> Callable[[], Case]:
+    """A LayerNorm module's parameters used through the function (timm's LayerNorm2d): as the module, inexact."""
+    def build() -> Case:
+        model = Net(lambda m, x: m.b(fn(m.a(x), m.ln.normalized_shape, m.ln.weight, m.ln.bias, m.ln.eps)),
+                    a=nn.Linear(6, 8), ln=nn.LayerNorm(8), b=nn.Linear(8, 3))
+        with torch.no_grad():
+            model.ln.weight.normal_()
+            model.ln.bias.normal_()
+        return Case(model, (_x(_INPUT[0]),), ["a.weight", "ln.weight", "b.weight"], plan_kw={"exact": False},
+                    reference=_layernorm_reference)
+    return _seeded(build)
+
+
 @_seeded
 def _layernorm_over_channels() -> Case:
     """exact=False: the statistics change with the channels, so compare with a hand-sliced LayerNorm."""
@@ -573,6 +586,10 @@ FUNCTION_CASES: Dict[Any, Callable[[], Case]] = {
     operator.itruediv: around(_C2, lambda h: operator.itruediv(h, 2.0)),
     torch.div: around(_C2, lambda h: torch.div(h, 2.0)),
     torch.cat: joined(lambda p, q: torch.cat([p, q], 1), width_out=16),
+    torch.roll: around(_C2, lambda h: torch.roll(h, (1, 2), (2, 3))),
+    F.pad: around(_C2, lambda h: F.pad(h, (1, 1, 0, 2))),
+    F.layer_norm: _functional_layernorm(F.layer_norm),
+    torch.layer_norm: _functional_layernorm(torch.layer_norm),
     torch.concat: joined(lambda p, q: torch.concat([p, q], dim=1), width_out=16),
     torch.flatten: around(_C2, lambda h: torch.flatten(h, 1), consumer=_flat_linear),
     torch.reshape: around(_C2, lambda h: torch.reshape(h, (h.shape[0], -1)), consumer=_flat_linear),
@@ -675,6 +692,7 @@ METHOD_CASES: Dict[str, Callable[[], Case]] = {
     "chunk": around(_L, lambda h: _two(h.chunk(2, dim=-1), _glu), producer=lambda: nn.Linear(6, 16)),
     "split": around(_L, lambda h: _two(h.split(2, 1), operator.add), shape=(2, 4, 6)),
     "unbind": around(_L, lambda h: _two(h.unbind(1), operator.mul), shape=(2, 2, 6)),
+    "roll": around(_C2, _m("roll", 1, 3)),
 }
 
 

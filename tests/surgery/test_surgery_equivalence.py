@@ -189,3 +189,49 @@ def test_conv_and_linear_subclasses_are_handled_as_their_base_class():
     assert type(slim.stem) is _SamePadConv and slim.stem.out_channels == 8 and slim.fc1.out_features == 16
     with torch.no_grad():
         assert torch.allclose(masked(x), slim(x), atol=1e-5)
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d: channels first, normalised by F.layer_norm after a permute."""
+
+    def forward(self, x):
+        y = nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias)
+        return y.permute(0, 3, 1, 2)
+
+
+class _LayerScaleBlock(nn.Module):
+    """A ConvNeXt-style residual block in miniature: layer scale and a channel LayerNorm called functionally."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.dw, self.norm = nn.Conv2d(c, c, 3, padding=1, groups=c), _LayerNorm2d(c)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        y = self.norm(self.dw(x)).permute(0, 2, 3, 1)
+        y = self.fc2(torch.relu(self.fc1(y))).permute(0, 3, 1, 2)
+        return x + y.mul(self.gamma.reshape(1, -1, 1, 1))
+
+
+class _LayerScaleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block, self.head = nn.Conv2d(3, 8, 3, padding=1), _LayerScaleBlock(), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+def test_layer_scale_parameters_follow_their_channels():
+    torch.manual_seed(0)
+    model, x = _LayerScaleNet().eval(), torch.randn(2, 3, 8, 8)
+    plan, masked, slim = _prune_both(model, x, amount=0.5)
+    assert "block.fc1.weight" in plan.tensors and slim.block.fc1.out_features == 16   # the MLP hidden width
+    with torch.no_grad():
+        assert torch.allclose(masked(x), slim(x), atol=1e-5)
+    # with exact=False the residual stream goes too, the layer scale and the norm's weights with it
+    plan = plan_groups(model, x, 0.5, exact=False)
+    slim = compact(model, plan, example_inputs=x)
+    assert slim.stem.out_channels == 4 and slim.block.gamma.shape == (4,) and slim.block.norm.weight.shape == (4,)
+    assert slim(x).shape == (2, 4)

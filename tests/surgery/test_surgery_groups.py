@@ -128,15 +128,29 @@ def test_unknown_module_and_full_size_operand_block_their_groups():
             super().__init__()
             self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
             self.gn = nn.LocalResponseNorm(3)   # mixes neighbouring channels: no rule
-            self.bias = nn.Parameter(torch.zeros(1, 8, 1, 1))
+            self.register_buffer("offset", torch.zeros(1, 8, 1, 1))   # a buffer: not the model's to slice
             self.head = nn.Conv2d(16, 4, 1)
 
         def forward(self, x):
-            return self.head(torch.cat([self.gn(self.a(x)), self.b(x) + self.bias], 1))
+            return self.head(torch.cat([self.gn(self.a(x)), self.b(x) + self.offset], 1))
     g = build_groups(Net(), X)
     a, b = _groups_with(g, "a.weight"), _groups_with(g, "b.weight")
     assert not a.prunable and "LocalResponseNorm" in a.reason
     assert not b.prunable and "keeps all its 8 channels" in b.reason
+
+
+def test_a_per_channel_parameter_read_twice_still_blocks():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+            self.bias = nn.Parameter(torch.zeros(1, 8, 1, 1))
+            self.head = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):   # one learned bias added to two streams: slicing it for one would break the other
+            return self.head(torch.cat([self.a(x) + self.bias, self.b(x) + self.bias], 1))
+    g = build_groups(Net(), X)
+    assert not _groups_with(g, "a.weight").prunable and not _groups_with(g, "b.weight").prunable
 
 
 def test_hard_coded_reshape_size_is_refused():
@@ -272,3 +286,21 @@ def test_trace_errors_name_the_real_cause_and_fix():
     with pytest.raises(TraceError) as info:
         build_groups(nn.Sequential(nn.Conv2d(3, 8, 3), Sized()), X)
     assert "register_module_rule" in str(info.value) and "torch.where" not in str(info.value)
+
+
+def test_roll_and_pad_over_positions_keep_channels_and_over_channels_block():
+    class Shift(nn.Module):
+        def __init__(self, roll_dims, pad):
+            super().__init__()
+            extra = pad[4] + pad[5] if len(pad) > 4 else 0   # channels added by padding dim 1
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8 + extra, 4, 1)
+            self.roll_dims, self.pad = roll_dims, pad
+
+        def forward(self, x):
+            shifts = (1,) * len(self.roll_dims) if isinstance(self.roll_dims, tuple) else 1
+            y = torch.roll(self.a(x), shifts=shifts, dims=self.roll_dims)
+            return self.b(F.pad(y, self.pad)).mean((2, 3))
+    assert _groups_with(build_groups(Shift((2, 3), (1, 1, 0, 2)), X), "a.weight").prunable
+    assert "rolls along the channels" in _groups_with(build_groups(Shift(1, (1, 1)), X), "a.weight").reason
+    grp = _groups_with(build_groups(Shift(2, (0, 0, 0, 0, 1, 0)), X), "a.weight")
+    assert not grp.prunable and "pads the channels" in grp.reason

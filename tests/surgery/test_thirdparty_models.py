@@ -79,3 +79,59 @@ def test_pretrained_minilm_heads_and_neurons_compact(monkeypatch):
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
     layer = slim.encoder.layer[0]
     assert layer.attention.self.num_attention_heads == 9 and layer.intermediate.dense.out_features == 1152
+
+
+@needs_timm
+def test_timm_convnext_layer_scale_and_channel_layernorm_no_longer_block():
+    """issue 12: ConvNeXt's layer scale (``x.mul(gamma.reshape(1, -1, 1, 1))``) and its channels-last / LayerNorm2d
+    norms (``F.layer_norm`` on the module's own weight) blocked 17 of 29 groups: MACs /1.78 against
+    Torch-Pruning's /3.75. Now the layer scale is a member of its group; the residual streams, normalised by
+    those LayerNorms, are prunable with exact=False (the plan says the result is not exact)."""
+    from prunekit.analysis.metrics import count_macs
+
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    exact = build_groups(model, x)
+    stream = next(g for g in exact.groups if "stages.0.blocks.0.gamma" in {m.name for m in g.members})
+    assert "stages.0.blocks.0.conv_dw.weight" in {m.name for m in stream.members}   # scale joins its stream
+    assert all("LayerNorm normalises" in g.reason or "model output" in g.reason
+               for g in exact.groups if not g.prunable)
+    loose = build_groups(model, x, exact=False)
+    assert [g.reason for g in loose.groups if not g.prunable] == ["reaches the model output"]
+    macs = count_macs(model, x)["dense"]
+    for graph, want, tol in ((exact, 1.7, 1e-5), (loose, 3.5, None)):
+        plan = plan_groups(model, x, 0.5, graph=graph)
+        slim = compact(model, plan, example_inputs=x)
+        assert macs / count_macs(slim, x)["dense"] > want
+        if tol is not None:   # exact groups: masked and compacted agree
+            masked = copy.deepcopy(model)
+            masking.apply(masked, plan)
+            with torch.no_grad():
+                assert torch.allclose(masked(x), slim(x), atol=tol)
+        assert slim.stages[0].blocks[0].gamma.shape[0] == slim.stages[0].blocks[0].conv_dw.out_channels
+
+
+@needs_timm
+@pytest.mark.parametrize("name, shape, want", [
+    ("vit_tiny_patch16_224", (2, 3, 224, 224), 4.0),          # Torch-Pruning 1.6.1: /4.09 (issue 12)
+    ("swin_tiny_patch4_window7_224", (2, 3, 224, 224), 2.5),  # Torch-Pruning's Swin fails to run
+])
+def test_timm_residual_width_prunes_with_exact_false(name, shape, want):
+    """The residual stream of ViT (class token cat, position embedding add) and Swin (torch.roll shifts, F.pad to
+    whole windows) joins its group; its LayerNorms make it inexact, so it goes only with exact=False."""
+    from prunekit.analysis.metrics import count_macs
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    x = torch.randn(*shape)
+    exact = build_groups(model, x)
+    assert any("LayerNorm normalises" in g.reason for g in exact.groups if not g.prunable)
+    plan = plan_groups(model, x, 0.5, exact=False)
+    slim = compact(model, plan, example_inputs=x)
+    assert count_macs(model, x)["dense"] / count_macs(slim, x)["dense"] > want
+    with torch.no_grad():
+        assert slim(x).shape == (2, 10) and bool(torch.isfinite(slim(x)).all())
+    if name.startswith("vit"):
+        width = slim.cls_token.shape[-1]
+        assert width < 192 and slim.pos_embed.shape[-1] == width == slim.blocks[0].norm1.weight.shape[0]

@@ -87,6 +87,20 @@ def handler_for(module: nn.Module) -> Optional[LayerHandler]:
     return None
 
 
+def _side_tensors_only(module: nn.Module, cuts: Cuts) -> bool:
+    """Every cut tensor is a parameter cut along one dim that the module holds beside its layers (a layer scale,
+    a learned bias, a position embedding, a class token) or a per-channel vector: slicing it means the same
+    whatever the module computes with it, so no handler is needed. A leaf layer's weight matrix (an
+    nn.Embedding's) needs one: its shape attributes must follow."""
+    container = next(module.children(), None) is not None
+    for attr, dims in cuts.items():
+        t = module._parameters.get(attr)
+        vector = isinstance(t, torch.Tensor) and sum(n != 1 for n in t.shape) == 1
+        if not isinstance(t, torch.Tensor) or len(dims) != 1 or not (container or vector):
+            return False
+    return True
+
+
 def slice_tensors(module: nn.Module, cuts: Cuts) -> None:
     """Keep only the given indices of each tensor; parameters stay parameters."""
     for attr, dims in cuts.items():
@@ -279,7 +293,8 @@ def compact(model: nn.Module, plan: Plan, example_inputs=None) -> nn.Module:
     """
     cuts = _cuts_by_module(model, _pruned_slices(model, plan))   # all checks before copying
     modules = dict(model.named_modules())
-    missing = [f"{n} ({type(modules[n]).__name__})" for n in cuts if handler_for(modules[n]) is None]
+    missing = [f"{n} ({type(modules[n]).__name__})" for n in cuts
+               if handler_for(modules[n]) is None and not _side_tensors_only(modules[n], cuts[n])]
     if missing:
         raise PrunekitError(f"no layer handler for {', '.join(missing)}; register one with "
                          "@prunekit.surgery.register_layer_handler(YourLayer)")
@@ -288,7 +303,7 @@ def compact(model: nn.Module, plan: Plan, example_inputs=None) -> nn.Module:
     slim_modules = dict(slim.named_modules())
     for mod_name, mcuts in cuts.items():
         module = slim_modules[mod_name]
-        handler_for(module)(module, mcuts)
+        (handler_for(module) or slice_tensors)(module, mcuts)
     _refresh(slim, skip=cuts)
     if example_inputs is not None:
         check_runs(slim, example_inputs, original=model)

@@ -50,17 +50,19 @@ def type_key(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def module_rule_key(cls: type) -> Optional[str]:
-    """The MODULE_RULES key for modules of ``cls``: its own, else its nearest registered base class's.
+# base classes whose subclasses are handled as the base by default: a conv or linear subclass (EfficientNet's
+# Conv2dStaticSamePadding, a weight-standardised conv) keeps its base's channel semantics whatever it does
+# to the spatial dims. Not every base: a LayerNorm subclass may normalise another dim (timm's LayerNorm2d).
+SUBCLASS_FALLBACK = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-    A subclass of nn.Conv2d / nn.Linear (EfficientNet's ``Conv2dStaticSamePadding``, a weight-standardised
-    conv) keeps its base's channel semantics whatever it does to the spatial dims, so it is handled as that
-    base by default; registering a rule for the subclass itself overrides this.
-    """
-    for c in cls.__mro__:
-        if type_key(c) in MODULE_RULES:
-            return type_key(c)
-    return None
+
+def module_rule_key(cls: type) -> Optional[str]:
+    """The MODULE_RULES key for modules of ``cls``: its own, else (for subclasses of
+    :data:`SUBCLASS_FALLBACK`) its base's; registering a rule for the subclass itself overrides this."""
+    if type_key(cls) in MODULE_RULES:
+        return type_key(cls)
+    base = next((b for b in SUBCLASS_FALLBACK if issubclass(cls, b)), None)
+    return type_key(base) if base is not None and type_key(base) in MODULE_RULES else None
 
 
 def register_module_rule(*types: Any) -> Callable:
@@ -275,6 +277,8 @@ class Propagation:
         self.direct_uses: Dict[str, str] = {}  # tensor name -> node that reads it outside a module
         # x.shape / x.size() nodes -> x: an item read from them may be x's channel count (see rules._metadata)
         self.shape_of: Dict[fx.Node, fx.Node] = {}
+        # the traced model itself: the GraphModule keeps a parameter read by get_attr, but not its owner's class
+        self.source: Optional[nn.Module] = None
 
     # -- groups
     def new_group(self, channels: int) -> int:
@@ -688,5 +692,6 @@ def build_groups(model: nn.Module, example_inputs, *, leaf_modules: Sequence[str
                               f"pruned ({e})")
         return graph
     prop = Propagation(gm, record_shapes(gm, example_inputs))
+    prop.source = model
     prop.run()
     return _finish(prop, model, exact)

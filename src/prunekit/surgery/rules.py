@@ -192,6 +192,42 @@ def _layernorm(prop: Propagation, node: fx.Node, name: str, module: nn.LayerNorm
     return prop.passthrough(node, x)
 
 
+_NORM_MODULES = (nn.LayerNorm,)   # the modules whose handler makes normalized_shape follow a new width
+
+
+def _norm_function(prop: Propagation, node: fx.Node, shape_arg: int, params: Sequence[Tuple[int, str]]
+                   ) -> Optional[Tag]:
+    """F.layer_norm called on a LayerNorm module's own parameters (timm's LayerNorm2d permutes, then calls
+    it): as :func:`_layernorm`, with the affine parameters found behind their ``get_attr`` nodes."""
+    x = node.args[0]
+    t, nd = prop.tag(x), len(prop.shape(x) or ())
+    if t is None:
+        return None
+    shape = node_arg(node, shape_arg, "normalized_shape")
+    shape = [shape] if isinstance(shape, (int, fx.Node)) else list(shape or ())
+    if any(isinstance(d, fx.Node) for d in shape):
+        prop.block(t, f"{describe_node(prop, node)} computes its normalized_shape at run time")
+        return None
+    if t.dim not in range(nd - len(shape), nd):
+        return prop.passthrough(node, x)
+    found = [(i, _parameter_behind(a)[0]) for i, kw in params
+             for a in [node_arg(node, i, kw)] if isinstance(a, fx.Node)]
+    root = prop.source if prop.source is not None else prop.gm
+    owners = {root.get_submodule(n.rpartition(".")[0]) if n and root is not None else None for _, n in found}
+    # the new width must reach normalized_shape: only a LayerNorm's handler carries it there
+    if len(shape) != 1 or not found or not all(isinstance(o, _NORM_MODULES) for o in owners):
+        prop.block(t, f"{describe_node(prop, node)} normalises the channels, and no LayerNorm module's "
+                      "normalized_shape would follow a new width")
+        return None
+    for _, pname in found:
+        for seg in t.segs:
+            prop.add(seg.group, pname, 0, "channelwise", seg)
+        prop.direct_uses.pop(pname, None)
+    for seg in t.segs:
+        prop.group(seg.group).exact = False   # the kept channels' statistics change: not exact
+    return prop.passthrough(node, x)
+
+
 @register_module_rule(nn.PReLU)
 def _prelu(prop: Propagation, node: fx.Node, name: str, module: nn.PReLU) -> Optional[Tag]:
     t = prop.tag(node.args[0])
@@ -357,6 +393,10 @@ def _binary(prop: Propagation, node: fx.Node, divide: bool = False) -> Optional[
     for a in operands:
         s = prop.shape(a)
         if s is not None and prop.tag(a) is None and len(s) >= -r and s[r] != 1:
+            side = _side_parameter(prop, a, s[r], len(s) + r)
+            if side is not None:
+                _add_side_parameter(prop, side, [t for _, t in tagged])
+                continue
             return _block_all(prop, tagged, f"{desc} combines the channels with '{a.name}', "
                                             f"which keeps all its {s[r]} channels")
     if divide and prop.tag(operands[1]) is not None:
@@ -367,6 +407,58 @@ def _binary(prop: Propagation, node: fx.Node, divide: bool = False) -> Optional[
             return _block_all(prop, tagged, f"{desc} combines channels laid out differently")
         prop.unite(first, t)
     return Tag(len(prop.shape(node)) + r, first.segs)
+
+
+# ops that only recast or broadcast a parameter on its way to an elementwise op or a cat (pos_embed,
+# cls_token.expand(B, -1, -1)) keep its dims aligned from the right; reshapes (gamma.reshape(1, -1, 1, 1)) do not
+_BROADCAST_ONLY = {"to", "float", "type_as", "expand_as", "expand"}
+_RESHAPES = {"reshape", "view", "unsqueeze"}
+
+
+def _parameter_behind(node: fx.Node) -> Tuple[Optional[str], bool]:
+    """(the parameter ``node`` is, through recasts / broadcasts / reshapes each used once; whether a reshape
+    was among them), or (None, False). A parameter read anywhere else is not one: slicing it would change
+    that other use too."""
+    reshaped = False
+    while node.op != "get_attr":
+        target = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+        if node.op not in ("call_method", "call_function") or target not in _BROADCAST_ONLY | _RESHAPES \
+                or len(node.users) != 1:
+            return None, False
+        reshaped |= target in _RESHAPES
+        node = node.args[0]
+        if not isinstance(node, fx.Node):
+            return None, False
+    reads = [n for n in node.graph.nodes if n.op == "get_attr" and n.target == node.target]
+    return (str(node.target), reshaped) if len(node.users) == 1 and reads == [node] else (None, False)
+
+
+def _side_parameter(prop: Propagation, a: fx.Node, channels: int, dim: int) -> Optional[Tuple[str, int]]:
+    """(name, dim) of the parameter behind ``a`` that holds one entry per channel along that dim, where ``a``
+    meets the channels on its dim ``dim``; None if ``a`` is anything else."""
+    name, reshaped = _parameter_behind(a)
+    if name is None or prop.gm is None:
+        return None
+    try:
+        param = prop.gm.get_parameter(name)
+    except AttributeError:   # a buffer or a plain attribute: not something pruning may slice
+        return None
+    if reshaped:   # only a vector can be followed through a reshape: its one non-singleton dim
+        dims = [d for d, n in enumerate(param.shape) if n != 1]
+        pdim = dims[0] if len(dims) == 1 else -1
+    else:          # broadcasting aligns dims from the right
+        pdim = param.dim() - (len(prop.shape(a)) - dim)
+    return (name, pdim) if 0 <= pdim < param.dim() and param.shape[pdim] == channels else None
+
+
+def _add_side_parameter(prop: Propagation, side: Tuple[str, int], tags: Sequence[Tag]) -> None:
+    """The parameter joins the groups it meets (a layer scale, a learned bias, a position embedding, a
+    class token): sliced with them, it no longer blocks them."""
+    name, pdim = side
+    for t in tags:
+        for seg in t.segs:
+            prop.add(seg.group, name, pdim, "side", seg)
+    prop.direct_uses.pop(name, None)   # read here, and only here: accounted for
 
 
 def _block_all(prop: Propagation, tagged, reason: str) -> None:
@@ -387,9 +479,13 @@ def _cat(prop: Propagation, node: fx.Node) -> Optional[Tag]:
     if any(t.dim != dim for t in tags if t is not None):
         # along another dim the inputs are stacked: every input must carry the same channels
         first = tagged[0][1]
-        if len(tagged) != len(tensors) or not all(t.dim == first.dim and prop.same_layout(first, t)
-                                                  for _, t in tagged):
+        sides = [_side_parameter(prop, x, prop.shape(x)[first.dim], first.dim) for x, t in zip(tensors, tags)
+                 if t is None]   # a class token joined to the patch tokens carries the same channels
+        if any(sd is None for sd in sides) or not all(t.dim == first.dim and prop.same_layout(first, t)
+                                                      for _, t in tagged):
             return _block_all(prop, tagged, f"{describe_node(prop, node)} joins values with different channels")
+        for sd in sides:
+            _add_side_parameter(prop, sd, [first])
         for _, t in tagged[1:]:
             prop.unite(first, t)
         return first
@@ -399,6 +495,39 @@ def _cat(prop: Propagation, node: fx.Node) -> Optional[Tag]:
             segs += t.shifted(offset).segs
         offset += prop.shape(x)[dim]
     return Tag(dim, tuple(segs))
+
+
+def _roll(prop: Propagation, node: fx.Node) -> Optional[Tag]:
+    """torch.roll over other dims (Swin's shifted windows) moves positions, never channels."""
+    x = node.args[0]
+    t = prop.tag(x)
+    if t is None:
+        return None
+    dims = node_arg(node, 2, "dims")
+    nd = len(prop.shape(x))
+    dims = [] if dims is None else [int(d) % nd for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+    if not dims or t.dim in dims:   # no dims: roll of the flattened tensor, which mixes everything
+        return _block_all(prop, [(x, t)], f"{describe_node(prop, node)} rolls along the channels")
+    return prop.passthrough(node, x)
+
+
+def _pad(prop: Propagation, node: fx.Node) -> Optional[Tag]:
+    """F.pad of other dims (Swin pads to whole windows) keeps the channels; padding the channels would add
+    new ones."""
+    x = node.args[0]
+    t = prop.tag(x)
+    if t is None:
+        return None
+    pad = list(node_arg(node, 1, "pad"))
+    nd = len(prop.shape(x))
+    # pad lists (before, after) pairs from the last dim backwards
+    amounts = {nd - 1 - i // 2: 0 for i in range(len(pad))}
+    for i, p in enumerate(pad):
+        if isinstance(p, fx.Node) or p != 0:
+            amounts[nd - 1 - i // 2] = 1
+    if amounts.get(t.dim, 0):
+        return _block_all(prop, [(x, t)], f"{describe_node(prop, node)} pads the channels")
+    return prop.passthrough(node, x)
 
 
 def _reduce(prop: Propagation, node: fx.Node) -> Optional[Tag]:
@@ -612,6 +741,9 @@ _register(lambda p, n: _binary(p, n), functions=(
 _register(lambda p, n: _binary(p, n, divide=True), functions=(operator.truediv, operator.itruediv, torch.div),
           methods=("div", "div_"))
 _register(_cat, functions=(torch.cat, torch.concat))
+_register(_roll, functions=(torch.roll,), methods=("roll",))
+_register(_pad, functions=(F.pad,))
+_register(lambda p, n: _norm_function(p, n, 1, ((2, "weight"), (3, "bias"))), functions=(F.layer_norm, torch.layer_norm))
 _register(lambda p, n: _flatten(p, n, n.args[0], node_arg(n, 1, "start_dim", 0), node_arg(n, 2, "end_dim", -1)),
           functions=(torch.flatten,), methods=("flatten",))
 _register(_reshape, functions=(torch.reshape,), methods=("view", "reshape"))
