@@ -202,3 +202,18 @@ def test_compact_drops_hooks_and_masks():
     assert model.features[0]._forward_hooks and masking.is_masked(model)          # the input is untouched
     assert not any(m._forward_hooks for m in slim.modules()) and not masking.is_masked(slim)
     assert not any("_mask" in k for k in slim.state_dict())
+
+
+def test_compact_checks_outputs_against_the_traced_shapes_without_rerunning_the_original():
+    model = _scaled_net()
+    plan = plan_groups(model, X, 0.5)
+    assert plan.meta["io_shapes"]["outputs"] == list(model(X).shape)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    compact(model, plan, example_inputs=X)
+    assert calls == []                           # the plan's recorded shapes were enough
+    compact(model, plan, example_inputs=torch.cat([X, X]))
+    assert calls == [1]                          # other input shapes: the original runs to compare
+    plan.meta["io_shapes"]["outputs"] = [2, 99]  # a plan whose outputs were recorded otherwise is caught
+    with pytest.raises(prunekit.PrunekitError, match="returns shapes"):
+        compact(model, plan, example_inputs=X)

@@ -32,7 +32,7 @@ from prunekit.apply import masking
 from prunekit.errors import PrunekitError, UnknownNameError
 from prunekit.plan import Plan
 from prunekit.registry import Registry
-from prunekit.surgery.graph import Member, type_key
+from prunekit.surgery.graph import Member, shapes_of, type_key
 
 LAYER_HANDLERS = Registry("layer handler")
 Cuts = Dict[str, Dict[int, torch.Tensor]]   # tensor attribute -> {dim: indices to keep}
@@ -251,34 +251,25 @@ def strip_masks_and_hooks(model: nn.Module) -> None:
             getattr(m, attr, {}).clear()
 
 
-def _shapes_of(out: Any) -> Any:
-    if isinstance(out, torch.Tensor):
-        return tuple(out.shape)
-    if isinstance(out, (tuple, list)):
-        return [_shapes_of(o) for o in out]
-    if isinstance(out, Mapping):
-        return {k: _shapes_of(v) for k, v in out.items()}
-    return None
-
-
 @torch.no_grad()
 def _run_eval(model: nn.Module, example_inputs) -> Any:
     """Run once in eval mode, so BatchNorm statistics do not move; training flags are restored."""
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     with eval_mode(model):
-        return _shapes_of(model(*inputs))
+        return shapes_of(model(*inputs))
 
 
-def check_runs(slim: nn.Module, example_inputs, original: Optional[nn.Module] = None) -> None:
-    """The compacted model runs on ``example_inputs`` and (given ``original``) returns the same shapes."""
+def check_runs(slim: nn.Module, example_inputs, original: Optional[nn.Module] = None, expected: Any = None) -> None:
+    """The compacted model runs on ``example_inputs`` and returns the same shapes as ``original`` (or the
+    ``expected`` shapes, :func:`~prunekit.surgery.graph.shapes_of`'s form, recorded when it was traced)."""
     try:
         got = _run_eval(slim, example_inputs)
     except Exception as e:
         raise PrunekitError(f"the compacted model fails on example_inputs ({type(e).__name__}: {e}); the plan "
                          "probably removes slices without their coupled slices — make it with "
                          "prunekit.surgery.plan_groups") from e
-    if original is not None:
-        want = _run_eval(original, example_inputs)
+    if original is not None or expected is not None:
+        want = expected if expected is not None else _run_eval(original, example_inputs)
         if got != want:
             raise PrunekitError(f"the compacted model returns shapes {got}, the original {want}: the plan prunes "
                              "the model's outputs — make it with prunekit.surgery.plan_groups")
@@ -306,7 +297,11 @@ def compact(model: nn.Module, plan: Plan, example_inputs=None) -> nn.Module:
         (handler_for(module) or slice_tensors)(module, mcuts)
     _refresh(slim, skip=cuts)
     if example_inputs is not None:
-        check_runs(slim, example_inputs, original=model)
+        io = (plan.meta or {}).get("io_shapes") or {}
+        inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        traced = io.get("outputs") is not None and io.get("inputs") == shapes_of(inputs)
+        # the plan's trace saw these inputs' shapes: its recorded outputs save a forward of the original
+        check_runs(slim, example_inputs, original=model, expected=io["outputs"] if traced else None)
     slim._prunekit_compacted = True  # prunekit.save records the slim shapes for load to rebuild
     return slim
 

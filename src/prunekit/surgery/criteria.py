@@ -43,11 +43,12 @@ def _score_source(s):
 
 def _channel_norms(scores: torch.Tensor, m: Member, channels: int, norm: float, normalize: bool) -> torch.Tensor:
     """Ln norm of the criterion scores over each channel's slice of one member."""
-    x = scores.movedim(m.dim, 0).reshape(scores.shape[m.dim], -1).abs().double()
+    x = scores.movedim(m.dim, 0).reshape(scores.shape[m.dim], -1).abs()
     pos = m.positions(range(channels))                     # (channels, positions per channel)
     if math.isinf(norm):
-        return x.amax(dim=1)[pos].amax(dim=1)
-    per_pos = x.pow(norm).sum(dim=1)
+        return x.amax(dim=1).double()[pos].amax(dim=1)
+    # summed in float64 without a float64 copy of the scores (memory-bound on big layers)
+    per_pos = (x if norm == 1 else x.pow(norm)).sum(dim=1, dtype=torch.float64)
     out = per_pos[pos].sum(dim=1)
     if normalize:  # per entry, so wide and narrow slices compare fairly
         out = out / (pos.shape[1] * x.shape[1])
@@ -231,7 +232,7 @@ def plan_groups(model: nn.Module, example_inputs, amount: Amount, *, criterion="
                  "norm": norm, "aggregate": aggregate, "min_keep": min_keep, "round_to": round_to,
                  "protect": [protect] if isinstance(protect, str) else list(protect), "seed": seed,
                  "normalize": normalize, "relative": relative, "exact": exact,
-                 "groups": _groups_meta(graph, pruned)}
+                 "groups": _groups_meta(graph, pruned), "io_shapes": graph.io_shapes}
     plan.notes = list(graph.notes) + _notes(graph, pruned, floor_hits, min_keep)
     if given_back:
         plan.notes.append(f"round_to={round_to} kept {given_back} channels more than the amount asked")

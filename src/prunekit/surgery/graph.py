@@ -25,7 +25,7 @@ import fnmatch
 import os
 import traceback
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -185,6 +185,9 @@ class ChannelGraph:
 
     groups: List[Group]
     notes: List[str] = field(default_factory=list)   # e.g. why the block fallback was used
+    # {"inputs", "outputs"}: the shapes seen when tracing (JSON form), so compact can check a slim model's
+    # outputs without running the original again
+    io_shapes: Optional[Dict[str, Any]] = None
 
     def prunable(self) -> List[Group]:
         return [g for g in self.groups if g.prunable]
@@ -194,11 +197,11 @@ class ChannelGraph:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"format": "prunekit.groups/1", "groups": [g.to_dict() for g in self.groups],
-                "notes": list(self.notes)}
+                "notes": list(self.notes), "io_shapes": self.io_shapes}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "ChannelGraph":
-        return cls([Group.from_dict(g) for g in d["groups"]], list(d.get("notes", [])))
+        return cls([Group.from_dict(g) for g in d["groups"]], list(d.get("notes", [])), d.get("io_shapes"))
 
     def describe(self) -> str:
         lines = []
@@ -531,10 +534,22 @@ def trace(model: nn.Module, leaf_modules: Sequence[str] = ()) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph)
 
 
+def shapes_of(out: Any) -> Any:
+    """The shapes in a (nested) model output or input, in JSON form: lists, dicts, None for non-tensors."""
+    if isinstance(out, torch.Tensor):
+        return list(out.shape)
+    if isinstance(out, (tuple, list)):
+        return [shapes_of(o) for o in out]
+    if isinstance(out, Mapping):
+        return {str(k): shapes_of(v) for k, v in out.items()}
+    return None
+
+
 class _ShapeRecorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
         self.shapes: Dict[fx.Node, Optional[Tuple[int, ...]]] = {}
+        self.output_shapes: Any = None
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -543,13 +558,16 @@ class _ShapeRecorder(fx.Interpreter):
             raise PrunekitError(f"running the model on example_inputs failed at node '{n.name}' "
                              f"({n.op} {n.target}): {e}") from e
         self.shapes[n] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        if n.op == "output":
+            self.output_shapes = shapes_of(out)
         return out
 
 
 @torch.no_grad()
 def record_shapes(gm: fx.GraphModule, example_inputs) -> Dict[fx.Node, Optional[Tuple[int, ...]]]:
-    """Output shape of every node. Runs in eval mode so BatchNorm statistics do not move
-    (the traced graph shares its modules with the user's model)."""
+    """Output shape of every node (the model's outputs, in :func:`shapes_of`'s form, under the key None).
+    Runs in eval mode so BatchNorm statistics do not move (the traced graph shares its modules with the
+    user's model)."""
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     modes = {m: m.training for m in gm.modules()}
     gm.eval()
@@ -559,7 +577,7 @@ def record_shapes(gm: fx.GraphModule, example_inputs) -> Dict[fx.Node, Optional[
     finally:
         for m, mode in modes.items():
             m.training = mode
-    return rec.shapes
+    return {**rec.shapes, None: rec.output_shapes}
 
 
 # ----------------------------------------------------------------------------- finishing
@@ -691,7 +709,11 @@ def build_groups(model: nn.Module, example_inputs, *, leaf_modules: Sequence[str
         graph.notes.insert(0, f"fx could not trace the model, so only the insides of known blocks are "
                               f"pruned ({e})")
         return graph
-    prop = Propagation(gm, record_shapes(gm, example_inputs))
+    shapes = record_shapes(gm, example_inputs)
+    prop = Propagation(gm, shapes)
     prop.source = model
     prop.run()
-    return _finish(prop, model, exact)
+    graph = _finish(prop, model, exact)
+    graph.io_shapes = {"inputs": shapes_of(tuple(example_inputs) if isinstance(example_inputs, (tuple, list))
+                                          else (example_inputs,)), "outputs": shapes[None]}
+    return graph
