@@ -15,6 +15,8 @@ JSON lines (../shared/BENCHMARKS.md); ``case`` = ``timm/<model>/sparsity=0.5/<ex
 latency, ``batch`` 1 and 16, 1 thread), ``plan_time_s`` (plan + compact, seconds; the peer: pruner + step),
 each with Torch-Pruning's value as ``peer`` (``peer_value`` null and ``peer_error`` where the peer fails or its
 model does not run), and ``max_diff`` (largest |output| difference, masked vs compacted prunekit model).
+For ``--timed`` models (ResNet-50, DenseNet-121) only ``plan_time_s`` is measured: medians of
+``--timing-runs`` runs, prunekit and the peer alternating.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ TP = "torch-pruning"
 MODELS = ("resnet18", "efficientnet_b0", "convnext_atto", "regnetx_002", "vit_tiny_patch16_224",
           "swin_tiny_patch4_window7_224", "mobilenetv3_small_100")
 QUICK = ("resnet18", "convnext_atto")
+TIMED = ("resnet50", "densenet121")   # plan + compact time only (issue 12: within 1.2x of the peer's)
 AMOUNT = 0.5
 
 
@@ -115,6 +118,34 @@ def _latency(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
     return measure_latency(model, x, warmup=2, repeats=repeats, threads=1)["median_ms"]
 
 
+def _plan_times(name: str, args) -> None:
+    """Median plan + compact seconds of prunekit and the peer, run alternately (machine noise hits both)."""
+    timm = import_timm()
+    torch.manual_seed(args.seed)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    x = torch.randn(2, 3, args.size, args.size)
+
+    def ours(_):
+        plan = plan_groups(model, x, AMOUNT, criterion="l1", norm=2.0, scope="layer")
+        return compact(model, plan, example_inputs=x)
+
+    def peer(m):
+        tp.pruner.MagnitudePruner(m, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=AMOUNT,
+                                  global_pruning=False, ignored_layers=[_classifier(m)]).step()
+        return m
+
+    methods = {"prunekit": (None, ours)}
+    if tp is not None:
+        methods[TP] = (lambda: copy.deepcopy(model), peer)
+    times = C.alternating_medians(methods, n=args.timing_runs, progress=False)
+    case = f"timm/{name}/sparsity={AMOUNT}/exact"
+    mine = C.median(times["prunekit"])
+    theirs = C.median(times[TP]) if tp is not None else None
+    _emit(case, "plan_time_s", mine, "s", theirs, None if tp is not None else "torch-pruning is not installed", True,
+          n=args.timing_runs, threads=1, seed=args.seed)
+    C.log(f"{case}: plan + compact {mine:.2f} s, peer {theirs if theirs is None else round(theirs, 2)} s")
+
+
 def _measure(name: str, args) -> None:
     timm = import_timm()
     torch.manual_seed(args.seed)
@@ -155,16 +186,20 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--timed", default=",".join(TIMED), help="models whose plan time alone is compared")
+    ap.add_argument("--timing-runs", type=int, default=5)
     args = ap.parse_args()
     args.batches = (1, 16)
     models = args.models.split(",")
     if args.quick:
-        models, args.size, args.repeats, args.batches = list(QUICK), 64, 2, (1, 4)
+        models, args.size, args.repeats, args.batches, args.timed = list(QUICK), 64, 2, (1, 4), ""
     torch.set_num_threads(1)
     if import_timm() is None:
         sys.exit("timm is not installed (pip install timm --no-deps)")
     for name in models:
         _measure(name, args)
+    for name in [m for m in args.timed.split(",") if m]:
+        _plan_times(name, args)
 
 
 if __name__ == "__main__":

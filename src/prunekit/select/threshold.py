@@ -85,14 +85,18 @@ def _load_malloc_trim():
 _MALLOC_TRIM = _load_malloc_trim() if sys.platform.startswith("linux") else None
 
 
-def release_freed_memory() -> None:
-    """Give freed heap memory back to the OS after a pass over big scores.
+TRIM_MIN_SCORES = 1 << 22   # below ~16 MB of scores a pass leaves nothing worth trimming
+
+
+def release_freed_memory(scores: Optional[int] = None) -> None:
+    """Give freed heap memory back to the OS after a pass over big scores (``scores`` of them; small passes
+    skip the trim: it walks the whole heap, ~0.5 ms each, which per-layer planning would pay many times).
 
     glibc keeps the multi-MB chunk buffers of one pass in the heap after they are
     freed, and the next pass often cannot reuse them: peak RSS then grew to 20-60%
     of the model's size although live memory never exceeded ~5%.
     """
-    if _MALLOC_TRIM is not None:
+    if _MALLOC_TRIM is not None and (scores is None or scores >= TRIM_MIN_SCORES):
         _MALLOC_TRIM(0)
 
 
@@ -177,7 +181,7 @@ def _gather(sources: Sequence[ScoreSource], a: float, b: float):
                 out[n_in:n_in + cnt] = c[m2[:n]]
             n_in += cnt
     del buf, m1, m2
-    release_freed_memory()
+    release_freed_memory(n_all)
     if below + n_in + n_above != n_all:  # NaN compares false to everything
         raise PrunekitError("scores contain NaN; a criterion must return finite scores (or -inf)")
     if n_in > _MAX_GATHER:
@@ -197,7 +201,7 @@ def _sample(sources: Sequence[ScoreSource], size: int) -> torch.Tensor:
         parts.append(_values_at(src, idx).float())
     sample = torch.cat(parts).sort().values
     del parts
-    release_freed_memory()
+    release_freed_memory(total)
     return sample
 
 
@@ -297,7 +301,7 @@ def masks_from_threshold(sources: Sequence[ScoreSource], thr: Threshold) -> Iter
             at += c.numel()
         yield packed, pruned
     del buf, keep_buf
-    release_freed_memory()
+    release_freed_memory(sum(_numel(src) for src in sources))
 
 
 def count_split(sources: Sequence[ScoreSource], thr: Threshold) -> List[Tuple[int, int]]:
@@ -311,5 +315,5 @@ def count_split(sources: Sequence[ScoreSource], thr: Threshold) -> List[Tuple[in
             eq += int(torch.eq(c, thr.value, out=m1[:c.numel()]).sum())
         out.append((below, eq))
     del buf, m1
-    release_freed_memory()
+    release_freed_memory(sum(_numel(src) for src in sources))
     return out

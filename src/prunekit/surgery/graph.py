@@ -131,7 +131,10 @@ class Member:
 
     def positions(self, channels: Iterable[int]) -> torch.Tensor:
         """``(len(channels), outer * inner)`` indices along ``dim``: row ``k`` holds channel ``channels[k]``."""
-        c = torch.as_tensor(list(channels), dtype=torch.long).reshape(-1, 1, 1)
+        c = (torch.arange(channels.start, channels.stop, channels.step) if isinstance(channels, range)
+             else torch.as_tensor(list(channels), dtype=torch.long)).reshape(-1, 1, 1)
+        if self.outer == 1 and self.inner == 1:   # the common case, one index per channel: no broadcasting
+            return (c.reshape(-1, 1) + self.base)
         o = (torch.arange(self.outer) * self.outer_stride).reshape(1, -1, 1)
         i = torch.arange(self.inner).reshape(1, 1, -1)
         return (self.base + o + c * self.inner + i).reshape(c.shape[0], self.outer * self.inner)
