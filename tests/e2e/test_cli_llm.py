@@ -76,7 +76,7 @@ def test_nm_with_owl_and_bad_flags_refused_before_loading(tiny_dir, tmp_path):
 def test_wanda_nm_no_eval(tiny_dir, tmp_path):
     out = tmp_path / "nm"
     r = _cli("prune", "--model", tiny_dir, "--method", "wanda", "--nm", "2:4", "--calib-windows", 2, "--calib-len",
-             32, "--no-eval", "--out", out, cwd=tmp_path)
+             32, "--no-eval", "--prune-head", "--out", out, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["perplexity"] is None
     from prunekit.deploy.hf import load_pretrained
@@ -84,6 +84,8 @@ def test_wanda_nm_no_eval(tiny_dir, tmp_path):
     model = load_pretrained(out)
     w = model.model.layers[0].mlp.down_proj.weight
     assert torch.all((w.reshape(-1, 4) != 0).sum(1) <= 2)
+    head = model.lm_head.weight   # --prune-head: the output head is 2:4 too
+    assert torch.all((head.reshape(-1, 4) != 0).sum(1) <= 2) and (head == 0).float().mean().item() >= 0.49
 
 
 def test_sweep_flags_refused_before_loading(tmp_path):

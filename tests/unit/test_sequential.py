@@ -139,7 +139,6 @@ def test_a_failure_leaves_the_model_as_it_was(ids, monkeypatch):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(method="bogus"), "magnitude, sparsegpt, wanda"),
     (dict(pattern="nm", nm=(2, 4)), "drop amount"),
-    (dict(include_classifier=True), "include_classifier"),
     (dict(allocation="bogus"), "uniform, magnitude, owl"),
     (dict(owl_m=0), "owl_m"),
     (dict(batch_size=0), "batch_size"),
@@ -237,3 +236,32 @@ def test_blocks_left_out_stay_dense_and_later_blocks_still_see_both_streams(ids)
     first = [k for k in runs[True] if k.split(".")[1] in ("q_proj", "k_proj", "v_proj")]
     assert len(first) == 6 and all(torch.equal(runs[True][k], runs[False][k]) for k in first)  # weights, masks
     assert not torch.equal(runs[True]["mlp.down_proj.weight"], runs[False]["mlp.down_proj.weight"])
+
+
+@pytest.mark.parametrize("method", ("wanda", "sparsegpt"))
+def test_include_classifier_prunes_the_head_last_tied_embeddings_with_it(method, ids):
+    model = tiny_decoder("llama")
+    tied = model.get_input_embeddings().weight is model.lm_head.weight
+    plan = prunekit.prune(model, 0.5, criterion="sequential", method=method, data=ids, include_classifier=True,
+                          progress=False)
+    head = plan.tensors["lm_head.weight"]
+    assert head.sparsity == pytest.approx(0.5, abs=0.01) and plan.meta["targets"][-1] == "lm_head.weight"
+    assert plan.meta["layer_sparsity"]["lm_head.weight"] == pytest.approx(head.sparsity)
+    w = model.lm_head.weight
+    assert (w == 0).float().mean().item() == pytest.approx(head.sparsity, abs=1e-6)
+    if tied:   # one tensor under two names: the embedding lookups see the same zeros
+        assert model.get_input_embeddings().weight is w and any("tied" in n for n in plan.notes)
+    assert torch.isfinite(_logits(model, ids)).all()
+
+
+def test_head_without_output_embeddings_is_refused_before_any_change(ids):
+    from prunekit.pruners.offload import prune_checkpoint
+
+    model = tiny_decoder("llama")
+    model.get_output_embeddings = lambda: None
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(prunekit.PrunekitError, match="get_output_embeddings"):
+        prunekit.prune(model, 0.5, criterion="sequential", data=ids, include_classifier=True, progress=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(prunekit.PrunekitError, match="drop include_classifier"):
+        prune_checkpoint("nowhere", "out", ids, 0.5, spec=PruneSpec(criterion="sequential", include_classifier=True))

@@ -67,6 +67,8 @@ def _add_prune(sub) -> None:
                     "(default: %(default)s)")
     pr.add_argument("--owl-m", type=float, default=5.0, help="OWL's outlier threshold: M x the mean score "
                     "(default: %(default)s)")
+    pr.add_argument("--prune-head", action="store_true", help="also prune the output head (lm_head) after the "
+                    "blocks, at the same sparsity; tied input embeddings lose the same entries (default: kept dense)")
     pr.add_argument("--no-dense-targets", action="store_true", help="sparsegpt / --refit: reproduce each layer's "
                     "outputs on the pruned model's inputs (the paper's rule) instead of the dense model's outputs")
     pr.add_argument("--structured", choices=STRUCTURED_UNITS, help="remove whole units instead (a smaller model): "
@@ -148,9 +150,9 @@ def _check_prune(args) -> None:
 
     if args.structured:
         given = [f for f in ("sparsity", "nm") if getattr(args, f) is not None]
-        if given or args.refit or args.allocation != "uniform":
+        if given or args.refit or args.allocation != "uniform" or args.prune_head:
             raise PrunekitError("--structured removes whole units: it takes --amount, not --sparsity / --nm / "
-                                "--refit / --allocation")
+                                "--refit / --allocation / --prune-head")
         if args.amount is None or not args.amount > 0:
             raise PrunekitError("--structured needs --amount > 0 (a fraction of the units, or a count)")
         return
@@ -221,7 +223,7 @@ def _prune(args) -> int:
         model = copy.deepcopy(setup.model) if recovery and recovery.loss == "kl" else setup.model
         plan, run = R.prune_unstructured(setup, model, method=args.method, target=args.nm or args.sparsity,
                                          allocation=args.allocation, refit=args.refit, owl_m=args.owl_m,
-                                         owl_lambda=args.owl_lambda,
+                                         owl_lambda=args.owl_lambda, include_classifier=args.prune_head,
                                          dense_targets=False if args.no_dense_targets else None)
     if recovery is not None:
         R.recover_run(setup, model, recovery, run)

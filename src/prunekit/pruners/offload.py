@@ -686,6 +686,9 @@ def prune_checkpoint(src_dir: PathLike, out_dir: PathLike, calib_ids: Any, amoun
     spec = spec or PruneSpec(criterion="sequential")
     options = options or SequentialOptions()
     nm = check_request(amount, spec)
+    if spec.include_classifier:
+        raise PrunekitError("prune_checkpoint prunes the decoder layers; the output head is not streamed: drop "
+                            "include_classifier (or prune it in memory with sequential_prune)")
     if spec.allocation == "magnitude":
         raise PrunekitError("allocation='magnitude' ranks every weight of the model at once (one global |w| "
                             "ranking), which needs the whole model in memory; prune_checkpoint streams one block "

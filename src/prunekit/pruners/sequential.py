@@ -135,6 +135,17 @@ def calibration_batches(data: Any, batch_size: int) -> List[Any]:
     return batches
 
 
+def run_until_stopped(model: nn.Module, batch: Any) -> None:
+    """The model's forward on one calibration batch, until a hook raises StopForward (or to the end)."""
+    try:
+        if isinstance(batch, Mapping):
+            model(**batch, use_cache=False)
+        else:
+            model(input_ids=batch, use_cache=False)
+    except StopForward:
+        pass
+
+
 def capture_inputs(model: nn.Module, first_block: nn.Module, batches: List[Any]) -> BlockInputs:
     """Run the model up to its first block on every batch, recording that block's inputs."""
     rec = BlockInputs()
@@ -150,13 +161,7 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, batches: List[Any])
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for b in batches:
-            try:
-                if isinstance(b, Mapping):
-                    model(**b, use_cache=False)
-                else:
-                    model(input_ids=b, use_cache=False)
-            except StopForward:
-                pass
+            run_until_stopped(model, b)
     finally:
         handle.remove()
     if len(rec.hidden) != len(batches):
@@ -420,6 +425,54 @@ def layer_targets(walk: Walk, batches, spec: PruneSpec, amount: Optional[float],
     return {n: Target(sparsity=sparsity[n], blocksize=o.blocksize, damp=o.damp) for n in names}
 
 
+# ----------------------------------------------------------------------------- the output head
+
+def output_head(model: nn.Module) -> Tuple[str, nn.Module]:
+    """(weight name, module) of the model's output head (``lm_head``), refused where there is none."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None or not is_linear(head):
+        raise PrunekitError("include_classifier=True prunes the output head (lm_head) after the blocks: "
+                            f"{type(model).__name__} has no linear get_output_embeddings()")
+    return next(f"{n}.weight" for n, m in model.named_modules() if m is head), head
+
+
+def _head_stat(model: nn.Module, head: nn.Module, batches: List[Any], kind: str) -> Optional[torch.Tensor]:
+    """The head's input statistic on the pruned model (its forward stops at the head: the vocabulary-wide
+    matmul is never computed)."""
+    if kind == "none":
+        return None
+    acc: List[Any] = [0, 0]
+
+    def hook(mod, args):
+        x = layer_features(mod, args[0].detach())[0].float()
+        acc[0] = acc[0] + (x.pow(2).sum(0).double() if kind == "norms" else (x.t() @ x).double())
+        acc[1] += x.shape[0]
+        raise StopForward
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        for b in batches:
+            run_until_stopped(model, b)
+    finally:
+        handle.remove()
+    return acc[0] / max(acc[1], 1)
+
+
+def prune_head(walk: Walk, batches: List[Any], target: Target) -> None:
+    """Prune the output head last, on the inputs the pruned blocks give it. With tied embeddings the input
+    embedding is the same tensor and loses the same entries (the plan says so)."""
+    name, head = output_head(walk.model)
+    _prune_module(walk, name, head, _head_stat(walk.model, head, batches, walk.options.stat_kind), target)
+    walk.plan.meta["targets"].append(name)
+    emb = walk.model.get_input_embeddings() if callable(getattr(walk.model, "get_input_embeddings", None)) else None
+    if emb is not None and getattr(emb, "weight", None) is head.weight:
+        walk.plan.notes.append(f"{name} is tied to the input embeddings: pruning it prunes them too")
+    if walk.options.dense_targets:
+        walk.plan.notes.append(f"{name} reproduces its own outputs on the pruned model (no dense target for "
+                               "the head)")
+
+
 def sequential_prune(model: nn.Module, data: Any, amount: Optional[float] = None, *,
                      spec: Optional[PruneSpec] = None, options: Optional[SequentialOptions] = None) -> Plan:
     """Prune the linear layers of ``model``'s blocks one block at a time (see the module docstring).
@@ -439,13 +492,20 @@ def sequential_prune(model: nn.Module, data: Any, amount: Optional[float] = None
         with preserved_state(model), torch.no_grad():
             targets_of = layer_targets(walk, batches, spec, amount, nm)
             _walk_blocks(walk, batches, targets_of)
+            if spec.include_classifier:   # the head's share is the average target
+                prune_head(walk, batches, Target(sparsity=None if nm else amount, nm=nm,
+                                                 blocksize=options.blocksize, damp=options.damp))
         masking.apply(model, walk.plan)
     except BaseException:
         with torch.no_grad():
             for name, w in walk.backup.items():  # leave the model as it was
                 model.get_parameter(name).copy_(w)
         raise
-    walk.plan.meta["layer_sparsity"] = {n: t.sparsity for n, t in targets_of.items()} if nm is None else None
+    layer_sparsity = None
+    if nm is None:   # the targets, and what the head (not allocated) reached
+        layer_sparsity = {n: t.sparsity for n, t in targets_of.items()}
+        layer_sparsity.update({n: e.sparsity for n, e in walk.plan.tensors.items() if n not in layer_sparsity})
+    walk.plan.meta["layer_sparsity"] = layer_sparsity
     walk.plan.meta["time_s"] = time.perf_counter() - start
     for note in walk.plan.notes:
         warnings.warn(note, PruningShortfall, stacklevel=2)
@@ -495,9 +555,6 @@ def _walk_blocks(walk: Walk, batches: List[Any], targets_of: Mapping[str, Target
 
 def check_request(amount, spec: PruneSpec) -> Optional[Tuple[int, int]]:
     check_choice(spec.allocation, SEQUENTIAL_ALLOCATIONS, "allocation")
-    if spec.include_classifier:
-        raise PrunekitError("sequential pruning prunes the linear layers inside the blocks; the lm_head / "
-                            "classifier (and tied embeddings) are not pruned by it: drop include_classifier")
     if spec.pattern == "nm":
         if amount is not None:
             raise PrunekitError(f"pattern='nm' fixes the sparsity at 1 - N/M; drop amount={amount!r}")
