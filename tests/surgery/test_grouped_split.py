@@ -6,6 +6,7 @@ import surgery_nets as nets
 import torch
 from torch import nn
 
+import prunekit
 from prunekit.apply import masking
 from prunekit.surgery import build_groups, compact, compact_shapes, plan_groups, rebuild
 
@@ -118,20 +119,37 @@ def test_masked_and_compacted_agree(name, scope):
     assert _nparams(rebuild(cls(), compact_shapes(slim))) == _nparams(slim)
 
 
-def test_grouped_conv_loses_whole_conv_groups_with_their_inputs():
+def test_grouped_conv_narrows_every_conv_group_alike():
+    """A unit is position c inside each of the 4 conv-groups (issue 12: RegNet, ResNeXt): the group count stays
+    and each group narrows, so MACs fall with the square of the group width, as with Torch-Pruning."""
     torch.manual_seed(1)
     model = ResNeXtBlock().eval()
     x = torch.randn(2, 3, 8, 8)
     graph = build_groups(model, x)
     g = graph.group_of("reduce.weight")[0]
-    assert g.prunable and g.channels == 4   # 4 conv-groups of 8 channels
-    members = {(m.name, m.dim, m.inner) for m in g.members}
-    assert {("reduce.weight", 0, 8), ("grouped.weight", 0, 8), ("bn2.running_mean", 0, 8),
-            ("expand.weight", 1, 8)} <= members
-    plan = plan_groups(model, x, 2, graph=graph, scope="layer")   # 2 of the 4 conv-groups
+    assert g.prunable and g.channels == 8   # 8 positions, each in all 4 conv-groups of 8 channels
+    members = {(m.name, m.dim, m.outer, m.outer_stride) for m in g.members}
+    assert {("reduce.weight", 0, 4, 8), ("grouped.weight", 1, 1, 0)} <= members
+    out = graph.group_of("grouped.weight")[0]
+    assert {("grouped.weight", 0, 4, 8), ("bn2.running_mean", 0, 4, 8), ("expand.weight", 1, 4, 8)} <= {
+        (m.name, m.dim, m.outer, m.outer_stride) for m in out.members}
+    plan = plan_groups(model, x, 0.5, graph=graph, scope="layer")
+    masked = copy.deepcopy(model)
+    masking.apply(masked, plan)
     slim = compact(model, plan, example_inputs=x)
-    assert (slim.grouped.groups, slim.grouped.in_channels, slim.grouped.out_channels) == (2, 16, 16)
+    assert (slim.grouped.groups, slim.grouped.in_channels, slim.grouped.out_channels) == (4, 16, 16)
     assert slim.reduce.out_channels == 16 and slim.bn2.num_features == 16
+    with torch.no_grad():
+        assert torch.allclose(masked(x), slim(x), atol=1e-5)
+
+
+def test_uneven_conv_groups_are_refused_by_compact():
+    model = nn.Sequential(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, groups=2, bias=False), nn.Conv2d(8, 4, 1))
+    plan = prunekit.plan_pruning(model, 0.25, pattern="structured", dim=0, types=["Conv2d"], include="1")
+    plan.tensors["1.weight"].pruned_idx = [0, 1]          # two rows of conv-group 0, none of group 1
+    plan.tensors["1.weight"].pruned_units = 2
+    with pytest.raises(prunekit.PrunekitError, match="uneven"):
+        compact(model, plan)
 
 
 def test_grouped_conv_on_fixed_input_keeps_its_channels():

@@ -140,22 +140,29 @@ def _linear(module: nn.Linear, cuts: Cuts) -> None:
 
 @register_layer_handler(nn.Conv1d, nn.Conv2d, nn.Conv3d, attrs=("in_channels", "out_channels", "groups"))
 def _conv(module: nn.Conv2d, cuts: Cuts) -> None:
-    groups = module.groups
-    if groups > 1 and 1 in cuts.get("weight", {}):
-        raise PrunekitError(f"a grouped convolution (groups={groups}) loses whole conv-groups along dim 0 "
-                         "(with their input channels), not slices of dim 1")
     same_channels(module, cuts, ("weight", "bias"))
-    rows = cuts.get("weight", {}).get(0)
-    if groups > 1 and rows is not None:
-        per = module.out_channels // groups
-        blocks = torch.unique(rows // per)
-        if rows.numel() != blocks.numel() * per:
-            raise PrunekitError(f"the plan removes part of a conv-group of {module} (groups={groups}); "
-                             "they go whole (make the plan with plan_groups)")
-        groups = int(blocks.numel())
+    groups = _groups_after(module, cuts.get("weight", {}))
     slice_tensors(module, cuts)
     module.out_channels, module.groups = module.weight.shape[0], groups
     module.in_channels = module.weight.shape[1] * groups
+
+
+def _groups_after(module: nn.Conv2d, cuts: Dict[int, torch.Tensor]) -> int:
+    """The group count once ``cuts`` (dim -> kept indices of the weight) apply: unchanged when every
+    conv-group keeps the same number of rows (and of its input positions, dim 1), smaller when whole
+    conv-groups go; any other cut would leave uneven groups, which a convolution cannot hold."""
+    groups, rows = module.groups, cuts.get(0)
+    if groups == 1 or rows is None:
+        return groups
+    per = module.out_channels // groups
+    counts = torch.bincount(rows // per, minlength=groups)
+    if bool((counts == counts[0]).all()):
+        return groups
+    kept = counts[counts > 0]
+    if bool((kept == per).all()) and 1 not in cuts:
+        return int(kept.numel())
+    raise PrunekitError(f"the plan leaves the conv-groups of {module} (groups={groups}) uneven (kept rows per "
+                        f"group: {counts.tolist()}); make it with plan_groups")
 
 
 @register_layer_handler(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, attrs=("num_features",))

@@ -112,19 +112,31 @@ def _whole_seg(prop: Propagation, x: Any, t: Optional[Tag]) -> Optional[Seg]:
 
 
 def _grouped_conv(prop: Propagation, node: fx.Node, name: str, module: nn.Conv2d, t: Optional[Tag]) -> Tag:
-    """groups=G: conv-group ``k`` reads input block ``k`` and writes output block ``k`` only, so one
-    unit is a whole conv-group: its input channels (the producer's) and its output rows go together."""
+    """groups=G: conv-group ``k`` reads input block ``k`` and writes output block ``k`` only. A unit is
+    position ``c`` inside every block (the group count stays, each block narrows: MACs fall with the square
+    of the block width, as Torch-Pruning does it); where the input's layout cannot fold that way, a whole
+    conv-group with its input channels."""
     G, cout_g = module.groups, module.out_channels // module.groups
     x = node.args[0]
     seg = _whole_seg(prop, x, t)
+    if seg is not None and prop.fold(seg.group, G):
+        g = prop.find(seg.group)
+        prop.add(g, param_name(name, "weight"), 1, "consumer", Seg(g))   # dim 1 holds one block's positions
+        out = prop.new_group(cout_g)
+        layout = Seg(out, outer=G, outer_stride=cout_g)
+        for attr in ("weight", "bias"):
+            if getattr(module, attr, None) is not None:
+                prop.add(out, param_name(name, attr), 0, "producer", layout)
+        return Tag(1, (layout,))
+    seg = _whole_seg(prop, x, prop.tag(x))
     if seg is not None and prop.coarsen(seg.group, G):
         g = prop.find(seg.group)
         for attr in ("weight", "bias"):
             if getattr(module, attr, None) is not None:
                 prop.add(g, param_name(name, attr), 0, "channelwise", Seg(g, inner=cout_g))
         return Tag(1, (Seg(g, inner=cout_g),))
-    why = (f"grouped convolution {name} (groups={G}) loses whole conv-groups only, together with their input "
-           "channels, which cannot be removed here")
+    why = (f"grouped convolution {name} (groups={G}): its input channels cannot be split evenly over its "
+           "conv-groups here")
     prop.block(t, why)
     g = prop.new_group(G)
     for attr in ("weight", "bias"):
