@@ -35,9 +35,9 @@ import torch
 
 import _common as C
 import prunekit
-from prunekit.analysis.perplexity import perplexity, token_windows
+from _austen import austen
+from prunekit.analysis.perplexity import perplexity
 from prunekit.apply import masking
-from prunekit.zoo.llm import calibration_windows, load_smollm2, read_text
 
 BENCH = "llm_oneshot"
 # (method, target, allocation): target a float sparsity or "N:M"
@@ -92,11 +92,8 @@ def main() -> None:
     if args.only:
         runs = [r for r in runs if any(f in _case(label, *r) for f in args.only.split(","))]
 
-    dense, tok = load_smollm2()
-    calib_ids = tok(read_text("austen:prideprejudice"), return_tensors="pt").input_ids[0]
-    calib = calibration_windows(calib_ids, args.calib_windows, args.calib_len, seed=args.seed)
-    eval_ids = tok(read_text("austen:sensesensibility"), return_tensors="pt").input_ids[0]
-    windows = token_windows(eval_ids, args.context, args.tokens)
+    data = austen(args.calib_windows, args.calib_len, args.tokens, args.context, args.seed)
+    dense, calib, windows = data.dense, data.calib, data.windows
     dense_ppl = perplexity(dense, windows, progress=False).perplexity
     C.log(f"dense perplexity {dense_ppl:.3f} on {windows.numel()} tokens")
     common = dict(threads=torch.get_num_threads(), seed=args.seed)

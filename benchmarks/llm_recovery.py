@@ -35,10 +35,11 @@ import torch
 
 import _common as C
 import prunekit
-from prunekit.analysis.perplexity import perplexity, token_windows
+from _austen import austen
+from prunekit.analysis.perplexity import perplexity
 from prunekit.apply import masking
 from prunekit.train.causal_lm import RecoveryOptions, recover
-from prunekit.zoo.llm import calibration_windows, load_smollm2, read_text
+from prunekit.zoo.llm import calibration_windows
 
 BENCH = "llm_recovery"
 
@@ -83,12 +84,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     label = "smollm2-135m-quick" if args.quick else "smollm2-135m"
-    dense, tok = load_smollm2()
-    text_ids = tok(read_text("austen:prideprejudice"), return_tensors="pt").input_ids[0]
-    calib = calibration_windows(text_ids, args.calib_windows, args.calib_len, seed=args.seed)
-    train = calibration_windows(text_ids, args.train_windows, args.calib_len, seed=args.seed + 1)
-    eval_ids = tok(read_text("austen:sensesensibility"), return_tensors="pt").input_ids[0]
-    windows = token_windows(eval_ids, args.context, args.tokens)
+    data = austen(args.calib_windows, args.calib_len, args.tokens, args.context, args.seed)
+    dense, calib, windows = data.dense, data.calib, data.windows
+    train = calibration_windows(data.text_ids, args.train_windows, args.calib_len, seed=args.seed + 1)
     dense_ppl = perplexity(dense, windows, progress=False).perplexity
     C.log(f"dense perplexity {dense_ppl:.3f} on {windows.numel()} tokens")
     common = dict(threads=torch.get_num_threads(), seed=args.seed)

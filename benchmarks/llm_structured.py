@@ -46,11 +46,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 import _common as C
-from prunekit.analysis.perplexity import generation_speed, perplexity, token_windows
+from _austen import austen
+from prunekit.analysis.perplexity import generation_speed, perplexity
 from prunekit.apply import masking
 from prunekit.surgery import compact_decoder, decoder_stats, plan_decoder
 from prunekit.train.causal_lm import RecoveryOptions, recover
-from prunekit.zoo.llm import calibration_windows, load_smollm2, read_text
+from prunekit.zoo.llm import calibration_windows
 
 BENCH = "llm_structured"
 # (case label, decoder unit, amount: a count per layer for width units, a count of layers for depth)
@@ -146,12 +147,9 @@ def main() -> None:
         args.prompt, args.new_tokens, args.repeat = 8, 8, 1
         args.recover_cases, args.recover_steps, args.recover_batch, args.recover_windows = "depth", 2, 2, 4
 
-    dense, tok = load_smollm2()
-    calib_ids = tok(read_text("austen:prideprejudice"), return_tensors="pt").input_ids[0]
-    calib = calibration_windows(calib_ids, args.calib_windows, args.calib_len, seed=args.seed)
-    train = calibration_windows(calib_ids, args.recover_windows, args.calib_len, seed=args.seed + 1)
-    eval_ids = tok(read_text("austen:sensesensibility"), return_tensors="pt").input_ids[0]
-    windows = token_windows(eval_ids, args.context, args.tokens)
+    data = austen(args.calib_windows, args.calib_len, args.tokens, args.context, args.seed)
+    dense, calib, windows, eval_ids = data.dense, data.calib, data.windows, data.eval_ids
+    train = calibration_windows(data.text_ids, args.recover_windows, args.calib_len, seed=args.seed + 1)
     prompt = eval_ids[-args.prompt:]          # away from the perplexity windows
     dense_ppl = perplexity(dense, windows, progress=False).perplexity
     dense_params = _params(dense)

@@ -45,15 +45,21 @@ def _read_json(path: Path) -> Any:
         raise PrunekitError(f"{path} is not valid JSON: {e}") from e
 
 
+def _read_format(path: Path, fmt: str, what: str) -> Dict[str, Any]:
+    """The JSON object in ``path``, refused unless its ``format`` is ``fmt``."""
+    doc = _read_json(path)
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise PrunekitError(f"{path} is not {what} (format {fmt!r})")
+    return doc
+
+
 def _sensitivity(path: Path) -> Dict[str, Any]:
 
     return SensitivityResult.load(path).to_dict()
 
 
 def _allocation(path: Path) -> Dict[str, Any]:
-    doc = _read_json(path)
-    if not isinstance(doc, dict) or doc.get("format") != ALLOCATION_FORMAT:
-        raise PrunekitError(f"{path} is not an allocation of `prunekit sensitivity` (format {ALLOCATION_FORMAT!r})")
+    doc = _read_format(path, ALLOCATION_FORMAT, "an allocation of `prunekit sensitivity`")
     if not isinstance(doc.get("sparsities"), dict):
         raise PrunekitError(f"{path} has no per-layer 'sparsities'")
     return doc
@@ -113,9 +119,7 @@ def _llm_run(run: Any, index: int) -> Tuple[Optional[Dict[str, Any]], List[str]]
 
 def _llm(path: Path) -> Dict[str, Any]:
     """llm.json, its runs that can be shown, and in ``"skipped"`` what was left out (notes of the report)."""
-    doc = _read_json(path)
-    if not isinstance(doc, dict) or doc.get("format") != LLM_FORMAT:
-        raise PrunekitError(f"{path} is not a record of `prunekit llm` (format {LLM_FORMAT!r})")
+    doc = _read_format(path, LLM_FORMAT, "a record of `prunekit llm`")
     if not isinstance(doc.get("runs"), list):
         raise PrunekitError(f"{path} has no list of 'runs'")
     doc, notes = dict(doc), []

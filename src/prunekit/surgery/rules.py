@@ -509,15 +509,20 @@ def _cat(prop: Propagation, node: fx.Node) -> Optional[Tag]:
     return Tag(dim, tuple(segs))
 
 
+def _dim_list(dims: Any, nd: int) -> List[int]:
+    """A ``dim``/``dims`` argument (an int, a sequence or None) as non-negative dims; [] for None or ()."""
+    if dims is None:
+        return []
+    return [int(d) % nd for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+
+
 def _roll(prop: Propagation, node: fx.Node) -> Optional[Tag]:
     """torch.roll over other dims (Swin's shifted windows) moves positions, never channels."""
     x = node.args[0]
     t = prop.tag(x)
     if t is None:
         return None
-    dims = node_arg(node, 2, "dims")
-    nd = len(prop.shape(x))
-    dims = [] if dims is None else [int(d) % nd for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+    dims = _dim_list(node_arg(node, 2, "dims"), len(prop.shape(x)))
     if not dims or t.dim in dims:   # no dims: roll of the flattened tensor, which mixes everything
         return _block_all(prop, [(x, t)], f"{describe_node(prop, node)} rolls along the channels")
     return prop.passthrough(node, x)
@@ -548,13 +553,9 @@ def _reduce(prop: Propagation, node: fx.Node) -> Optional[Tag]:
     t = prop.tag(x)
     if t is None:
         return None
-    dims = node_arg(node, 1, "dim")
+    dims = _dim_list(node_arg(node, 1, "dim"), len(prop.shape(x)))
     keep = bool(node_arg(node, 2, "keepdim", False))
-    nd = len(prop.shape(x))
-    if dims is None or (isinstance(dims, (tuple, list)) and len(dims) == 0):
-        return _block_all(prop, [(x, t)], f"{describe_node(prop, node)} reduces over the channels")
-    dims = [int(d) % nd for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
-    if t.dim in dims:
+    if not dims or t.dim in dims:   # no dims: a reduction over everything
         return _block_all(prop, [(x, t)], f"{describe_node(prop, node)} reduces over the channels")
     new = t.dim if keep else t.dim - sum(d < t.dim for d in dims)
     return Tag(new, t.segs)
