@@ -240,6 +240,18 @@ def _timm_attention() -> Case:
                                           "b.weight"])
 
 
+def _timm_window_attention() -> Case:
+    """Swin's window attention: heads with their relative-position bias columns; the input width as ViT's."""
+    from timm.models.swin_transformer import WindowAttention
+    torch.manual_seed(0)
+    attn = WindowAttention(16, num_heads=4, window_size=2, qkv_bias=True)
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_()   # timm starts it near zero: make each head's column count
+    model = nn.Sequential(OrderedDict(a=nn.Linear(6, 16), attn=attn, b=nn.Linear(16, 3))).eval()
+    return Case(model, (_x((2, 4, 6)),), ["a.weight", "attn.qkv.weight", "attn.relative_position_bias_table",
+                                          "attn.proj.weight", "b.weight"])
+
+
 def _timm_attention_scale_norm() -> Case:
     """scale_norm: a LayerNorm over all heads' outputs, inexact (exact=False); the heads still go whole."""
     from timm.layers.attention import Attention
@@ -396,6 +408,7 @@ CASES: Dict[str, List[Callable[[], Case]]] = {
     # optional libraries (registered by name, imported only here)
     "timm.layers.attention.Attention": [_timm_attention, _timm_attention_gated, _timm_attention_scale_norm],
     "timm.layers.norm_act.BatchNormAct2d": [_timm_bn_act],
+    "timm.models.swin_transformer.WindowAttention": [_timm_window_attention],
     "timm.layers.linear.Linear": [_timm_linear],
     _BERT + "BertLayer": [lambda: _hf("bert")],
     _BERT + "BertSelfAttention": [lambda: _hf("bert")],

@@ -282,6 +282,33 @@ def _timm_attention_handler(m: nn.Module, cuts: Cuts) -> None:
         m.norm.normalized_shape = (m.attn_dim,)
 
 
+_TIMM_WINDOW_ATTENTION = "timm.models.swin_transformer.WindowAttention"
+
+
+@register_module_rule(_TIMM_WINDOW_ATTENTION)
+def _timm_window_attention(prop: Propagation, node: fx.Node, name: str, m: nn.Module) -> Tag:
+    """Swin's window attention: heads as in ViT's, plus each head's column of the relative-position bias
+    table (indexed per window position, one column per head)."""
+    x = node.args[0]
+    t, last = prop.tag(x), len(prop.shape(x)) - 1
+    if t is not None and t.dim != last:
+        prop.block(t, f"{describe_node(prop, node)} reads features from the last dim")
+        t = None
+    consume(prop, t, param_name(name, "qkv.weight"), 1)
+    a = m.qkv.out_features // 3
+    rows = [(param_name(name, "qkv.weight"), k * a) for k in range(3)]
+    rows += [(param_name(name, "qkv.bias"), k * a) for k in range(3)] if m.qkv.bias is not None else []
+    g = head_group(prop, m.num_heads, a // m.num_heads, rows, [param_name(name, "proj.weight")])
+    prop.add(g, param_name(name, "relative_position_bias_table"), 1, "channelwise", Seg(g))
+    return produce(prop, param_name(name, "proj"), m.proj, m.proj.out_features, last)
+
+
+@register_layer_handler(_TIMM_WINDOW_ATTENTION, attrs=("num_heads",), refresh=True)
+def _timm_window_attention_handler(m: nn.Module, cuts: Cuts) -> None:
+    slice_tensors(m, cuts)   # the bias table's columns (its qkv / proj are sliced by their own handlers)
+    m.num_heads = m.relative_position_bias_table.shape[1]
+
+
 _TIMM_NORM_ACT = "timm.layers.norm_act.BatchNormAct2d"
 
 
