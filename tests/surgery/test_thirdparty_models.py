@@ -115,7 +115,7 @@ def test_timm_convnext_layer_scale_and_channel_layernorm_no_longer_block():
 @needs_timm
 @pytest.mark.parametrize("name, shape, want", [
     ("vit_tiny_patch16_224", (2, 3, 224, 224), 4.0),          # Torch-Pruning 1.6.1: /4.09 (issue 12)
-    ("swin_tiny_patch4_window7_224", (2, 3, 224, 224), 2.5),  # Torch-Pruning's Swin fails to run
+    ("swin_tiny_patch4_window7_224", (2, 3, 224, 224), 3.5),  # Torch-Pruning's Swin fails to run
 ])
 def test_timm_residual_width_prunes_with_exact_false(name, shape, want):
     """The residual stream of ViT (class token cat, position embedding add) and Swin (torch.roll shifts, F.pad to
@@ -127,6 +127,7 @@ def test_timm_residual_width_prunes_with_exact_false(name, shape, want):
     x = torch.randn(*shape)
     exact = build_groups(model, x)
     assert any("LayerNorm normalises" in g.reason for g in exact.groups if not g.prunable)
+    assert any(g.prunable and g.lead().name.endswith("attn.qkv.weight") for g in exact.groups)   # heads, exactly
     plan = plan_groups(model, x, 0.5, exact=False)
     slim = compact(model, plan, example_inputs=x)
     assert count_macs(model, x)["dense"] / count_macs(slim, x)["dense"] > want
