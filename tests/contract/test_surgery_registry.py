@@ -252,6 +252,14 @@ def _timm_window_attention() -> Case:
                                           "attn.proj.weight", "b.weight"])
 
 
+def _timm_drop_path() -> Case:
+    """Stochastic depth (a residual branch dropped per sample in training): the identity in eval."""
+    from timm.layers.drop import DropPath
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(a=nn.Conv2d(3, 8, 3, padding=1), drop=DropPath(0.3), b=nn.Conv2d(8, 4, 1)))
+    return Case(model.eval(), (_x(_INPUT[2]),), ["a.weight", "b.weight"])
+
+
 def _timm_attention_scale_norm() -> Case:
     """scale_norm: a LayerNorm over all heads' outputs, inexact (exact=False); the heads still go whole."""
     from timm.layers.attention import Attention
@@ -409,6 +417,7 @@ CASES: Dict[str, List[Callable[[], Case]]] = {
     "timm.layers.attention.Attention": [_timm_attention, _timm_attention_gated, _timm_attention_scale_norm],
     "timm.layers.norm_act.BatchNormAct2d": [_timm_bn_act],
     "timm.models.swin_transformer.WindowAttention": [_timm_window_attention],
+    "timm.layers.drop.DropPath": [_timm_drop_path],
     "timm.layers.linear.Linear": [_timm_linear],
     _BERT + "BertLayer": [lambda: _hf("bert")],
     _BERT + "BertSelfAttention": [lambda: _hf("bert")],

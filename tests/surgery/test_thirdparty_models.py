@@ -90,7 +90,8 @@ def test_timm_convnext_layer_scale_and_channel_layernorm_no_longer_block():
     from prunekit.analysis.metrics import count_macs
 
     torch.manual_seed(0)
-    model = timm.create_model("convnext_atto", pretrained=False, num_classes=10).eval()
+    # drop_path_rate: stochastic depth (timm's DropPath) on every residual branch, as trained ConvNeXts have
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=10, drop_path_rate=0.1).eval()
     x = torch.randn(2, 3, 64, 64)
     exact = build_groups(model, x)
     stream = next(g for g in exact.groups if "stages.0.blocks.0.gamma" in {m.name for m in g.members})

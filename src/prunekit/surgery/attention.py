@@ -329,6 +329,13 @@ def _timm_linear(prop: Propagation, node: fx.Node, name: str, m: nn.Linear) -> T
     return linear_rule(prop, node, name, m)
 
 
+@register_module_rule("timm.layers.drop.DropPath")
+def _timm_drop_path(prop: Propagation, node: fx.Node, name: str, m: nn.Module) -> Optional[Tag]:
+    """Stochastic depth: the identity in eval; in training each sample is zeroed or scaled whole, never one
+    channel against another, so channels pass through exactly in both modes."""
+    return prop.passthrough(node, node.args[0])
+
+
 # ----------------------------------------------------------------------------- block rules
 
 @register_block_rule(nn.TransformerEncoderLayer)
