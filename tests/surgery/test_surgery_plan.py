@@ -217,3 +217,13 @@ def test_compact_checks_outputs_against_the_traced_shapes_without_rerunning_the_
     plan.meta["io_shapes"]["outputs"] = [2, 99]  # a plan whose outputs were recorded otherwise is caught
     with pytest.raises(prunekit.PrunekitError, match="returns shapes"):
         compact(model, plan, example_inputs=X)
+
+
+def test_compacted_model_shares_no_storage_with_the_original():
+    """compact skips copying the tensors it replaces: none of the slim model's tensors may alias the user's."""
+    for model in (_scaled_net(), VGGSmall()):
+        model.eval()
+        x = X if isinstance(model, nn.Sequential) else torch.randn(2, 1, 28, 28)
+        slim = compact(model, plan_groups(model, x, 0.5), example_inputs=x)
+        theirs = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers()) if t.numel()}
+        assert not any(t.data_ptr() in theirs for t in list(slim.parameters()) + list(slim.buffers()) if t.numel())

@@ -282,6 +282,26 @@ def check_runs(slim: nn.Module, example_inputs, original: Optional[nn.Module] = 
                              "the model's outputs — make it with prunekit.surgery.plan_groups")
 
 
+def _replaced_tensors(model: nn.Module, modules: Mapping[str, nn.Module], cuts: Mapping[str, Cuts]) -> Dict[int, Any]:
+    """A deepcopy memo that skips copying the parameters compaction replaces anyway (most of the weights at
+    50%: the copy was a third of planning time on ResNet-50). Only for an unmasked model and prunekit's own
+    handlers, which never write into a tensor (``slice_tensors`` puts a new one in its place); a user's
+    handler might, and then it gets its own copy."""
+    if masking.is_masked(model):
+        return {}
+    memo: Dict[int, Any] = {}
+    for mod_name, mcuts in cuts.items():
+        module = modules[mod_name]
+        handler = handler_for(module)
+        if handler is not None and not getattr(handler.fn, "__module__", "").startswith("prunekit."):
+            continue
+        for attr in mcuts:
+            t = module._parameters.get(attr)
+            if t is not None:
+                memo[id(t)] = t
+    return memo
+
+
 def compact(model: nn.Module, plan: Plan, example_inputs=None) -> nn.Module:
     """A new dense module without the plan's pruned slices; ``model`` is not changed.
 
@@ -296,12 +316,17 @@ def compact(model: nn.Module, plan: Plan, example_inputs=None) -> nn.Module:
     if missing:
         raise PrunekitError(f"no layer handler for {', '.join(missing)}; register one with "
                          "@prunekit.surgery.register_layer_handler(YourLayer)")
-    slim = copy.deepcopy(model)
+    memo = _replaced_tensors(model, modules, cuts)
+    slim = copy.deepcopy(model, dict(memo))
     strip_masks_and_hooks(slim)
     slim_modules = dict(slim.named_modules())
     for mod_name, mcuts in cuts.items():
         module = slim_modules[mod_name]
         (handler_for(module) or slice_tensors)(module, mcuts)
+        for attr in mcuts:   # a handler that left a tensor in place: never hand back the user's own
+            t = module._parameters.get(attr)
+            if t is not None and id(t) in memo:
+                module._parameters[attr] = nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
     _refresh(slim, skip=cuts)
     if example_inputs is not None:
         io = (plan.meta or {}).get("io_shapes") or {}
