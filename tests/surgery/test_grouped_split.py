@@ -183,3 +183,37 @@ def test_split_into_fixed_sizes_keeps_the_channels_and_says_why():
     graph = build_groups(SplitChannels(), torch.randn(3, 6))
     g = graph.group_of("fc1.weight")[0]
     assert not g.prunable and "fixed sizes" in g.reason
+
+
+class ShuffleBlock(nn.Module):
+    """ShuffleNet's unit in miniature: 1x1 conv, channel shuffle, depthwise conv, 1x1 conv."""
+
+    def __init__(self, c=12, groups=3, literal=False):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, c, 1), nn.BatchNorm2d(c)
+        self.dw, self.b = nn.Conv2d(c, c, 3, padding=1, groups=c), nn.Conv2d(c, 4, 1)
+        self.groups, self.literal = groups, literal
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.a(x)))
+        b, c, h, w = x.size()
+        width = 4 if self.literal else c // self.groups
+        x = x.view(b, self.groups, width, h, w).transpose(1, 2).contiguous().view(b, -1, h, w)
+        return self.b(self.dw(x))
+
+
+def test_channel_shuffle_keeps_its_pieces_equal_and_compacts_exactly():
+    torch.manual_seed(3)
+    model = nets.randomize_bn(ShuffleBlock()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    g = build_groups(model, x).group_of("a.weight")[0]
+    assert g.prunable and g.channels == 4   # channel j of each of the 3 pieces is one unit
+    plan = plan_groups(model, x, 0.5, scope="layer")
+    masked = copy.deepcopy(model)
+    masking.apply(masked, plan)
+    slim = compact(model, plan, example_inputs=x)
+    assert slim.a.out_channels == 6 and slim.dw.groups == 6 and slim.b.in_channels == 6
+    with torch.no_grad():
+        assert torch.allclose(masked(x), slim(x), atol=1e-5)
+    # a literal piece width would be wrong after compaction: those channels stay
+    assert not build_groups(ShuffleBlock(literal=True).eval(), x).group_of("a.weight")[0].prunable

@@ -285,6 +285,8 @@ class Propagation:
         self.shape_of: Dict[fx.Node, fx.Node] = {}
         # the traced model itself: the GraphModule keeps a parameter read by get_attr, but not its owner's class
         self.source: Optional[nn.Module] = None
+        # tags a rule worked out for a later node (a channel shuffle's last view): taken when it is visited
+        self.preset: Dict[fx.Node, Tag] = {}
 
     # -- groups
     def new_group(self, channels: int) -> int:
@@ -436,6 +438,8 @@ class Propagation:
         if node.op == "output":
             self.block_inputs(node, "reaches the model output")
             return None
+        if node in self.preset:
+            return self.preset.pop(node)
         rule = self.rule_for(node)
         if rule is None:
             if any(self.tags_of(a) for a in node.all_input_nodes):

@@ -336,6 +336,8 @@ def _reshape(prop: Propagation, node: fx.Node) -> Optional[Tag]:
         new = Tag(t.dim + len(sout) - len(sin), t.segs)
     elif len(mid_out) == 1:
         new = _merge(prop, node, t, sin, p, len(sin) - q - 1)
+    elif _channel_shuffle(prop, node, t, sin, sout, p, q):
+        return None   # the shuffle's last view gets the tag; the steps between carry none
     else:
         prop.block(t, f"{describe_node(prop, node)} reshapes {tuple(sin)} -> {tuple(sout)}, "
                       "mixing the channels with other dims")
@@ -347,6 +349,44 @@ def _reshape(prop: Propagation, node: fx.Node) -> Optional[Tag]:
                       "(use -1 or x.size())")
         return None
     return new
+
+
+def _only_user(node: fx.Node, methods: Sequence[str], functions: Sequence[Any] = ()) -> Optional[fx.Node]:
+    """``node``'s single user when it is one of these methods / functions, else None."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    u = users[0]
+    ok = (u.op == "call_method" and u.target in methods) or (u.op == "call_function" and u.target in functions)
+    return u if ok else None
+
+
+def _channel_shuffle(prop: Propagation, node: fx.Node, t: Tag, sin, sout, p: int, q: int) -> bool:
+    """ShuffleNet's ``x.view(b, g, c // g, h, w).transpose(1, 2).view(b, -1, h, w)``: a fixed permutation of
+    the channels. Channel ``j`` of each of the ``g`` pieces becomes one unit (the g pieces stay equal), and
+    after the shuffle that unit's channels sit side by side: the last view's tag, preset here."""
+    k = t.dim
+    if not (p == k and len(sin) - q == k + 1 and len(sout) == len(sin) + 1):
+        return False   # not a split of the channel dim alone into two
+    g, width = sout[k], sout[k + 1]
+    sizes = _size_args(node)
+    if len(sizes) == len(sout) and isinstance(sizes[k + 1], int) and sizes[k + 1] != -1:
+        return False   # a literal piece width would be wrong once channels go
+    swap = _only_user(node, ("transpose",), (torch.transpose,))
+    if swap is None or sorted(int(d) % len(sout) for d in swap.args[1:3]) != [k, k + 1]:
+        return False
+    after = _only_user(swap, ("contiguous",)) or swap
+    merge = _only_user(after, ("view", "reshape", "flatten"), (torch.reshape, torch.flatten))
+    if merge is None or tuple(prop.shape(merge) or ()) != tuple(sin):
+        return False
+    msizes = _size_args(merge) if merge.target in ("view", "reshape", torch.reshape) else []
+    if len(msizes) == len(sin) and isinstance(msizes[k], int) and msizes[k] != -1:
+        return False   # the merged width written as a literal
+    seg = _whole_seg(prop, node.args[0], t)
+    if seg is None or g * width != prop.group(seg.group).channels or not prop.fold(seg.group, g):
+        return False
+    prop.preset[merge] = Tag(k, (Seg(prop.find(seg.group), inner=g),))
+    return True
 
 
 def _squeeze_like(prop: Propagation, node: fx.Node) -> Optional[Tag]:
