@@ -184,6 +184,25 @@ def _functional_layernorm(fn: Callable) -> Callable[[], Case]:
     return _seeded(build)
 
 
+def _rmsnorm_reference(model: nn.Module, plan: Plan, inputs) -> torch.Tensor:
+    """RMSNorm over the kept channels only."""
+    pruned = set(plan.tensors["a.weight"].pruned_idx)
+    keep = torch.tensor([c for c in range(model.a.out_features) if c not in pruned])
+    h = F.linear(inputs[0], model.a.weight[keep], model.a.bias[keep])
+    h = F.rms_norm(h, (len(keep),), model.ln.weight[keep], model.ln.eps)
+    return F.linear(h, model.b.weight[:, keep], model.b.bias)
+
+
+@_seeded
+def _rmsnorm_over_channels() -> Case:
+    """RMSNorm (Llama's norm) over the channels: inexact like LayerNorm, its weight sliced."""
+    model = Net(lambda m, x: m.b(m.ln(m.a(x))), a=nn.Linear(6, 8), ln=nn.RMSNorm(8, eps=1e-6), b=nn.Linear(8, 3))
+    with torch.no_grad():
+        model.ln.weight.normal_()
+    return Case(model, (_x(_INPUT[0]),), ["a.weight", "ln.weight", "b.weight"], plan_kw={"exact": False},
+                reference=_rmsnorm_reference)
+
+
 @_seeded
 def _layernorm_over_channels() -> Case:
     """exact=False: the statistics change with the channels, so compare with a hand-sliced LayerNorm."""
@@ -373,6 +392,7 @@ CASES: Dict[str, List[Callable[[], Case]]] = {
     _T + "batchnorm.BatchNorm3d": [sandwich(3, lambda: nn.BatchNorm3d(8), cut_mid=True)],
     _T + "normalization.GroupNorm": [sandwich(2, lambda: nn.GroupNorm(4, 8), cut_mid=True)],
     _T + "normalization.LayerNorm": [_layernorm_over_channels, _layernorm_other_dim],
+    _T + "normalization.RMSNorm": [_rmsnorm_over_channels],
     _T + "activation.PReLU": [sandwich(2, lambda: nn.PReLU(8), cut_mid=True), sandwich(2, lambda: nn.PReLU())],
     _T + "flatten.Flatten": [_flatten],
     # elementwise: channels pass through
@@ -533,6 +553,15 @@ def test_every_registered_type_has_a_case():
 
 # ----------------------------------------------------------------------------- function rules
 
+def stochastic_depth(input, p: float, mode: str, training: bool = True):   # noqa: A002 (torchvision's signature)
+    """Stands in for torchvision.ops.stochastic_depth (which cannot be installed here): fx-wrapped like it."""
+    return input
+
+
+stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
+torch.fx.wrap("stochastic_depth")
+
+
 def _fn_id(fn) -> str:
     module = (getattr(fn, "__module__", None) or "").replace("_operator", "operator")
     return f"{module}.{getattr(fn, '__name__', repr(fn))}"
@@ -609,6 +638,7 @@ FUNCTION_CASES: Dict[Any, Callable[[], Case]] = {
     torch.div: around(_C2, lambda h: torch.div(h, 2.0)),
     torch.cat: joined(lambda p, q: torch.cat([p, q], 1), width_out=16),
     torch.roll: around(_C2, lambda h: torch.roll(h, (1, 2), (2, 3))),
+    "torchvision.ops.stochastic_depth.stochastic_depth": around(_C2, lambda h: stochastic_depth(h, 0.2, "row", False)),
     F.pad: around(_C2, lambda h: F.pad(h, (1, 1, 0, 2))),
     F.layer_norm: _functional_layernorm(F.layer_norm),
     torch.layer_norm: _functional_layernorm(torch.layer_norm),
@@ -638,6 +668,7 @@ TRACED_AS = {
     operator.imul: ("call_function", operator.mul),
     operator.itruediv: ("call_function", operator.truediv),
     F.sigmoid: ("call_method", "sigmoid"),            # F.sigmoid/F.tanh are plain `input.sigmoid()` calls
+    "torchvision.ops.stochastic_depth.stochastic_depth": ("call_function", stochastic_depth),   # by name
     F.tanh: ("call_method", "tanh"),
 }
 

@@ -184,13 +184,13 @@ def _groupnorm(module: nn.GroupNorm, cuts: Cuts) -> None:
     module.num_groups = module.num_channels // per
 
 
-@register_layer_handler(nn.LayerNorm, attrs=("normalized_shape",))
+@register_layer_handler(nn.LayerNorm, nn.RMSNorm, attrs=("normalized_shape",))
 def _layernorm(module: nn.LayerNorm, cuts: Cuts) -> None:
     if len(module.normalized_shape) != 1:
         raise PrunekitError("only a LayerNorm over one dim can lose channels")
     same_channels(module, cuts, ("weight", "bias"))
     slice_tensors(module, cuts)
-    if module.weight is not None:
+    if getattr(module, "weight", None) is not None:
         module.normalized_shape = (module.weight.shape[0],)
 
 

@@ -257,4 +257,10 @@ def _notes(graph: ChannelGraph, pruned, floor_hits: List[int], min_keep) -> List
         elif g.id in floor_hits:
             notes.append(f"group {g.id} ({g.lead().name}): the floor (min_keep={min_keep}) kept "
                          f"{g.channels - len(pruned[g.id])} of {g.channels} channels")
+    inexact = [g for g in graph.groups if g.prunable and not g.exact and pruned.get(g.id)]
+    if inexact:   # exact=False: say what it costs
+        notes.append(f"{len(inexact)} group(s) ({', '.join(g.lead().name for g in inexact[:3])}"
+                     f"{', ...' if len(inexact) > 3 else ''}) lose channels a LayerNorm normalises over: the kept "
+                     "channels' values change, so the masked and compacted models differ; recover by fine-tuning "
+                     "or distillation")
     return notes

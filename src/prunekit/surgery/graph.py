@@ -80,13 +80,19 @@ def register_module_rule(*types: Any) -> Callable:
 
 
 def register_function_rule(*targets: Any) -> Callable:
-    """Decorator: ``rule(prop, node) -> Optional[Tag]`` for functions (``torch.roll``) or tensor
-    method names (``"roll"``)."""
+    """Decorator: ``rule(prop, node) -> Optional[Tag]`` for functions (``torch.roll``), functions of an
+    optional library by dotted name (``"torchvision.ops.stochastic_depth.stochastic_depth"``, a name with
+    dots) or tensor method names (``"roll"``)."""
     def deco(fn):
         for t in targets:
-            (METHOD_RULES if isinstance(t, str) else FUNCTION_RULES)[t] = fn
+            (METHOD_RULES if isinstance(t, str) and "." not in t else FUNCTION_RULES)[t] = fn
         return fn
     return deco
+
+
+def _qualname(fn: Any) -> Optional[str]:
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__name__", None)
+    return f"{module}.{name}" if module and name else None
 
 
 def register_block_rule(*types: Any) -> Callable:
@@ -458,9 +464,11 @@ class Propagation:
         if node.op == "call_method":
             return METHOD_RULES.get(node.target)
         try:
-            return FUNCTION_RULES.get(node.target)
+            rule = FUNCTION_RULES.get(node.target)
         except TypeError:  # unhashable target
             return None
+        # functions of optional libraries are registered by their dotted name (nothing imported to do so)
+        return rule if rule is not None else FUNCTION_RULES.get(_qualname(node.target))
 
     @staticmethod
     def _block_rule(module: nn.Module) -> Callable:

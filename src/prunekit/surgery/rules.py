@@ -182,7 +182,7 @@ def batchnorm_rule(prop: Propagation, node: fx.Node, name: str, module: nn.Batch
     return prop.passthrough(node, node.args[0])
 
 
-@register_module_rule(nn.LayerNorm)
+@register_module_rule(nn.LayerNorm, nn.RMSNorm)
 def _layernorm(prop: Propagation, node: fx.Node, name: str, module: nn.LayerNorm) -> Optional[Tag]:
     x = node.args[0]
     t, nd = prop.tag(x), len(prop.shape(x) or ())
@@ -204,7 +204,7 @@ def _layernorm(prop: Propagation, node: fx.Node, name: str, module: nn.LayerNorm
     return prop.passthrough(node, x)
 
 
-_NORM_MODULES = (nn.LayerNorm,)   # the modules whose handler makes normalized_shape follow a new width
+_NORM_MODULES = (nn.LayerNorm, nn.RMSNorm)   # the modules whose handler makes normalized_shape follow a new width
 
 
 def _norm_function(prop: Propagation, node: fx.Node, shape_arg: int, params: Sequence[Tuple[int, str]]
@@ -795,6 +795,9 @@ _register(lambda p, n: _binary(p, n, divide=True), functions=(operator.truediv, 
           methods=("div", "div_"))
 _register(_cat, functions=(torch.cat, torch.concat))
 _register(_roll, functions=(torch.roll,), methods=("roll",))
+# torchvision's stochastic depth (fx-wrapped, so it stays one call): the identity in eval, a whole sample (or
+# batch) zeroed in training, never one channel against another; registered by name, torchvision not imported
+_register(lambda p, n: p.passthrough(n, n.args[0]), functions=("torchvision.ops.stochastic_depth.stochastic_depth",))
 _register(_pad, functions=(F.pad,))
 _register(lambda p, n: _norm_function(p, n, 1, ((2, "weight"), (3, "bias"))), functions=(F.layer_norm, torch.layer_norm))
 _register(lambda p, n: _flatten(p, n, n.args[0], node_arg(n, 1, "start_dim", 0), node_arg(n, 2, "end_dim", -1)),
