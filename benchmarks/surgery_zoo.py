@@ -190,7 +190,7 @@ def main() -> None:
     ap.add_argument("--timing-runs", type=int, default=5)
     args = ap.parse_args()
     args.batches = (1, 16)
-    models = args.models.split(",")
+    models = [m for m in args.models.split(",") if m]
     if args.quick:
         models, args.size, args.repeats, args.batches, args.timed = list(QUICK), 64, 2, (1, 4), ""
     torch.set_num_threads(1)
