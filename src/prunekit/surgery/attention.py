@@ -238,14 +238,20 @@ def _mha_handler(m: nn.MultiheadAttention, cuts: Cuts) -> None:
 _TIMM_ATTENTION = "timm.layers.attention.Attention"
 
 
-@register_module_rule(_TIMM_ATTENTION)
-def _timm_attention(prop: Propagation, node: fx.Node, name: str, m: nn.Module) -> Tag:
+def _qkv_input(prop: Propagation, node: fx.Node, name: str) -> Tuple[Optional[Tag], int]:
+    """(tag, last dim) of a timm attention's input, read by its qkv projection over the last dim."""
     x = node.args[0]
     t, last = prop.tag(x), len(prop.shape(x)) - 1
     if t is not None and t.dim != last:
         prop.block(t, f"{describe_node(prop, node)} reads features from the last dim")
         t = None
     consume(prop, t, param_name(name, "qkv.weight"), 1)
+    return t, last
+
+
+@register_module_rule(_TIMM_ATTENTION)
+def _timm_attention(prop: Propagation, node: fx.Node, name: str, m: nn.Module) -> Tag:
+    t, last = _qkv_input(prop, node, name)
     gate = getattr(m, "gate", None)
     if gate is not None:
         consume(prop, t, param_name(name, "gate.weight"), 1)
@@ -289,12 +295,7 @@ _TIMM_WINDOW_ATTENTION = "timm.models.swin_transformer.WindowAttention"
 def _timm_window_attention(prop: Propagation, node: fx.Node, name: str, m: nn.Module) -> Tag:
     """Swin's window attention: heads as in ViT's, plus each head's column of the relative-position bias
     table (indexed per window position, one column per head)."""
-    x = node.args[0]
-    t, last = prop.tag(x), len(prop.shape(x)) - 1
-    if t is not None and t.dim != last:
-        prop.block(t, f"{describe_node(prop, node)} reads features from the last dim")
-        t = None
-    consume(prop, t, param_name(name, "qkv.weight"), 1)
+    _, last = _qkv_input(prop, node, name)
     a = m.qkv.out_features // 3
     rows = [(param_name(name, "qkv.weight"), k * a) for k in range(3)]
     rows += [(param_name(name, "qkv.bias"), k * a) for k in range(3)] if m.qkv.bias is not None else []
