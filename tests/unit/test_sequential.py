@@ -254,9 +254,12 @@ def test_include_classifier_prunes_the_head_last_tied_embeddings_with_it(method,
     assert torch.isfinite(_logits(model, ids)).all()
 
 
-def test_head_without_output_embeddings_is_refused_before_any_change(ids):
+def test_head_without_output_embeddings_is_refused_before_any_change(ids, monkeypatch):
     from prunekit.pruners.offload import prune_checkpoint
 
+    def no_walk(*args, **kwargs):
+        raise AssertionError("the blocks were walked before the request was checked")
+    monkeypatch.setattr("prunekit.pruners.sequential.capture_inputs", no_walk)
     model = tiny_decoder("llama")
     model.get_output_embeddings = lambda: None
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -198,14 +198,6 @@ def _check(args) -> None:
         _check_sweep(args)
 
 
-def _eval_ids(args, tokenizer):
-    from prunekit.analysis.perplexity import token_windows
-    from prunekit.zoo.llm import read_text
-
-    ids = tokenizer(read_text(args.text), return_tensors="pt").input_ids[0]
-    return token_windows(ids, args.context, args.tokens)
-
-
 def _prune(args) -> int:
     import copy
 
@@ -284,10 +276,11 @@ def _sweep(args) -> int:
 
 def _eval(args) -> int:
     from prunekit.analysis.perplexity import generation_speed, perplexity
+    from prunekit.cli.llm_runs import eval_windows
     from prunekit.zoo.llm import load_causal_lm
 
     model, tokenizer = load_causal_lm(args.model)
-    res = perplexity(model, _eval_ids(args, tokenizer)).to_dict()
+    res = perplexity(model, eval_windows(args, tokenizer)).to_dict()
     if args.speed:
         prompt = tokenizer("It is a truth universally acknowledged,", return_tensors="pt").input_ids
         res["generation"] = generation_speed(model, prompt, args.new_tokens)

@@ -43,18 +43,24 @@ class Setup:
 
 def load_setup(args) -> Setup:
     """Load the model and tokenize the texts (everything was validated before)."""
-    from prunekit.analysis.perplexity import perplexity, token_windows
+    from prunekit.analysis.perplexity import perplexity
     from prunekit.zoo.llm import calibration_windows, load_causal_lm, read_text
 
     model, tokenizer = load_causal_lm(args.model)
     text = tokenizer(read_text(args.calib), return_tensors="pt").input_ids[0]
     calib = calibration_windows(text, args.calib_windows, args.calib_len, seed=args.seed)
-    windows = None
-    if not getattr(args, "no_eval", False):
-        ids = tokenizer(read_text(args.text), return_tensors="pt").input_ids[0]
-        windows = token_windows(ids, args.context, args.tokens)
+    windows = None if getattr(args, "no_eval", False) else eval_windows(args, tokenizer)
     dense_ppl = None if windows is None else perplexity(model, windows).perplexity
     return Setup(model, tokenizer, calib, text, windows, dense_ppl, args.seed)
+
+
+def eval_windows(args, tokenizer):
+    """The evaluation text (``--text``) as ``--tokens`` tokens in non-overlapping windows of ``--context``."""
+    from prunekit.analysis.perplexity import token_windows
+    from prunekit.zoo.llm import read_text
+
+    ids = tokenizer(read_text(args.text), return_tensors="pt").input_ids[0]
+    return token_windows(ids, args.context, args.tokens)
 
 
 def measure(setup: Setup, model) -> Dict[str, Optional[float]]:

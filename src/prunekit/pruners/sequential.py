@@ -196,6 +196,11 @@ def _layer_inputs(block: nn.Module, inputs: BlockInputs, i: int, modules: Mappin
     return seen
 
 
+def _moment(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """One batch's share of a statistic, rows ``x`` (rows, in): ``norms`` sums x², ``hessian`` sums x^T x."""
+    return x.pow(2).sum(0).double() if kind == "norms" else (x.t() @ x).double()
+
+
 def _collect(block: nn.Module, inputs: BlockInputs, modules: Dict[str, nn.Module], kind: str,
              stop_early: bool, dense: Optional[Tuple[nn.Module, BlockInputs]] = None) -> Dict[str, Any]:
     """{name: statistic} of each module's input over all batches: ``norms`` (mean square per input
@@ -209,7 +214,7 @@ def _collect(block: nn.Module, inputs: BlockInputs, modules: Dict[str, nn.Module
         xd = None if dense is None else _layer_inputs(dense[0], dense[1], i, dense_modules, stop_early)
         for n, x in xs.items():
             a = acc[n]
-            a[0] = a[0] + (x.pow(2).sum(0).double() if kind == "norms" else (x.t() @ x).double())
+            a[0] = a[0] + _moment(x, kind)
             if xd is not None:
                 a[1] = a[1] + (x.t() @ xd[n]).double()
             a[2] += x.shape[0]
@@ -446,7 +451,7 @@ def _head_stat(model: nn.Module, head: nn.Module, batches: List[Any], kind: str)
 
     def hook(mod, args):
         x = layer_features(mod, args[0].detach())[0].float()
-        acc[0] = acc[0] + (x.pow(2).sum(0).double() if kind == "norms" else (x.t() @ x).double())
+        acc[0] = acc[0] + _moment(x, kind)
         acc[1] += x.shape[0]
         raise StopForward
 
@@ -487,6 +492,8 @@ def sequential_prune(model: nn.Module, data: Any, amount: Optional[float] = None
     nm = check_request(amount, spec)
     batches = calibration_batches(data, options.batch_size)
     walk = new_walk(model, spec, options, amount, nm)
+    if spec.include_classifier:
+        output_head(model)   # refused now, not after the walk
     start = time.perf_counter()
     try:
         with preserved_state(model), torch.no_grad():
