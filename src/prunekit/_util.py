@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
-from prunekit.errors import PrunekitError
+from prunekit.errors import InvalidTypeError, PrunekitError
 
 # ----------------------------------------------------------------------------- progress
 
@@ -244,6 +244,26 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, (_dt.date, _dt.datetime)):
         return obj.isoformat()
     return str(obj)
+
+
+def json_safe(value: Any, where: str) -> Any:
+    """Return ``value`` as it would come back from JSON (tuples -> lists); raise if it cannot (a model's
+    recorded arguments must survive a save and a load unchanged)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidTypeError(f"{where} = {value!r}: non-finite floats cannot be saved as JSON")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise InvalidTypeError(f"{where} has non-string keys {bad!r}: not JSON-safe")
+        return {k: json_safe(v, f"{where}[{k!r}]") for k, v in value.items()}
+    raise InvalidTypeError(f"{where} = {value!r} ({type(value).__name__}) is not JSON-safe; "
+                           "only plain numbers, strings, lists and dicts are recorded")
 
 
 # ----------------------------------------------------------------------------- validation

@@ -55,8 +55,9 @@ from prunekit.targets import select_targets
 from prunekit.train import distributed
 from prunekit.train.callbacks import gradual_prune, iterative_prune
 from prunekit.train.loop import finetune
-from prunekit.zoo.data import data_record, example_batch, get_loaders
+from prunekit.zoo.data import DataOptions, data_record, example_batch, get_loaders
 from prunekit.zoo.models import build_model
+from prunekit.zoo.sources import cacheable, data_kwargs
 
 log = logging.getLogger("prunekit")
 KINDS = ("oneshot", "gradual", "iterative", "surgery")
@@ -86,9 +87,15 @@ def env_info() -> Dict[str, Any]:
 # ----------------------------------------------------------------------------- dense model
 
 def _dense_key(model: str, model_kwargs: Dict[str, Any], dataset: str, train_cfg: Dict[str, Any], seed: int,
-               n_train: int) -> str:
-    blob = json.dumps([model, model_kwargs, dataset, train_cfg, seed, n_train, __version__], sort_keys=True)
-    return f"dense-{model}-{dataset.replace(':', '_').replace('/', '_')}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+               n_train: int, fingerprint: Optional[str] = None) -> str:
+    """The cache folder's name; ``fingerprint``: your own data's content (a file can change under its name)."""
+    parts = [model, model_kwargs, dataset, train_cfg, seed, n_train, __version__] + ([fingerprint] if fingerprint else [])
+    blob = json.dumps(parts, sort_keys=True)
+
+    def short(text: str) -> str:   # a path or a source (timm:resnet18) as one file-name-safe piece
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[-40:]
+
+    return f"dense-{short(model)}-{short(dataset)}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
 def dense_model(model: str, model_kwargs: Dict[str, Any], train, test, info: Dict[str, Any], *,
@@ -98,9 +105,10 @@ def dense_model(model: str, model_kwargs: Dict[str, Any], train, test, info: Dic
 
     Returns (model, came_from_cache). The cache is prunekit's own save format.
     """
-    kwargs = dict(model_kwargs)
-    kwargs.setdefault("num_classes", info["num_classes"])
-    folder = default_cache_dir() / _dense_key(model, kwargs, info["name"], train_cfg, seed, info["n_train"])
+    kwargs = {**data_kwargs(model, info), **model_kwargs}   # classes (and channels) from the data, unless given
+    folder = default_cache_dir() / _dense_key(model, kwargs, info["name"], train_cfg, seed, info["n_train"],
+                                              info.get("fingerprint"))
+    cache = cache and cacheable(model)
     if cache and (folder / io.SPEC).is_file():
         try:
             return io.load(folder), True
@@ -195,12 +203,36 @@ def _check_method(method: Dict[str, Any]) -> None:
     PruneSpec(**{k: v for k, v in pk.items() if k in SPEC_FIELDS})        # nm, dim, norm, seed... checked now
 
 
+def data_options(config: Dict[str, Any]) -> Optional[DataOptions]:
+    """How a config's own data (a folder or file) is read: its ``data_options`` section, checked (None: none)."""
+    given = {k: v for k, v in (config.get("data_options") or {}).items() if v is not None}
+    return DataOptions(**given) if given else None
+
+
+def loaders(config: Dict[str, Any]):
+    """(train, test, info) of a config's data (its batch size, seed, limits and data options)."""
+    return get_loaders(config.get("data", "mnist"), batch_size=config.get("batch_size", 128),
+                       seed=int(config.get("seed", 0)), limit_train=config.get("limit_train"),
+                       limit_test=config.get("limit_test"), options=data_options(config))
+
+
+def starting_model(config: Dict[str, Any], info: Dict[str, Any]) -> nn.Module:
+    """The model a config's ``checkpoint`` holds: a folder saved by prunekit (its spec rebuilds it), or a
+    weights file (.safetensors, or .pt/.pth read with weights_only=True: no pickled code runs) loaded into
+    ``config["model"]`` built for the data."""
+    path = Path(config["checkpoint"])
+    if path.is_dir():
+        return io.load(path)
+    kwargs = {**data_kwargs(config["model"], info), **config.get("model_kwargs", {})}
+    return io.load(path, build_model(config["model"], **kwargs))
+
+
 def _check_against_model(config: Dict[str, Any], info: Dict[str, Any]) -> None:
     """What only the architecture can settle (a structured ``dim`` each selected tensor has, the layers a
     pattern matches), checked on a shape-only (meta device) copy before the dense model trains for minutes."""
-    if config.get("checkpoint"):
-        return
-    kwargs = {"num_classes": info["num_classes"], **config.get("model_kwargs", {})}
+    if config.get("checkpoint") and Path(config["checkpoint"]).is_dir():
+        return   # a saved folder: its own spec says what it is (checked when it loads)
+    kwargs = {**data_kwargs(config["model"], info), **config.get("model_kwargs", {})}
     with torch.device("meta"):
         probe = build_model(config["model"], **kwargs)
     _check_inputs(probe, config["model"], info)
@@ -387,9 +419,10 @@ def run_experiment(config: Dict[str, Any], *, progress: Optional[bool] = None,
                    checkpoint_dir: Optional[Path] = None):
     """Dense model + every method of ``config``; returns (results, heatmaps, {name: model}).
 
-    ``config`` keys: model, model_kwargs, data, seed, batch_size, limit_train,
-    limit_test, dense (training settings), checkpoint (optional saved model to
-    start from instead of training), methods (list of method dicts), heat_layers,
+    ``config`` keys: model, model_kwargs, data, data_options (how your own data is
+    read: :class:`prunekit.zoo.data.DataOptions`), seed, batch_size, limit_train,
+    limit_test, dense (training settings), checkpoint (optional saved model folder, or a
+    weights file for ``model``, to start from instead of training), methods (list of method dicts), heat_layers,
     budget_pp (the accuracy drop, in percentage points, that the report's
     recommendation may spend; default 1.0, as advise).
     With ``checkpoint_dir``, every training run checkpoints there at each epoch
@@ -402,12 +435,10 @@ def run_experiment(config: Dict[str, Any], *, progress: Optional[bool] = None,
         raise PrunekitError(f"budget_pp={budget!r} must be a number >= 0 (percentage points of accuracy)")
     for m in config["methods"]:
         _check_method(m)
-    train, test, info = get_loaders(config.get("data", "mnist"), batch_size=config.get("batch_size", 128),
-                                    seed=seed, limit_train=config.get("limit_train"),
-                                    limit_test=config.get("limit_test"))
+    train, test, info = loaders(config)
     _check_against_model(config, info)
     if config.get("checkpoint"):
-        dense, cached = io.load(config["checkpoint"]), True
+        dense, cached = starting_model(config, info), True
     else:
         dense, cached = dense_model(config["model"], config.get("model_kwargs", {}), train, test, info,
                                     train_cfg=config.get("dense", {}), seed=seed, progress=progress,

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.slow
 BENCH = "llm_oneshot"
 UNITS = {"perplexity": "ppl", "ppl_ratio": "x", "sparsity": "frac", "time_s": "s"}
 CASES = {"smollm2-135m-quick/magnitude/sparsity=0.5", "smollm2-135m-quick/wanda/sparsity=0.5",
-         "smollm2-135m-quick/sparsegpt/2:4", "smollm2-135m-quick/wanda+refit/sparsity=0.5"}
+         "smollm2-135m-quick/sparsegpt/2:4"}
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,3 @@ def test_perplexity_against_dense_and_magnitude(records):
     mag = one(records, "smollm2-135m-quick/magnitude/sparsity=0.5", "ppl_ratio")
     assert wanda["peer"] == "magnitude" and wanda["peer_value"] == mag["value"]
     assert wanda["value"] < mag["value"]   # activation-aware beats magnitude on a real LLM
-    refit = one(records, "smollm2-135m-quick/wanda+refit/sparsity=0.5", "ppl_ratio")
-    assert refit["peer"] == "wanda" and refit["peer_value"] == wanda["value"]
-    # 256 calibration tokens cannot pin down a least-squares fit over 1,536 inputs (the full run's 16,384 can):
-    # here the refit is only required to stay a working model, far better than magnitude
-    assert refit["value"] < 0.95 * mag["value"]

@@ -134,3 +134,34 @@ def test_sweep_writes_one_record_per_method_target_and_allocation(tiny_dir, tmp_
     owl = next(x for x in doc["runs"] if x["allocation"] == "owl" and x["method"] == "wanda")
     assert len(set(round(v, 6) for v in owl["layer_sparsity"].values())) > 1   # OWL spreads the sparsities
     assert len(doc["block_influence"]) == 2
+
+
+def test_bench_prints_dense_and_sparse_speed_bytes_and_perplexity(tiny_dir, tmp_path):
+    """A 60%-pruned tiny Llama: the table's rows, its roofline, equal perplexity; bad flags refused first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import prunekit
+    from prunekit.cli.llm_bench import FORMATS
+    from prunekit.deploy.hf import save_pretrained
+    from prunekit.deploy.packed import FORMATS as PACKED
+
+    assert FORMATS == PACKED
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    prunekit.prune(model, 0.6)
+    out = save_pretrained(model, tmp_path / "pruned", AutoTokenizer.from_pretrained(tiny_dir))
+    r = _cli("bench", out, "--formats", "bogus", cwd=tmp_path)
+    assert r.returncode != 0 and "allowed: bitmask, nm24, csr8" in r.stderr
+    r = _cli("bench", out, *TEXT, "--prompt-tokens", 8, "--new-tokens", 4, "--repeat", 1, "--convert-repeat", 1,
+             "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    dense, sparse = doc["rows"]
+    assert dense["kernels"] == "dense" and doc["dtype"] == "fp32"
+    assert doc["layers"] == 15   # 7 Linear layers per block, and the (dense, tied) lm_head, which never converts
+    assert all(row["tokens_per_s"] > 0 and row["decoder_tokens_per_s"] > 0 for row in doc["rows"])
+    assert sparse["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-4)   # the same weights
+    assert doc["roofline"] == pytest.approx(dense["bytes_per_token"] / sparse["bytes_per_token"])
+    if doc["converted"]:   # whichever layers measured faster run packed or CSR, and read fewer bytes
+        assert sparse["bytes_per_token"] < dense["bytes_per_token"]
+    else:
+        assert sparse["bytes_per_token"] == dense["bytes_per_token"]

@@ -10,7 +10,7 @@ from torch import nn
 
 import prunekit
 from prunekit.apply import masking
-from prunekit.deploy import sparse
+from prunekit.deploy import native, sparse
 from prunekit.deploy.sparse import SparseConv2d, SparseLinear, csr_parts, to_dense, to_sparse
 
 ATOL = 1e-5
@@ -322,8 +322,11 @@ def test_measure_break_even_runs_every_form(monkeypatch):
     assert out["shape"] == [16, 24] and out["batch"] == 2 and out["threads"] == 1
     assert [r["sparsity"] for r in out["rows"]] == [0.5, 0.9]
     for r in out["rows"]:
-        assert r["dense_form"] in sparse.DENSE_FORMS and r["kernel"] in sparse.KERNELS
+        packed_kernels = {sparse.PACKED_PREFIX + f for f in ("bitmask", "csr8")}   # random sparsity is not 2:4
+        assert r["dense_form"] in sparse.DENSE_FORMS and r["kernel"] in set(sparse.KERNELS) | packed_kernels
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
+        if native.available():   # the packed formats compete too
+            assert packed_kernels <= set(r["kernels_ms"])
     assert out["bound"] in ("exact", "below", "above") and 0.5 <= out["break_even"] <= 0.9
     assert torch.get_num_threads() >= 1
     monkeypatch.setattr(sparse, "_median_ms", fake_timer(0.5))

@@ -15,29 +15,89 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-from prunekit.cli._names import criterion_names, dataset_names, listed, live, model_names
+from prunekit.cli._names import (
+    DATA_FORMS,
+    MODEL_FORMS,
+    WEIGHT_SUFFIXES,
+    criterion_names,
+    dataset_names,
+    listed,
+    live,
+    model_names,
+)
 from prunekit.errors import PrunekitError
 
 __all__ = ["criterion_names", "dataset_names", "listed", "model_names", "check_data", "check_model",
+           "check_checkpoint", "add_trust", "trusted",
            "add_threads", "apply_threads", "default_threads", "no_progress", "write_yaml", "write_json",
            "write_run", "print_summary", "quick_value", "pct", "percent_columns"]
 
 # ----------------------------------------------------------------------------- checking names (live registries)
 
 
-def check_data(spec: Any) -> None:
-    """A ``--data`` value names a bundled dataset (``idx`` with a folder): say so before anything loads."""
+def check_data(spec: Any, options: Optional[Dict[str, Any]] = None) -> None:
+    """A ``--data`` value names a bundled dataset (``idx`` with a folder) or your own data (a folder, a .npz, .pt
+    or .csv file that exists), and its data ``options`` are well formed: say so before anything loads."""
+    from prunekit.zoo.userdata import DataOptions, is_user_data, user_data_problem
+
+    given = {k: v for k, v in (options or {}).items() if v is not None}
     name, _, folder = str(spec).partition(":")
-    takes_folder = name == "idx"
-    if not isinstance(spec, str) or name not in live("dataset") or takes_folder != bool(folder) \
-            or spec.endswith(":"):
-        raise PrunekitError(f"unknown dataset {spec!r}; allowed: {', '.join(dataset_names())}")
+    if isinstance(spec, str) and name in live("dataset") and (name == "idx") == bool(folder) \
+            and not spec.endswith(":"):
+        if given:
+            raise PrunekitError(f"--input-size, --mean, --std, --label-column and --test-fraction are for your own "
+                                f"data (a folder or file), not the bundled dataset {spec!r}")
+        return
+    problem = user_data_problem(spec) if isinstance(spec, str) and spec else "not a dataset"
+    if problem is not None or not is_user_data(spec):
+        raise PrunekitError(f"unknown dataset {spec!r} ({problem}); allowed: {', '.join(dataset_names())}, "
+                            f"{', '.join(DATA_FORMS)}")
+    DataOptions(**given)
 
 
 def check_model(name: Any) -> None:
-    from prunekit._util import check_choice
+    """A ``--model`` value is a built-in model or a well-formed model source (its file or folder exists)."""
+    from prunekit.zoo.sources import is_source, parse_source
 
-    check_choice(name, live("model"), "model")
+    if is_source(name):
+        parse_source(name)
+        return
+    if name not in live("model"):
+        raise PrunekitError(f"unknown model {name!r}; allowed: {', '.join(live('model'))}, or "
+                            f"{', '.join(MODEL_FORMS)}")
+
+
+def check_checkpoint(path: Any) -> None:
+    """A ``--checkpoint`` is a model folder saved by prunekit or a weights file of an allowed type."""
+    p = Path(str(path)).expanduser()
+    if p.is_dir():
+        if not (p / "model.json").is_file():
+            raise PrunekitError(f"checkpoint {p} is a folder without model.json: not one written by prunekit.save")
+        return
+    if p.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise PrunekitError(f"checkpoint {p}: unsupported file type {p.suffix or '(none)'!r}; allowed: a model folder "
+                            f"saved by prunekit, or a state_dict file {', '.join(WEIGHT_SUFFIXES)}")
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {p} not found")
+
+
+# ----------------------------------------------------------------------------- running a factory's code
+
+TRUST_HELP = ("allow building the model from the Python factory (file.py:FUNCTION, module:FUNCTION) a saved "
+              "model's spec names: that runs its code, which prunekit otherwise refuses")
+
+
+def add_trust(p) -> None:
+    """``--trust-factory`` for a command that loads saved models."""
+    p.add_argument("--trust-factory", action="store_true", help=TRUST_HELP)
+
+
+def trusted(args, *asked: Any):
+    """The block in which factories may be built: the ones the user named on the command line (``asked``: a
+    --model), or any with ``--trust-factory``."""
+    from prunekit.zoo.sources import trusting
+
+    return trusting(True if getattr(args, "trust_factory", False) else [a for a in asked if a])
 
 
 # ----------------------------------------------------------------------------- threads and progress bars

@@ -38,6 +38,13 @@ STATIC: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
     "exporter": ("prunekit.deploy.export", "EXPORTERS", ("auto", "dynamo", "torchscript")),
 }
 
+# the other forms --model, --data and --checkpoint take (copies of prunekit.zoo.sources.FORMS, of
+# prunekit.zoo.userdata's readers and of the weights files prunekit.deploy.io reads; tests/unit/test_byo_cli.py
+# checks they agree)
+MODEL_FORMS = ("timm:NAME", "hf:DIR", "path/to/file.py:FUNCTION", "package.module:FUNCTION")
+DATA_FORMS = ("an image folder (DIR/<class>/<image>)", "a .npz file", "a .pt file", "a .csv file")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
+
 
 def _read(obj: Any) -> List[str]:
     return list(obj.names()) if hasattr(obj, "names") else list(obj)

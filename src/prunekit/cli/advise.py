@@ -96,13 +96,12 @@ def table(advice) -> str:
 def run(args) -> int:
     from prunekit.advise import advise
     from prunekit.cli.sensitivity import dense_for
-    from prunekit.zoo.data import get_loaders
+    from prunekit.experiment import loaders
 
     s = _settings(args)
     config = s["config"]
     progress = False if args.no_progress else None
-    train, test, info = get_loaders(config["data"], batch_size=config["batch_size"], seed=config["seed"],
-                                    limit_train=config["limit_train"], limit_test=config["limit_test"])
+    train, test, info = loaders(config)
     model = dense_for(config, train, test, info, progress)
     example = next(iter(test))[0][: s["batches"][0]]  # real images (larger batches repeat them)
     advice = advise(model, example, target=args.target, budget_pp=args.budget,

@@ -5,7 +5,7 @@ import inspect
 import json
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from prunekit.cli._common import add_threads, check_data, dataset_names, listed
+from prunekit.cli._common import add_threads, add_trust, check_data, dataset_names, listed, trusted
 from prunekit.cli._names import names
 from prunekit.errors import PrunekitError
 
@@ -29,7 +29,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=1, help="batch size of the example input and the latency (default 1)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, 20 with torch 2.13)")
     p.add_argument("--input-shape", help="input shape without the batch, e.g. 1,28,28 (default: from the "
-                   "model's spec, or from --data)")
+                   "model's spec, or from --data, or the shape of the data it was trained on, recorded when saved)")
     p.add_argument("--data", help=f"take the input shape and the example batch from this dataset "
                    f"({listed(dataset_names())})")
     p.add_argument("--exporter", default="auto", choices=names("exporter"),
@@ -39,6 +39,7 @@ def add_arguments(p) -> None:
     p.add_argument("--repeat", type=int, default=20, help="timed runs per latency (median; default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random example input")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_trust(p)
 
 
 def parse_shape(text: str) -> Tuple[int, ...]:
@@ -65,7 +66,18 @@ def spec_input_shape(spec: Optional[Dict[str, Any]]) -> Tuple[int, ...]:
     return tuple(int(d) for d in _SHAPES[name](kwargs))
 
 
-def _example(args, spec) -> Any:
+def _default_shape(spec: Optional[Dict[str, Any]], trained_on: Dict[str, Any]) -> Tuple[int, ...]:
+    """A built-in model's input shape from its spec, else the shape of the data it was trained on (recorded by
+    ``prunekit prune``: a timm, Hugging Face or factory model has no other record of it)."""
+    try:
+        return spec_input_shape(spec)
+    except PrunekitError:
+        if not trained_on.get("input_shape"):
+            raise
+        return tuple(int(d) for d in trained_on["input_shape"])
+
+
+def _example(args, spec, trained_on) -> Any:
     import torch
 
     if args.batch < 1:
@@ -73,13 +85,15 @@ def _example(args, spec) -> Any:
     if args.input_shape:
         shape = parse_shape(args.input_shape)
     elif args.data:
-        from prunekit.zoo.data import get_loaders
+        from prunekit.zoo.data import get_loaders, recorded_options
+        from prunekit.zoo.userdata import is_user_data
         check_data(args.data)
-        _, test, _ = get_loaders(args.data, seed=args.seed, limit_train=1, limit_test=args.batch)
+        options = recorded_options(trained_on) if is_user_data(args.data) else None   # read as in training
+        _, test, _ = get_loaders(args.data, seed=args.seed, limit_train=1, limit_test=args.batch, options=options)
         x = next(iter(test))[0]  # real examples: activations in their usual range
         return x[torch.arange(args.batch) % len(x)]
     else:
-        shape = spec_input_shape(spec)
+        shape = _default_shape(spec, trained_on)
     gen = torch.Generator().manual_seed(args.seed)
     # random rather than zeros: a zero input would hide most wrong weights from the check
     return torch.randn(args.batch, *shape, generator=gen)
@@ -118,8 +132,10 @@ def run(args) -> int:
 
         args.threads = torch.get_num_threads()
     try:
-        model = io.load(args.model)
-        x = _example(args, io.read_spec(args.model).get("model"))
+        with trusted(args):
+            model = io.load(args.model)
+        doc = io.read_spec(args.model)
+        x = _example(args, doc.get("model"), (doc.get("metadata") or {}).get("data") or {})
         res = export_onnx(model, x, args.out, opset=args.opset, dynamic_batch=not args.static_batch,
                           exporter=args.exporter)
     except (ImportError, ExportError) as e:  # missing onnxruntime, unsupported op: one clear line

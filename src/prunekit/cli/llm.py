@@ -6,7 +6,9 @@ prunekit's masks, and prints perplexity before and after on held-out text; ``--s
 removes whole units instead (a smaller model), ``--recover kl`` trains it afterwards with masks fixed.
 ``prunekit llm sweep`` runs several methods and sparsities into one ``llm.json``; ``prunekit report`` draws
 it (and the ``llm.json`` of a prune folder). ``prunekit llm eval DIR`` measures perplexity (and, with
-``--speed``, greedy-decoding tokens/s) of a saved or built-in model. The runs: :mod:`prunekit.cli.llm_runs`.
+``--speed``, greedy-decoding tokens/s) of a saved or built-in model. ``prunekit llm bench DIR`` runs a pruned
+model on packed sparse kernels where they measure faster and prints tokens/s against its dense form, bytes
+per token and perplexity in one table (:mod:`prunekit.cli.llm_bench`). The runs: :mod:`prunekit.cli.llm_runs`.
 """
 from __future__ import annotations
 
@@ -117,6 +119,8 @@ def add_arguments(p) -> None:
     _add_text_options(ev, calib=False)
     add_threads(ev)
     ev.set_defaults(threads=0)
+    from prunekit.cli import llm_bench
+    llm_bench.add_parser(sub, MODEL_HELP, _add_text_options)
 
 
 def _split(value: str, allowed, flag: str) -> list:
@@ -196,6 +200,9 @@ def _check(args) -> None:
         _check_recovery(args)
     elif args.llm_command == "sweep":
         _check_sweep(args)
+    elif args.llm_command == "bench":
+        from prunekit.cli import llm_bench
+        llm_bench.check(args)
 
 
 def _prune(args) -> int:
@@ -291,4 +298,5 @@ def _eval(args) -> int:
 
 def run(args) -> int:
     _check(args)
-    return {"prune": _prune, "sweep": _sweep, "eval": _eval}[args.llm_command](args)
+    from prunekit.cli import llm_bench
+    return {"prune": _prune, "sweep": _sweep, "eval": _eval, "bench": llm_bench.run}[args.llm_command](args)

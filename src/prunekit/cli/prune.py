@@ -16,6 +16,8 @@ import yaml
 
 from prunekit.cli._common import (
     add_threads,
+    add_trust,
+    check_checkpoint,
     check_data,
     check_model,
     criterion_names,
@@ -24,15 +26,19 @@ from prunekit.cli._common import (
     model_names,
     print_summary,
     quick_value,
+    trusted,
     write_run,
 )
-from prunekit.cli._names import live, names
+from prunekit.cli._names import DATA_FORMS, MODEL_FORMS, WEIGHT_SUFFIXES, live, names
 from prunekit.errors import PrunekitError
 
 HELP = "prune a model from a YAML recipe and/or flags; save it, its plan, config and report"
 
 DEFAULTS: Dict[str, Any] = {
-    "model": "lenet300", "model_kwargs": {}, "checkpoint": None, "data": "mnist", "seed": 0,
+    "model": "lenet300", "model_kwargs": {}, "checkpoint": None, "data": "mnist",
+    # how your own data (a folder or file given as data) is read: prunekit.zoo.userdata.DataOptions
+    "data_options": {"input_size": None, "mean": None, "std": None, "label_column": None, "test_fraction": None},
+    "seed": 0,
     "batch_size": 128, "limit_train": None, "limit_test": None, "out": "runs/prune",
     "dense": {"epochs": 40, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "lr_schedule": "cosine"},
     "method": {"name": "pruned", "kind": "oneshot", "sparsity": 0.9, "criterion": "l1", "scope": None,
@@ -53,9 +59,21 @@ QUICK = {"limit-train": 2000, "limit-test": 500, "dense-epochs": 2, "epochs": 1,
 # flag -> (path in the recipe, type, help); "{names}" in a help is filled in by flag_help() with the values the
 # flag takes (CHOICES, as _names has them when the parser is built), and the recipe default is added
 FLAGS = {
-    "model": ("model", str, "built-in model name: {names}"),
-    "checkpoint": ("checkpoint", str, "a model folder saved by prunekit to prune instead of training one"),
-    "data": ("data", str, "dataset: {names}"),
+    "model": ("model", str, "a built-in model: {names}; or " + ", ".join(MODEL_FORMS) + " (a factory function "
+              "returning an nn.Module); the number of classes (and timm's in_chans) come from the data"),
+    "checkpoint": ("checkpoint", str, "start from these weights instead of training: a model folder saved by "
+                   "prunekit, or a weights file for --model (" + ", ".join(WEIGHT_SUFFIXES) + "; torch files are read "
+                   "with weights_only=True)"),
+    "data": ("data", str, "dataset: {names}; or your own: " + ", ".join(DATA_FORMS)),
+    "input-size": ("data_options.input_size", str, "your images: resize to H[,W] pixels (default: their own size, "
+                   "which must then be the same for all)"),
+    "mean": ("data_options.mean", str, "your data: per-channel mean to subtract, e.g. 0.5,0.5,0.5, or imagenet, or "
+             "auto (computed on the training split) (default: imagenet for RGB image folders, else auto)"),
+    "std": ("data_options.std", str, "your data: per-channel std to divide by (as --mean)"),
+    "label-column": ("data_options.label_column", str, "your CSV: the label column (default: 'label', else the "
+                     "last column)"),
+    "test-fraction": ("data_options.test_fraction", float, "your data without a test split: the fraction held out "
+                      "per class, seeded (default: 0.2)"),
     "seed": ("seed", int, "seed: the same seed gives the same masks"),
     "batch-size": ("batch_size", int, "training batch size"),
     "limit-train": ("limit_train", int, "use only this many training examples"),
@@ -134,6 +152,7 @@ def add_arguments(p) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any recipe field, e.g. --set dense.lr=0.1 --set model_kwargs={hidden: [64]} "
                         "(value parsed as YAML; repeatable)")
+    add_trust(p)
     p.add_argument("--no-compress", action="store_true", help="save the model dense instead of compressed")
     p.add_argument("--bias-correction", action="store_true",
                    help="move each pruned layer's bias by the mean contribution of its removed weights "
@@ -244,9 +263,11 @@ def check_config(config: Dict[str, Any], criteria: Optional[Sequence[str]] = Non
     """The named choices of a resolved config are ones prunekit has (registered now), before anything runs."""
     from prunekit._util import check_choice
 
-    if not config.get("checkpoint"):
+    if config.get("checkpoint"):
+        check_checkpoint(config["checkpoint"])
+    if not config.get("checkpoint") or not Path(config["checkpoint"]).is_dir():   # a folder's spec names its model
         check_model(config["model"])
-    check_data(config["data"])
+    check_data(config["data"], config.get("data_options"))
     m = config["method"]
     check_choice(m["kind"], live("kind"), "schedule (method.kind)")
     every = sorted(set(live("criterion")) | set(live("pruner")))
@@ -306,8 +327,8 @@ def run(args) -> int:
 
     config = resolve_config(args)
     method = to_method(config)
-    exp = {**{k: config[k] for k in ("model", "model_kwargs", "checkpoint", "data", "seed", "batch_size",
-                                      "limit_train", "limit_test", "dense")},
+    exp = {**{k: config[k] for k in ("model", "model_kwargs", "checkpoint", "data", "data_options", "seed",
+                                      "batch_size", "limit_train", "limit_test", "dense")},
            "title": f"prunekit prune: {config['model']} on {config['data']}", "methods": [method],
            "threads": args.threads}   # recorded in results.json's config (env.torch_threads too), not a recipe field
     out = Path(config["out"])
@@ -317,8 +338,9 @@ def run(args) -> int:
         shutil.rmtree(ckpt)  # checkpoints of another run must never be resumed silently
     pkdist.barrier()
     try:
-        results, heatmaps, models = run_experiment(exp, progress=False if args.no_progress else None,
-                                                   checkpoint_dir=ckpt)
+        with trusted(args, config["model"]):   # the factory named by --model: the user asked to run it
+            results, heatmaps, models = run_experiment(exp, progress=False if args.no_progress else None,
+                                                       checkpoint_dir=ckpt)
         if not pkdist.is_main():
             return 0
         _write_outputs(out, config, method, results, heatmaps, models)

@@ -97,13 +97,16 @@ def _settings(args) -> Dict[str, Any]:
 
 
 def dense_for(config: Dict[str, Any], train, test, info, progress):
-    from prunekit.deploy import io
-    from prunekit.experiment import dense_model
+    """The dense model of a config: its checkpoint (a saved folder, or weights for its model), else trained or
+    taken from the cache. A factory named as the model is built: the user asked for it."""
+    from prunekit.experiment import dense_model, starting_model
+    from prunekit.zoo.sources import trusting
 
-    if config.get("checkpoint"):
-        return io.load(config["checkpoint"])
-    model, _ = dense_model(config["model"], config.get("model_kwargs") or {}, train, test, info,
-                           train_cfg=config["dense"], seed=config["seed"], progress=progress)
+    with trusting([config["model"]]):
+        if config.get("checkpoint"):
+            return starting_model(config, info)
+        model, _ = dense_model(config["model"], config.get("model_kwargs") or {}, train, test, info,
+                               train_cfg=config["dense"], seed=config["seed"], progress=progress)
     return model
 
 
@@ -151,15 +154,14 @@ def _measured(model, alloc, prune_kw, target, score, trial) -> Dict[str, float]:
 
 def run(args) -> int:
     from prunekit.analysis.sensitivity import allocation_plan, analyze, evaluator
+    from prunekit.experiment import loaders
     from prunekit.report.figures import sensitivity_curves
     from prunekit.targets import select_targets
-    from prunekit.zoo.data import get_loaders
 
     s = _settings(args)
     config, prune_kw = s["config"], s["prune"]
     progress = False if args.no_progress else None
-    train, test, info = get_loaders(config["data"], batch_size=config["batch_size"], seed=config["seed"],
-                                    limit_train=config["limit_train"], limit_test=config["limit_test"])
+    train, test, info = loaders(config)
     model = dense_for(config, train, test, info, progress)
     names = select_targets(model, **{k: prune_kw[k] for k in ("include", "exclude", "include_classifier")
                                      if k in prune_kw})

@@ -38,10 +38,12 @@ from prunekit._util import atomic_write, atomic_write_text
 from prunekit._version import __version__
 from prunekit.apply import masking
 from prunekit.deploy.compress import compress_state_dict, decompress_state_dict
+from prunekit.deploy.packed import PackedLinear
 from prunekit.deploy.sparse import SparseConv2d, SparseLinear, to_dense
 from prunekit.errors import PrunekitError
 from prunekit.surgery.compact import compact_shapes, rebuild
 from prunekit.zoo.models import build_model, model_spec
+from prunekit.zoo.sources import trusting
 
 FORMAT = "prunekit.model/1"
 WEIGHTS = "model.safetensors"
@@ -126,8 +128,9 @@ def _dense_equivalent(model: nn.Module) -> Tuple[nn.Module, Optional[Dict[str, A
     found = {name or "<model>": {"type": type(m).__name__, "sparsity": round(m.sparsity, 6),
                                  "mm_min_batch": getattr(m, "mm_min_batch", None),
                                  "native_max_batch": getattr(m, "native_max_batch", None),
-                                 "native_kernel": getattr(m, "native_kernel", None)}
-             for name, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))}
+                                 "native_kernel": getattr(m, "native_kernel", None),
+                                 "packed_format": getattr(m, "fmt", None)}
+             for name, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d, PackedLinear))}
     return (to_dense(model), found) if found else (model, None)
 
 
@@ -341,16 +344,21 @@ def _shaped(path: PathLike, doc: Dict[str, Any], model: nn.Module) -> nn.Module:
     return model
 
 
-def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
+def load(path: PathLike, model: Optional[nn.Module] = None, *, trust_code: bool = False) -> nn.Module:
     """Load a model saved by :func:`save` (a folder), or a plain state_dict file into ``model``.
 
     Pass ``model`` (an instance of your architecture) to load into it; without
-    it the spec must name a registered built-in model, which is rebuilt. A
-    model saved after surgery (:func:`prunekit.surgery.compact`) comes back as
-    a slim copy of ``model`` with the saved shapes; use the returned module.
+    it the spec must name a model prunekit can rebuild: a built-in one, ``timm:NAME`` or ``hf:DIR``
+    (nothing is downloaded). A spec naming your own factory (``model.py:make``) would run that code, so it
+    is refused unless ``trust_code=True``. A model saved after surgery (:func:`prunekit.surgery.compact`)
+    comes back as a slim copy of ``model`` with the saved shapes; use the returned module.
     On any error ``model`` is left untouched.
     """
-    p = Path(path)
+    with trusting(bool(trust_code)):
+        return _load(Path(path), model)
+
+
+def _load(p: Path, model: Optional[nn.Module]) -> nn.Module:
     if p.is_file():
         if model is None:
             raise PrunekitError(f"{p} is a weights file without a spec: pass the model to load it into, "

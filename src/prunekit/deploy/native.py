@@ -34,7 +34,7 @@ import torch
 from prunekit._util import default_cache_dir
 from prunekit.errors import PrunekitError
 
-__all__ = ["available", "unavailable_reason", "parallel", "spmm", "MAX_COL16", "library_path"]
+__all__ = ["available", "unavailable_reason", "parallel", "simd", "spmm", "MAX_COL16", "library_path", "library"]
 
 MAX_COL16 = 1 << 16  # layers up to this many inputs store 16-bit column indices
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
@@ -45,8 +45,16 @@ _ENV_SWITCH = "PRUNEKIT_NATIVE"
 _COMPILERS = ("cc", "gcc", "clang")
 
 
+SOURCES = ("spmm.c", "packed.c")  # one library: CSR kernels (spmm.c) and the packed decode formats (packed.c)
+
+
+def _read(name: str) -> bytes:
+    return resources.files("prunekit.deploy").joinpath("_native", name).read_bytes()
+
+
 def _source() -> bytes:
-    return resources.files("prunekit.deploy").joinpath("_native", "spmm.c").read_bytes()
+    """Every source, in order: what the cached library is keyed on."""
+    return b"\0".join(_read(name) for name in SOURCES)
 
 
 def _compiler() -> Optional[str]:
@@ -90,12 +98,14 @@ def _compile(cc: str, target: Path) -> None:
     With OpenMP if the compiler supports it, else without (the kernel then runs on one thread)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "spmm.c"
-        src.write_bytes(_source())
+        srcs = []
+        for name in SOURCES:
+            srcs.append(str(Path(tmp) / name))
+            Path(srcs[-1]).write_bytes(_read(name))
         out = Path(tmp) / target.name
         errors = []
         for extra in (OPENMP, SIMD_ONLY, ()):
-            res = subprocess.run([cc, *FLAGS, *extra, str(src), "-o", str(out)], capture_output=True, text=True,
+            res = subprocess.run([cc, *FLAGS, *extra, *srcs, "-o", str(out), "-lm"], capture_output=True, text=True,
                                  timeout=120)
             if res.returncode == 0:
                 os.replace(out, target)
@@ -123,7 +133,28 @@ def _load() -> Tuple[Optional[ctypes.CDLL], str]:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    _declare_packed(lib)
     return lib, ""
+
+
+def _declare_packed(lib: ctypes.CDLL) -> None:
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.prunekit_packed_mv.restype = cint
+    lib.prunekit_packed_mv.argtypes = [cint, cint, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, cint]
+    lib.prunekit_packed_unpack.restype = cint
+    lib.prunekit_packed_unpack.argtypes = [cint, cint, i64, i64, ptr, ptr, ptr, ptr, ptr]
+    lib.prunekit_packed_simd.restype = cint
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded library (built on the first call), or None where it cannot be built (see :func:`unavailable_reason`)."""
+    return _load()[0]
+
+
+def simd() -> bool:
+    """Whether the packed kernels were compiled with their AVX-512 loops (else a portable loop runs)."""
+    lib = _load()[0]
+    return bool(lib is not None and lib.prunekit_packed_simd())
 
 
 def available() -> bool:

@@ -48,7 +48,8 @@ from tqdm.auto import tqdm
 
 from prunekit._util import call_model, eval_mode, median, progress_enabled, time_calls
 from prunekit.apply.masking import MASK_SUFFIX
-from prunekit.deploy import native
+from prunekit.deploy import native, packed
+from prunekit.deploy.packed import PackedLinear
 from prunekit.errors import PrunekitError, UnknownNameError
 
 __all__ = ["SparseLinear", "SparseConv2d", "DenseLinear", "KERNELS", "NATIVE_KERNELS", "DENSE_FORMS",
@@ -65,7 +66,10 @@ DEFAULT_SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 #: kernel crossover used only when nothing is measured (measure=False); torch's typical crossover
 UNMEASURED_MM_MIN_BATCH = 8
 _DTYPES = (torch.float32, torch.float64)
-_ATOL = 1e-5  # converted layers must match the dense layer this closely (relative to the output's scale)
+# converted layers must match the dense layer this closely (relative to the output's scale); bfloat16
+# outputs are rounded to 8 bits of mantissa, so a different summation order moves them by an ulp or two
+_ATOL = {torch.bfloat16: 2e-2}
+_ATOL_DEFAULT = 1e-5
 
 
 # --------------------------------------------------------------------------------- CSR helpers
@@ -402,12 +406,15 @@ def _evictor(cold_cache: Optional[bool], nbytes: int) -> Optional[_Evict]:
     return _Evict() if cold else None
 
 
-def _linear_candidates(w: torch.Tensor, b: Optional[torch.Tensor], x2: torch.Tensor):
-    """(dense fns, sparse fns) computing the same layer on ``x2``."""
+def _linear_candidates(w: torch.Tensor, b: Optional[torch.Tensor], x2: torch.Tensor, csr: bool = True):
+    """(dense fns, sparse fns) computing the same layer on ``x2`` (``csr=False``: no CSR kernels, e.g. for
+    bfloat16, which torch's CSR kernels do not run)."""
     wt = w.t().contiguous()
+    dense = {f: (lambda f=f: _dense_linear(f, x2, w if f == "linear" else wt, b)) for f in DENSE_FORMS}
+    if not csr:
+        return dense, {}
     crow, col, values = csr_parts(w)
     wcsr = _csr_tensor(crow, col, values, tuple(w.shape))
-    dense = {f: (lambda f=f: _dense_linear(f, x2, w if f == "linear" else wt, b)) for f in DENSE_FORMS}
     sparse = {k: (lambda k=k: _sparse_linear(k, x2, wcsr, b)) for k in TORCH_KERNELS}
     if native_problem(w) is None:  # csr_parts is valid by construction: no need to re-check it
         col_n = col.to(native.col_dtype(w.shape[1]))
@@ -415,6 +422,19 @@ def _linear_candidates(w: torch.Tensor, b: Optional[torch.Tensor], x2: torch.Ten
             sparse[k] = functools.partial(native.spmm, crow, col_n, values, x2, b, w.shape[1],
                                           simd=k == "native_simd")
     return dense, sparse
+
+
+PACKED_PREFIX = "packed_"  # kernel names of the packed formats: packed_bitmask, packed_nm24, packed_csr8
+
+
+def _packed_candidates(w: torch.Tensor, b: Optional[torch.Tensor], x2: torch.Tensor,
+                       formats: Sequence[str]) -> Dict[str, Callable[[], Any]]:
+    """``packed_<fmt>`` fns for the packed formats this weight fits (:mod:`prunekit.deploy.packed`); none
+    without the native library (their torch fallback unpacks on every call) or above ``packed.MAX_ROWS`` rows."""
+    if not formats or native.library() is None or x2.shape[0] > packed.MAX_ROWS:
+        return {}
+    return {PACKED_PREFIX + fmt: functools.partial(packed.matvec, packed.pack(w, fmt), x2, b)
+            for fmt in formats if packed.format_problem(w, fmt) is None}
 
 
 def _best(times: Dict[str, float], names: Sequence[str]) -> Tuple[str, float]:
@@ -470,8 +490,10 @@ def _break_even(rows: List[Dict[str, Any]]) -> Tuple[float, str]:
 def measure_break_even(out_features: int, in_features: int, batch: int, *,
                        sparsities: Sequence[float] = DEFAULT_SPARSITIES, threads: Optional[int] = None,
                        repeat: int = 10, seed: int = 0, dtype: torch.dtype = torch.float32,
-                       cold_cache: Optional[bool] = None) -> Dict[str, Any]:
-    """Time a random ``out x in`` layer at ``batch`` rows: best dense form vs best CSR kernel, per sparsity.
+                       cold_cache: Optional[bool] = None,
+                       formats: Sequence[str] = packed.FORMATS) -> Dict[str, Any]:
+    """Time a random ``out x in`` layer at ``batch`` rows: best dense form vs best sparse kernel (CSR kernels
+    and the packed ``formats``), per sparsity.
 
     ``cold_cache``: evict the CPU cache before every timed call (None: when the dense layer takes more
     than half the last-level cache, so that a model of such layers could not keep them cached).
@@ -481,6 +503,7 @@ def measure_break_even(out_features: int, in_features: int, batch: int, *,
     """
     if min(out_features, in_features, batch) < 1 or repeat < 1:
         raise PrunekitError("out_features, in_features, batch and repeat must be >= 1")
+    formats = _check_formats(formats)
     bad = [s for s in sparsities if not 0.0 <= s < 1.0]
     if not sparsities or bad:
         raise PrunekitError(f"sparsities must be a non-empty list of fractions in [0, 1), got {list(sparsities)}")
@@ -493,7 +516,8 @@ def measure_break_even(out_features: int, in_features: int, batch: int, *,
                       disable=not progress_enabled(None), leave=False):
             w = _random_sparse(out_features, in_features, s, gen, dtype)
             b = torch.randn(out_features, generator=gen, dtype=dtype)
-            dense, sparse = _linear_candidates(w, b, x)
+            dense, sparse = _linear_candidates(w, b, x, csr=dtype in _DTYPES)
+            sparse.update(_packed_candidates(w, b, x, formats))
             t = _median_ms({**{"d_" + k: f for k, f in dense.items()}, **{"s_" + k: f for k, f in sparse.items()}},
                            repeat, evict=evict)
             form, dense_ms = _best(t, ["d_" + k for k in DENSE_FORMS])
@@ -593,18 +617,29 @@ def _kernel_rules(w: torch.Tensor, b: Optional[torch.Tensor], x2: torch.Tensor, 
     return mm_min, native_max, variant
 
 
-def _measure_linear(module: nn.Linear, x: torch.Tensor, entry: Dict[str, Any], opts: Dict[str, Any]) -> SparseLinear:
+def _measure_linear(module: nn.Linear, x: torch.Tensor, entry: Dict[str, Any], opts: Dict[str, Any]) -> nn.Module:
+    """Time the layer's dense forms, CSR kernels and packed formats at the example's batch; the fastest
+    sparse one becomes the replacement (a :class:`PackedLinear`, or a :class:`SparseLinear` whose kernel
+    rules are measured on a ladder of batch sizes)."""
     w, b = module.weight.detach(), None if module.bias is None else module.bias.detach()
     x2 = x.reshape(-1, module.in_features)
-    dense, sparse = _linear_candidates(w, b, x2)
+    dense, sparse = _linear_candidates(w, b, x2, csr=w.dtype in _DTYPES)
+    sparse.update(_packed_candidates(w, b, x2, opts["formats"]))
     t = _median_ms({**{"d_" + k: f for k, f in dense.items()}, **{"s_" + k: f for k, f in sparse.items()}},
                    opts["repeat"], evict=opts["evict"])
     form, dense_ms = _best(t, ["d_" + k for k in DENSE_FORMS])
     kernels = {k: t["s_" + k] for k in sparse}
-    mm_min, native_max, variant = _kernel_rules(w, b, x2, kernels, opts)
-    sparse_mod = SparseLinear.from_linear(module, mm_min_batch=mm_min, native_max_batch=native_max,
-                                          native_kernel=variant or "native")
-    kernel = sparse_mod.kernel_for(x2.shape[0])  # the kernel it will really run at this batch
+    csr = {k: v for k, v in kernels.items() if not k.startswith(PACKED_PREFIX)}
+    best_packed = min((k for k in kernels if k.startswith(PACKED_PREFIX)), key=kernels.get, default=None)
+    mm_min = native_max = None
+    if best_packed is not None and (not csr or kernels[best_packed] < min(csr.values())):
+        sparse_mod: nn.Module = PackedLinear.from_linear(module, fmt=best_packed[len(PACKED_PREFIX):])
+        kernel = best_packed
+    else:
+        mm_min, native_max, variant = _kernel_rules(w, b, x2, csr, opts)
+        sparse_mod = SparseLinear.from_linear(module, mm_min_batch=mm_min, native_max_batch=native_max,
+                                              native_kernel=variant or "native")
+        kernel = sparse_mod.kernel_for(x2.shape[0])  # the kernel it will really run at this batch
     entry.update(batch=x2.shape[0], dense_ms=dense_ms, dense_form=form[2:], sparse_ms=kernels[kernel],
                  kernel=kernel, mm_min_batch=mm_min, native_max_batch=native_max, speedup=dense_ms / kernels[kernel],
                  kernels_ms=kernels)
@@ -629,10 +664,17 @@ def _new_entry(name: str, module: nn.Module) -> Dict[str, Any]:
             "converted": False, "reason": ""}
 
 
-def _unsupported(module: nn.Module) -> Optional[str]:
+def _packed_ok(module: nn.Module, formats: Sequence[str]) -> bool:
+    """Whether a packed format could take this layer (a bfloat16 Linear has no CSR kernel but may pack)."""
+    return (isinstance(module, nn.Linear) and module.weight.dtype in packed.VALUE_DTYPES and bool(formats)
+            and native.library() is not None)
+
+
+def _unsupported(module: nn.Module, formats: Sequence[str] = ()) -> Optional[str]:
     w = module.weight
-    if w.dtype not in _DTYPES:
-        return f"dtype {str(w.dtype).replace('torch.', '')} (CSR kernels run float32/float64)"
+    if w.dtype not in _DTYPES and not _packed_ok(module, formats):
+        return (f"dtype {str(w.dtype).replace('torch.', '')} (CSR kernels run float32/float64; packed formats "
+                f"float32/bfloat16 Linear layers, with the native library)")
     if w.device.type != "cpu":
         return f"on {w.device} (the CSR kernels measured here are CPU ones)"
     return _conv_problem(module) if isinstance(module, nn.Conv2d) else None
@@ -642,13 +684,25 @@ def _matches(dense: nn.Module, sparse: nn.Module, x: torch.Tensor) -> Tuple[bool
     with torch.no_grad():
         want, got = dense(x), sparse(x)
     err = float((want - got).abs().max()) if want.numel() else 0.0
-    return err <= _ATOL * max(1.0, float(want.abs().max()) if want.numel() else 0.0), err
+    tol = _ATOL.get(want.dtype, _ATOL_DEFAULT)
+    return err <= tol * max(1.0, float(want.abs().max()) if want.numel() else 0.0), err
+
+
+def _unmeasured(module: nn.Module, formats: Sequence[str]) -> nn.Module:
+    """The replacement ``measure=False`` gives: CSR where torch's kernels run the dtype, else the first
+    packed format that fits (bfloat16)."""
+    if isinstance(module, nn.Conv2d):
+        return SparseConv2d(module)
+    if module.weight.dtype in _DTYPES:
+        return SparseLinear.from_linear(module)
+    fmt = next(f for f in formats if packed.format_problem(module.weight, f) is None)
+    return PackedLinear.from_linear(module, fmt=fmt)
 
 
 def _convert_one(name: str, module: nn.Module, x: Optional[torch.Tensor], opts: Dict[str, Any]):
     """(report entry, replacement module or None) for one candidate layer."""
     entry = _new_entry(name, module)
-    problem = _unsupported(module)
+    problem = _unsupported(module, opts["formats"])
     if problem or x is None:
         entry["reason"] = (f"unsupported: {problem}" if problem else "not called by forward on example_inputs")
         return entry, None
@@ -656,9 +710,8 @@ def _convert_one(name: str, module: nn.Module, x: Optional[torch.Tensor], opts: 
         entry["reason"] = f"sparsity {entry['sparsity']:.3f} (no zeros or < min_sparsity={opts['min_sparsity']})"
         return entry, None
     if not opts["measure"]:
-        is_linear = isinstance(module, nn.Linear)
-        new = SparseLinear.from_linear(module) if is_linear else SparseConv2d(module)
-        entry.update(mm_min_batch=new.mm_min_batch if is_linear else None, reason="not measured (measure=False)")
+        new = _unmeasured(module, opts["formats"])
+        entry.update(mm_min_batch=getattr(new, "mm_min_batch", None), reason="not measured (measure=False)")
     else:
         measure = _measure_linear if isinstance(module, nn.Linear) else _measure_conv
         new = measure(module, x, entry, opts)
@@ -693,6 +746,14 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
+def _check_formats(formats: Sequence[str]) -> Tuple[str, ...]:
+    formats = (formats,) if isinstance(formats, str) else tuple(formats)
+    bad = [f for f in formats if f not in packed.FORMATS]
+    if bad:
+        raise PrunekitError(f"unknown packed formats {bad}; allowed: {', '.join(packed.FORMATS)} (or () for none)")
+    return formats
+
+
 def _check_options(min_speedup: float, min_sparsity: float, repeat: int) -> None:
     if not (isinstance(min_speedup, (int, float)) and math.isfinite(min_speedup) and min_speedup > 0):
         raise PrunekitError(f"min_speedup must be a positive number, got {min_speedup!r}")
@@ -705,8 +766,13 @@ def _check_options(min_speedup: float, min_sparsity: float, repeat: int) -> None
 def to_sparse(model: nn.Module, example_inputs: Any, *, min_speedup: float = 1.1,
               layers: Optional[Sequence[str]] = None, measure: bool = True, min_sparsity: float = 0.0,
               types: Sequence[str] = TYPES, threads: Optional[int] = None, repeat: int = 7,
-              cold_cache: Optional[bool] = None) -> Tuple[nn.Module, List[Dict[str, Any]]]:
-    """A copy of ``model`` whose Linear/Conv2d layers run on CSR kernels where that measurably pays.
+              cold_cache: Optional[bool] = None,
+              formats: Sequence[str] = packed.FORMATS) -> Tuple[nn.Module, List[Dict[str, Any]]]:
+    """A copy of ``model`` whose Linear/Conv2d layers run on sparse kernels where that measurably pays.
+
+    The kernels: torch's CSR kernels, prunekit's native CSR kernel, and (Linear layers, up to
+    ``packed.MAX_ROWS`` rows, float32 or bfloat16) the packed ``formats`` of :mod:`prunekit.deploy.packed`
+    (bitmask, 2:4, 8-bit-delta CSR: about one index bit per weight, for memory-bound batch-1 decoding).
 
     Each candidate layer (``layers``: module names or globs; default all of ``types``) is timed on this
     machine, on the input it receives from ``example_inputs`` (so at that batch size), against the best
@@ -723,12 +789,13 @@ def to_sparse(model: nn.Module, example_inputs: Any, *, min_speedup: float = 1.1
     reason, threads, cold_cache``.
     """
     _check_options(min_speedup, min_sparsity, repeat)
+    formats = _check_formats(formats)
     new = copy.deepcopy(model)
     candidates = _select(new, layers, types)
     inputs = _capture_inputs(new, example_inputs, [n for n, _ in candidates])
     nbytes = _sparse_footprint(new, candidates)
     opts = {"min_speedup": float(min_speedup), "min_sparsity": float(min_sparsity), "measure": measure,
-            "repeat": repeat, "evict": _evictor(cold_cache, nbytes) if measure and candidates else None}
+            "repeat": repeat, "formats": formats, "evict": _evictor(cold_cache, nbytes) if measure and candidates else None}
     report = []
     with _Threads(threads) as used:
         for name, module in tqdm(candidates, desc="to_sparse", disable=not progress_enabled(None), leave=False):
@@ -783,12 +850,12 @@ def _settle_native_loop(model: nn.Module, example_inputs: Any, report: List[Dict
 def to_dense(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every SparseLinear / SparseConv2d back as nn.Linear / nn.Conv2d (masks too)."""
     new = copy.deepcopy(model)
-    if isinstance(new, SparseLinear):
+    if isinstance(new, (SparseLinear, PackedLinear)):
         return new.to_linear()
     if isinstance(new, SparseConv2d):
         return new.to_conv()
     for name, m in list(new.named_modules()):
-        if isinstance(m, SparseLinear):
+        if isinstance(m, (SparseLinear, PackedLinear)):
             _set_module(new, name, m.to_linear())
         elif isinstance(m, SparseConv2d):
             _set_module(new, name, m.to_conv())

@@ -7,6 +7,7 @@ Three sources are supported:
   and cached as a plain ``.npz`` so later runs never unpickle anything.
 * ``"digits"``: scikit-learn's 8x8 digits (tiny, good for fast tests).
 * ``"idx:<dir>"``: a directory of standard IDX files (MNIST, Fashion-MNIST, ...).
+* your own data: an image folder, a ``.npz``, ``.pt`` or ``.csv`` file (:mod:`prunekit.zoo.userdata`).
 
 All images end up as float32 tensors of shape (N, 1, H, W), normalised with a
 mean/std, and are served by :class:`TensorLoader`, which slices tensors that are
@@ -30,9 +31,11 @@ import torch
 
 from prunekit._util import atomic_write, default_cache_dir
 from prunekit.errors import PrunekitError
+from prunekit.zoo.userdata import DataOptions, is_user_data, load_user_data, normalise
 
 __all__ = [
     "DATASETS",
+    "DataOptions",
     "MNIST_MEAN",
     "MNIST_STD",
     "RestrictedUnpickler",
@@ -45,6 +48,7 @@ __all__ = [
     "load_mnist",
     "mnist_pkl_path",
     "read_idx",
+    "recorded_options",
     "restricted_load",
 ]
 
@@ -407,43 +411,75 @@ def _subset(x: torch.Tensor, y: torch.Tensor, limit: Optional[int], seed: int) -
     return x[idx], y[idx]
 
 
+def _user_loaders(dataset: str, seed: int, options: Optional[DataOptions]) -> Tuple[Tuple[torch.Tensor, ...],
+                                                                                  Dict[str, Any]]:
+    """Your own data (:mod:`prunekit.zoo.userdata`): its tensors, normalised, and what info records about it."""
+    options = options or DataOptions()
+    raw = load_user_data(dataset, options, seed)
+    fingerprint = raw.fingerprint()   # of the raw inputs, before normalising
+    mean, std = normalise(raw, options)
+    labels = torch.cat([raw.y_train, raw.y_test])
+    num_classes = len(raw.classes) if raw.classes else int(labels.max()) + 1
+    extra = {"classes": raw.classes, "options": options.record(), "fingerprint": fingerprint, "split_seed": seed,
+             "name": str(Path(dataset).expanduser().resolve()), "mean": mean, "std": std, "num_classes": num_classes}
+    return (raw.x_train, raw.y_train, raw.x_test, raw.y_test), extra
+
+
 def get_loaders(dataset: str, batch_size: int = 128, seed: int = 0, *, root: Optional[os.PathLike] = None,
                 eval_batch_size: int = 1000, limit_train: Optional[int] = None,
-                limit_test: Optional[int] = None) -> Tuple[TensorLoader, TensorLoader, Dict[str, Any]]:
+                limit_test: Optional[int] = None,
+                options: Optional[DataOptions] = None) -> Tuple[TensorLoader, TensorLoader, Dict[str, Any]]:
     """Train/test loaders of normalised float32 (N, C, H, W) images and an ``info`` dict.
 
-    ``dataset`` is ``"mnist"``, ``"digits"`` or ``"idx:<dir>"``. ``root`` is the cache
+    ``dataset`` is ``"mnist"``, ``"digits"``, ``"idx:<dir>"``, or your own data: an image folder, a ``.npz``,
+    ``.pt`` or ``.csv`` file, read as ``options`` say (:mod:`prunekit.zoo.userdata`). ``root`` is the cache
     directory for MNIST and the base of a relative IDX directory.
     """
-    xtr, ytr, xte, yte = _load_raw(dataset, seed, root)
-    if dataset == "mnist":
-        mean, std = MNIST_MEAN, MNIST_STD  # the customary constants, so results compare with papers
+    own = is_user_data(dataset)
+    if own:
+        (xtr, ytr, xte, yte), extra = _user_loaders(dataset, seed, options)
     else:
-        mean, std = float(xtr.mean()), float(xtr.std())  # from the full train split, before limiting
-    # Counted before limiting, so a tiny subset that misses a class keeps the right head size.
-    num_classes = int(max(ytr.max(), yte.max())) + 1
+        if options is not None and options != DataOptions():
+            raise PrunekitError(f"data options (input size, mean/std, label column, test fraction) are for your own "
+                                f"data files and folders, not the bundled dataset {dataset!r}")
+        xtr, ytr, xte, yte = _load_raw(dataset, seed, root)
+        if dataset == "mnist":
+            mean, std = MNIST_MEAN, MNIST_STD  # the customary constants, so results compare with papers
+        else:
+            mean, std = float(xtr.mean()), float(xtr.std())  # from the full train split, before limiting
+        # Counted before limiting, so a tiny subset that misses a class keeps the right head size.
+        extra = {"name": dataset, "mean": mean, "std": std, "num_classes": int(max(ytr.max(), yte.max())) + 1}
     xtr, ytr = _subset(xtr, ytr, limit_train, seed)
     xte, yte = _subset(xte, yte, limit_test, seed + 1)
-    xtr, xte = xtr.sub_(mean).div_(std), xte.sub_(mean).div_(std)
-    info = {
-        "name": dataset,
-        "num_classes": num_classes,
-        "input_shape": tuple(xtr.shape[1:]),
-        "n_train": len(xtr),
-        "n_test": len(xte),
-        "mean": mean,
-        "std": std,
-    }
+    if not own:   # your own data came normalised per channel; this is after the (cheaper) subset
+        xtr, xte = xtr.sub_(extra["mean"]).div_(extra["std"]), xte.sub_(extra["mean"]).div_(extra["std"])
+    info = {"name": extra.pop("name"), "num_classes": extra.pop("num_classes"), "input_shape": tuple(xtr.shape[1:]),
+            "n_train": len(xtr), "n_test": len(xte), "mean": extra.pop("mean"), "std": extra.pop("std"), **extra}
     train = TensorLoader(xtr, ytr, batch_size, shuffle=True, seed=seed)
     test = TensorLoader(xte, yte, eval_batch_size, shuffle=False)
     return train, test, info
 
 
 def data_record(info: Dict[str, Any]) -> Dict[str, Any]:
-    """What a saved model records about the data it was trained on (name, input shape, classes, normalisation),
-    so that ``prunekit eval`` uses the same data or says when it does not."""
-    return {"name": info["name"], "input_shape": list(info["input_shape"]), "num_classes": info["num_classes"],
-            "mean": info["mean"], "std": info["std"]}
+    """What a saved model records about the data it was trained on (name, input shape, classes, normalisation;
+    for your own data also the class names and how it was read), so that ``prunekit eval`` uses the same data,
+    read the same way, or says when it does not."""
+    record = {"name": info["name"], "input_shape": list(info["input_shape"]), "num_classes": info["num_classes"],
+              "mean": info["mean"], "std": info["std"]}
+    record.update({k: info[k] for k in ("classes", "options", "split_seed") if info.get(k) is not None})
+    return record
+
+
+def recorded_options(record: Dict[str, Any]) -> Optional[DataOptions]:
+    """The :class:`DataOptions` that read the data of a saved model's ``data_record`` again the same way, with its
+    training mean and std (None: bundled data, nothing to set)."""
+    options = record.get("options")
+    if not isinstance(options, dict):
+        return None
+    try:
+        return DataOptions(**{**options, "mean": record["mean"], "std": record["std"]})
+    except (TypeError, KeyError) as e:
+        raise PrunekitError(f"the saved data record is malformed: {e}") from e
 
 
 def example_batch(info: Dict[str, Any], batch: int = 1) -> torch.Tensor:

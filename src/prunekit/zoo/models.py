@@ -13,15 +13,16 @@ saved checkpoint can say how to rebuild the architecture.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunekit._util import json_safe
 from prunekit.errors import InvalidTypeError, PrunekitError
 from prunekit.registry import Registry
+from prunekit.zoo.sources import build_source, is_source
 
 __all__ = ["MODELS", "LeNet300100", "LeNet5", "MLP", "VGGSmall", "build_model", "model_spec"]
 
@@ -220,33 +221,18 @@ class MobileNetV2CIFAR(nn.Module):
         return self.classifier(self.pool(self.head(self.blocks(self.stem(x)))))
 
 
-def _json_safe(value: Any, where: str) -> Any:
-    """Return ``value`` as it would come back from JSON (tuples -> lists); raise if it cannot."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise InvalidTypeError(f"{where} = {value!r}: non-finite floats cannot be saved as JSON")
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        bad = [k for k in value if not isinstance(k, str)]
-        if bad:
-            raise InvalidTypeError(f"{where} has non-string keys {bad!r}: not JSON-safe")
-        return {k: _json_safe(v, f"{where}[{k!r}]") for k, v in value.items()}
-    raise InvalidTypeError(f"{where} = {value!r} ({type(value).__name__}) is not JSON-safe; "
-                    "build_model only records plain numbers, strings, lists and dicts")
-
-
 def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the registered model ``name`` and record ``{"name", "kwargs"}`` on it.
 
     The spec is checked before building so a model that could not be saved is never
-    returned. Unknown names raise ``KeyError`` listing the known ones.
+    returned. Unknown names raise ``KeyError`` listing the known ones. A name with a colon is a
+    model source (``timm:resnet18``, ``hf:DIR``, ``file.py:function``: :mod:`prunekit.zoo.sources`);
+    this is what loading a saved spec calls, so a factory (code) is only built when trusted.
     """
+    if is_source(name):
+        return build_source(name, **kwargs)
     cls = MODELS.get(name)
-    safe_kwargs = {k: _json_safe(v, f"build_model({name!r}) argument {k}") for k, v in kwargs.items()}
+    safe_kwargs = {k: json_safe(v, f"build_model({name!r}) argument {k}") for k, v in kwargs.items()}
     try:
         model = cls(**kwargs)
     except TypeError as e:

@@ -1,4 +1,5 @@
-"""Import timm on a machine without torchvision (the tests and benchmarks use it; prunekit itself never imports timm).
+"""Import timm on a machine without torchvision (``timm:NAME`` model sources, the tests and the benchmarks use it;
+prunekit imports timm only through :func:`import_timm`, and only when a timm model is asked for).
 
 timm imports ``torchvision.ops.misc.FrozenBatchNorm2d`` (and some data transforms)
 at import time, but PyPI's torchvision is a CUDA build that cannot load next to the
