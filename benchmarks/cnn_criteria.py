@@ -3,18 +3,22 @@
 On a CNN, uniform per-layer sparsity kills the tiny first conv (at 90% each 5x5 filter of one input channel keeps
 2 or 3 weights), so Wanda, Taylor and SparseGPT, which rank within a layer or a row, trail one global magnitude
 ranking badly. ``allocation="magnitude"`` gives them the per-layer sparsities of that global ranking and lets each
-criterion choose *which* weights go within a layer; ``allocation="owl"`` gives the outlier-weighted ones.
+criterion choose *which* weights go within a layer; ``allocation="owl"`` gives the outlier-weighted ones;
+``allocation="sensitivity"`` (``+sens``) probes each layer's calibration loss pruned alone by the criterion itself
+and takes the least-cost sparsities (:mod:`prunekit.select.probe`).
 
-Setting (full): LeNet-5 (``prunekit.zoo``) trained on all of MNIST (4 epochs, seed 0, cached), 8 training batches
-of calibration data, target sparsity 0.9 over the two convs and the two hidden Linear layers (the classifier stays
-dense), then ``finetune=0`` (no training) and ``finetune=1`` (one epoch, lr 0.01, masks held fixed, the same
-batches for every method). Peer, in the same run: ``torch.nn.utils.prune.global_unstructured`` with L1 on the same
-tensors (it gives the same masks as prunekit's global magnitude up to ties).
+Setting (full): LeNet-5 (``prunekit.zoo``, Caffe's: conv 20, conv 50, fc 500, fc 10) trained on all of MNIST
+(4 epochs, seed 0, cached), 8 training batches of calibration data, target sparsity 0.9 over the two convs and the
+hidden Linear layer (the classifier stays dense), then ``finetune=0`` (no training) and ``finetune=1`` (one epoch,
+lr 0.01, masks held fixed, the same batches for every method). Peer, in the same run:
+``torch.nn.utils.prune.global_unstructured`` with L1 on the same tensors (the same masks as prunekit's global
+magnitude up to ties), fine-tuned with its pruning reparametrisation in place so that its zeros stay zero.
 
 JSON lines (../shared/BENCHMARKS.md): ``accuracy`` (top-1, %) with ``case`` =
 ``lenet5/<criterion>/sparsity=0.9/finetune=<0|1>``, where the criterion is ``magnitude/global``,
-``magnitude/layer``, ``wanda``, ``wanda+alloc``, ``wanda+owl``, ``taylor``, ``taylor+alloc``, ``sparsegpt``,
-``sparsegpt+alloc`` or ``torch.nn.utils.prune``; the ``magnitude/global`` rows carry torch's accuracy as ``peer``.
+``magnitude/layer``, ``wanda``, ``wanda+alloc``, ``wanda+owl``, ``wanda+sens``, ``taylor``, ``taylor+alloc``,
+``taylor+sens``, ``sparsegpt``, ``sparsegpt+alloc``, ``sparsegpt+sens`` or ``torch.nn.utils.prune``; the
+``magnitude/global`` rows carry torch's accuracy as ``peer``.
 Also ``sparsity`` (achieved, over the pruned tensors) per method, and the dense accuracy.
 
 Usage: ``python benchmarks/cnn_criteria.py [--quick] [--seed S] [--threads T]``.
@@ -49,18 +53,21 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "wanda": {"criterion": "wanda", "scope": "row"},
     "wanda+alloc": {"criterion": "wanda", "scope": "row", "allocation": "magnitude"},
     "wanda+owl": {"criterion": "wanda", "scope": "layer", "allocation": "owl"},
+    "wanda+sens": {"criterion": "wanda", "scope": "layer", "allocation": "sensitivity"},
     "taylor": {"criterion": "taylor", "scope": "layer"},
     "taylor+alloc": {"criterion": "taylor", "scope": "layer", "allocation": "magnitude"},
+    "taylor+sens": {"criterion": "taylor", "scope": "layer", "allocation": "sensitivity"},
     "sparsegpt": {"criterion": "sparsegpt"},
     "sparsegpt+alloc": {"criterion": "sparsegpt", "allocation": "magnitude"},
+    "sparsegpt+sens": {"criterion": "sparsegpt", "allocation": "sensitivity"},
 }
 
 
-def _torch_prune(model: torch.nn.Module, names: List[str], amount: float) -> None:
+def _torch_prune(model: torch.nn.Module, names: List[str], amount: float) -> list:
+    """Prune with torch; the reparametrisation (weight = weight_orig * mask) stays, so fine-tuning keeps the zeros."""
     params = [(model.get_submodule(n.rpartition(".")[0]), "weight") for n in names]
     tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=amount)
-    for module, pname in params:
-        tprune.remove(module, pname)
+    return params
 
 
 def _sparsity(model: torch.nn.Module, names: List[str]) -> float:
@@ -89,7 +96,8 @@ def run(args) -> None:
     results: Dict[str, Dict[int, float]] = {}
     for name, options in METHODS.items():
         model = copy.deepcopy(dense)
-        data = {"data": calib} if prunekit.api.needs_data(options["criterion"]) else {}
+        probed = options.get("allocation") == "sensitivity"   # the probe reads the batches too
+        data = {"data": calib} if probed or prunekit.api.needs_data(options["criterion"]) else {}
         with warnings.catch_warnings():  # floors and skipped layers are said in plan.notes, logged below
             warnings.simplefilter("ignore")
             plan = prunekit.prune(model, amount, seed=seed, **options, **data)
@@ -100,9 +108,12 @@ def run(args) -> None:
         C.emit(BENCH, f"{MODEL}/{name}/sparsity={amount}", "sparsity", _sparsity(model, names), "frac", seed=seed)
         C.log(f"  {name}: {results[name][0]:.2f}% -> {results[name][1]:.2f}% after one epoch")
     peer_model = copy.deepcopy(dense)
-    _torch_prune(peer_model, names, amount)
+    params = _torch_prune(peer_model, names, amount)
     peer = {0: 100 * evaluate(peer_model, test)["accuracy"]}
     peer[1] = 100 * evaluate(_finetuned(peer_model, train, seed), test)["accuracy"]
+    for module, pname in params:  # only now: removed before fine-tuning, the pruned weights would train back
+        tprune.remove(module, pname)
+    C.emit(BENCH, f"{MODEL}/{PEER}/sparsity={amount}", "sparsity", _sparsity(peer_model, names), "frac", seed=seed)
     for ft in (0, 1):
         for name, res in results.items():
             extra = {"peer": PEER, "peer_value": peer[ft], "lower_is_better": False} if name == "magnitude/global" else {}

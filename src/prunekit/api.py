@@ -20,13 +20,14 @@ from prunekit.apply import masking
 from prunekit.apply.biascorr import apply_with_correction
 from prunekit.criteria.base import CRITERIA, data_aware, get_criterion
 from prunekit.criteria.score import compute_scores
-from prunekit.criteria.stats import FEATURE_LAYERS, calibrate
+from prunekit.criteria.stats import COLLECTORS, FEATURE_LAYERS, calibrate
 from prunekit.errors import PrunekitError, UnknownNameError
 from prunekit.plan import Plan
 from prunekit.pruners import PRUNERS
-from prunekit.select.allocation import magnitude_allocation, owl_allocation
-from prunekit.select.amount import Amount, resolve_amount
+from prunekit.select.allocation import check_fraction, magnitude_allocation, owl_allocation
+from prunekit.select.amount import Amount
 from prunekit.select.coupling import couple_biases
+from prunekit.select.probe import LossProbe, selection_trial, sensitivity_allocation
 from prunekit.select.ranking import select
 from prunekit.select.rows import select_rows
 from prunekit.spec import Calibration, PruneSpec, split_options
@@ -42,7 +43,8 @@ def plan_pruning(model: nn.Module, amount: Optional[Amount] = None, *, spec: Opt
     (``unstructured``, ``structured`` with ``dim``/``norm``, ``nm`` with ``nm=(N, M)``), ``types``,
     ``include``/``exclude`` globs, ``include_classifier``, ``min_keep`` (per-layer floor of global
     ranking), ``seed``, ``normalize``, ``allocation`` (per-layer sparsities for layer/row ranking: ``uniform``,
-    ``magnitude``, ``owl``). Data-aware criteria (``taylor``, ``wanda``) take ``stats`` from
+    ``magnitude``, ``owl``, ``sensitivity``: each layer's loss on ``data`` probed with the criterion itself,
+    :mod:`prunekit.select.probe`). Data-aware criteria (``taylor``, ``wanda``) take ``stats`` from
     :func:`prunekit.criteria.collect`, or ``data`` (calibration batches, with ``forward_fn``/``loss_fn``),
     which runs them through the model with its state restored afterwards.
     """
@@ -59,14 +61,13 @@ def _plan(model: nn.Module, amount: Optional[Amount], spec: PruneSpec, calib: Ca
     streamed = crit.elementwise is not None and spec.scope != "row" and spec.pattern != "nm"
     if not streamed:
         _check_finite(model, names)
-    stats = calib.stats
-    if calib.data is not None:
-        stats = calibrate(crit.collector, model, calib.data, names, forward_fn=calib.forward_fn,
-                          loss_fn=calib.loss_fn)
+    stats = _stats(model, names, crit, spec, calib)
     current = masking.masks(model)
     current = {n: current[n] for n in names if n in current}
     scores = compute_scores(model, names, crit, seed=spec.seed, stats=stats)
-    if spec.allocation != "uniform":
+    if spec.allocation == "sensitivity":
+        amount = _probed_allocation(model, names, amount, spec, calib, scores, current)
+    elif spec.allocation != "uniform":
         amount = allocate(spec.allocation, model, names, amount, spec.min_keep, scores)
     if spec.scope == "row" and spec.pattern != "nm":
         plan = select_rows(scores, amount, min_keep=spec.min_keep, current=current)
@@ -86,21 +87,36 @@ def _plan(model: nn.Module, amount: Optional[Amount], spec: PruneSpec, calib: Ca
 
 def allocate(allocation: str, model: nn.Module, names, amount: Optional[Amount], min_keep: Amount,
              scores: Optional[Mapping[str, Any]] = None) -> Dict[str, float]:
-    """``{name: sparsity}`` for a total ``amount`` (see :mod:`prunekit.select.allocation`)."""
-    if isinstance(amount, bool) or not isinstance(amount, float):
-        raise PrunekitError(f"allocation={allocation!r} spreads a fraction over the layers; amount={amount!r} is "
-                            "not a fraction in [0, 1)")
-    resolve_amount(amount, 1)
+    """``{name: sparsity}`` for a total ``amount`` (see :mod:`prunekit.select.allocation`); ``sensitivity``
+    probes the model and is computed in :func:`plan_pruning` (:mod:`prunekit.select.probe`)."""
+    check_fraction(allocation, amount)
     if allocation == "sensitivity":
-        raise PrunekitError("allocation='sensitivity' is measured block by block by criterion='sequential' (decoder "
-                            "LLMs); for other models measure it with prunekit.analysis.sensitivity.analyze(...) and "
-                            "apply result.allocate(amount)")
+        raise PrunekitError("allocation='sensitivity' probes the model with the criterion: use prunekit.prune(..., "
+                            "allocation='sensitivity', data=...)")
     params = dict(model.named_parameters(remove_duplicate=False))
     if allocation == "magnitude":
         return magnitude_allocation({n: params[n] for n in names}, amount, min_keep)
     if scores is None:
         raise PrunekitError(f"allocation={allocation!r} needs the criterion's scores (a per-entry criterion)")
     return owl_allocation(scores, amount, {n: params[n].numel() for n in names})
+
+
+def _probed_allocation(model: nn.Module, names, amount, spec: PruneSpec, calib: Calibration, scores, current):
+    """``allocation="sensitivity"``: each layer pruned alone by this criterion and scope, its loss probed."""
+    check_fraction(spec.allocation, amount)
+    trial = selection_trial(scores, spec.scope, current, dict(model.named_parameters(remove_duplicate=False)))
+    probe = LossProbe(calib.data, calib.forward_fn, calib.loss_fn)
+    return sensitivity_allocation(model, names, amount, trial, probe, min_keep=spec.min_keep, current=current)
+
+
+def _stats(model: nn.Module, names, crit, spec: PruneSpec, calib: Calibration):
+    """The criterion's statistics: given, or collected from ``data`` (which may serve only the sensitivity
+    probe, for a criterion that needs none; so may ``loss_fn`` for one that takes no gradient)."""
+    if calib.data is None or not crit.needs_data:
+        return calib.stats
+    grads = getattr(COLLECTORS.get(crit.collector), "needs_grad", False)
+    loss_fn = calib.loss_fn if grads or spec.allocation != "sensitivity" else None
+    return calibrate(crit.collector, model, calib.data, names, forward_fn=calib.forward_fn, loss_fn=loss_fn)
 
 
 def _check_finite(model: nn.Module, names) -> None:
@@ -136,7 +152,10 @@ def _criterion(spec: PruneSpec, calib: Calibration):
         raise UnknownNameError(f"unknown criterion {spec.criterion!r}; known: "
                                f"{', '.join(CRITERIA.names() + PRUNERS.names())}")
     crit = get_criterion(spec.criterion)
-    if calib.data is not None and not crit.needs_data:
+    if spec.allocation == "sensitivity" and calib.data is None:
+        raise PrunekitError("allocation='sensitivity' probes each layer's loss on calibration batches: pass "
+                            "data=[(x, y), ...] (decoder LLMs: criterion='sequential' measures it block by block)")
+    if calib.data is not None and not crit.needs_data and spec.allocation != "sensitivity":
         raise PrunekitError(f"data=... is used by data-aware criteria only ({', '.join(data_aware())}, or "
                             f"prune(..., criterion='sparsegpt'), or prune(..., bias_correction=True)); "
                             f"got criterion={spec.criterion_name!r}")

@@ -4,8 +4,8 @@ import pytest
 from benchjson import check_convention, run_quick
 
 UNITS = {"accuracy": "%", "sparsity": "frac"}
-CRITERIA = ("magnitude/global", "magnitude/layer", "wanda", "wanda+alloc", "wanda+owl", "taylor", "taylor+alloc",
-            "sparsegpt", "sparsegpt+alloc", "torch.nn.utils.prune")
+CRITERIA = ("magnitude/global", "magnitude/layer", "wanda", "wanda+alloc", "wanda+owl", "wanda+sens", "taylor",
+            "taylor+alloc", "taylor+sens", "sparsegpt", "sparsegpt+alloc", "sparsegpt+sens", "torch.nn.utils.prune")
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def test_lines_follow_the_convention(records):
             r = acc[f"lenet5/{crit}/sparsity=0.9/finetune={ft}"]
             assert 0 <= r["value"] <= 100
     for r in records:
-        if r["metric"] == "sparsity":  # every method reaches the target over the pruned tensors
+        if r["metric"] == "sparsity":  # every method (torch too, after fine-tuning) reaches the target
             assert r["value"] == pytest.approx(0.9, abs=0.01), r["case"]
 
 

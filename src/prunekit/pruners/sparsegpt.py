@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunekit._util import progress_enabled
+from prunekit._util import check_choice, progress_enabled
 from prunekit.apply import masking
 from prunekit.bits import pack_bits
 from prunekit.criteria.stats import batches, check_reiterable, default_forward, preserved_state
@@ -38,6 +38,7 @@ from prunekit.plan import Plan, TensorPlan
 from prunekit.pruners.base import Pruner, register_pruner
 from prunekit.select.allocation import magnitude_allocation
 from prunekit.select.nm import parse_nm
+from prunekit.select.probe import LossProbe, sensitivity_allocation
 from prunekit.select.ranking import PruningShortfall, amount_of
 from prunekit.spec import Calibration, PruneSpec
 from prunekit.targets import select_targets
@@ -347,10 +348,12 @@ def sparsegpt_prune(model: nn.Module, data: Iterable, sparsity: Union[None, floa
                     nm: Optional[Tuple[int, int]] = None, names: Optional[Sequence[str]] = None,
                     blocksize: int = 128, damp: float = 0.01, seed: int = 0,
                     forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
-                    max_batches: Optional[int] = None, progress: Optional[bool] = None) -> Plan:
+                    max_batches: Optional[int] = None, progress: Optional[bool] = None,
+                    scope: str = "layer") -> Plan:
     """Prune the Linear and Conv1d/Conv2d layers ``names`` (default: all but the classifier) one-shot with
     SparseGPT; a conv is pruned per group on its unfolded input patches (im2col Hessian), grouped and
-    depthwise ones included.
+    depthwise ones included: ``scope="layer"`` spreads a grouped conv's sparsity over its groups by
+    saliency (:func:`group_sparsities`), ``"row"`` gives every group (every row) the same share.
 
     ``sparsity`` (fraction per layer) or ``nm=(N, M)``. ``data`` is re-iterated once
     per layer (a list or a DataLoader; see :mod:`prunekit.criteria.stats` for
@@ -362,18 +365,19 @@ def sparsegpt_prune(model: nn.Module, data: Iterable, sparsity: Union[None, floa
     """
     _check_target(sparsity, nm)
     _check_options(blocksize, damp)
+    check_choice(scope, SparseGPTPruner.scopes, "scope")
     check_reiterable(data, "sparsegpt")
     nm = None if nm is None else parse_nm(nm)
     notes: List[str] = []
     targets = _skip_nm(_targets(model, names, notes), nm, notes)
     if isinstance(sparsity, Mapping) and set(targets) - set(sparsity):
         raise PrunekitError(f"per-layer sparsities miss {sorted(set(targets) - set(sparsity))[:5]}")
-    plan = Plan(meta={"criterion": "sparsegpt", "scope": "layer",
+    plan = Plan(meta={"criterion": "sparsegpt", "scope": scope,
                       "pattern": "unstructured" if nm is None else "nm", "amount": sparsity,
                       "nm": list(nm) if nm else None, "blocksize": blocksize, "damp": damp, "seed": seed,
                       "targets": list(targets), "obs_loss": {}}, notes=notes)
     job = _Job(model, targets, data, forward_fn or default_forward, max_batches,
-               dict(sparsity=sparsity, nm=nm, blocksize=blocksize, damp=damp), masking.masks(model), plan)
+               dict(sparsity=sparsity, nm=nm, blocksize=blocksize, damp=damp, scope=scope), masking.masks(model), plan)
     try:
         with preserved_state(model), torch.no_grad():
             first = next(iter(data), None)
@@ -409,14 +413,43 @@ def _prune_groups(job: _Job, groups: List[List[str]], count: Dict[str, int], pro
 
 
 def obs_prune_layer(module: nn.Module, H: torch.Tensor, obs: Dict[str, Any], current: Optional[torch.Tensor]):
-    """obs_prune on each group's matrix; the weight and keep mask back in the layer's shape."""
+    """obs_prune on each group's matrix; the weight and keep mask back in the layer's shape.
+
+    A grouped conv's groups share the layer's sparsity as :func:`group_sparsities` says (``obs["scope"]``
+    "layer", the default) or each take it whole (``"row"``)."""
     w = module.weight
     mats, keeps = as_matrix(module, w.detach()), None if current is None else as_matrix(module, current)
-    out = [obs_prune(mats[g], H[g], obs["sparsity"], nm=obs["nm"], blocksize=obs["blocksize"], damp=obs["damp"],
+    shares = [obs["sparsity"]] * mats.shape[0]
+    if mats.shape[0] > 1 and obs["nm"] is None and obs.get("scope", "layer") == "layer":
+        shares = group_sparsities(mats, H, obs["sparsity"], obs["damp"], keeps)
+    out = [obs_prune(mats[g], H[g], shares[g], nm=obs["nm"], blocksize=obs["blocksize"], damp=obs["damp"],
                      keep=None if keeps is None else keeps[g]) for g in range(mats.shape[0])]
     new = from_matrix(module, torch.stack([o[0] for o in out]), tuple(w.shape))
     keep = from_matrix(module, torch.stack([o[1] for o in out]), tuple(w.shape))
     return new, keep, float(sum(o[2] for o in out))
+
+
+def group_sparsities(mats: torch.Tensor, H: torch.Tensor, sparsity: float, damp: float,
+                     keeps: Optional[torch.Tensor]) -> List[float]:
+    """Each group's sparsity when a grouped conv's groups share the layer's target by OBS saliency.
+
+    A depthwise conv's group is one filter of one channel: a uniform rate would strip a channel that
+    carries the signal as hard as a silent one. Pooling every group's initial saliency ``w^2 / [H^-1]_jj``
+    (its own Hessian) and pruning the ``round(sparsity * numel)`` lowest gives each group its count, so the
+    layer total stays exact; each group keeps its best weight, as obs_prune cannot empty a group.
+    """
+    sal = []
+    for g in range(mats.shape[0]):
+        U, dead = _inverse_cholesky(H[g].detach().to(torch.float64), damp)
+        s = _saliency(mats[g].to(torch.float64), torch.diagonal(U), dead,
+                      None if keeps is None else ~keeps[g].bool())
+        s.reshape(-1)[torch.argmax(s.reshape(-1))] = math.inf   # the group's best weight stays
+        sal.append(s.reshape(-1))
+    flat = torch.cat(sal)
+    k = min(max(round(sparsity * flat.numel()), int(torch.isneginf(flat).sum())), flat.numel() - len(sal))
+    pruned = torch.zeros(flat.numel(), dtype=torch.bool)
+    pruned[torch.argsort(flat, stable=True)[:k]] = True
+    return [float(c) / mats[g].numel() for g, c in enumerate(pruned.reshape(len(sal), -1).sum(1))]
 
 
 def keep_plan(name: str, keep: torch.Tensor, nm) -> TensorPlan:
@@ -433,25 +466,59 @@ class SparseGPTPruner(Pruner):
     :func:`sparsegpt_prune` (Linear and Conv1d/Conv2d layers by default; ``blocksize``, ``damp``, ``max_batches``, ``progress``)."""
 
     patterns = ("unstructured", "nm")
-    scopes = ("layer", "row")  # every layer (every row) to the same sparsity
+    scopes = ("layer", "row")  # row: every row (every group of a grouped conv) to the same sparsity
     options = ("blocksize", "damp", "max_batches", "progress")
 
     def prune(self, model: nn.Module, amount, spec: PruneSpec, calib: Calibration, **options: Any) -> Plan:
         if calib.data is None:
             raise PrunekitError("sparsegpt needs calibration data: prune(..., criterion='sparsegpt', data=batches)")
-        if calib.stats is not None or calib.loss_fn is not None:
-            raise PrunekitError("sparsegpt collects its own statistics from data=...: it takes no stats or loss_fn")
+        if calib.stats is not None or (calib.loss_fn is not None and spec.allocation != "sensitivity"):
+            raise PrunekitError("sparsegpt collects its own statistics from data=...: it takes no stats, and loss_fn "
+                                "only for allocation='sensitivity'")
         names = select_targets(model, types=["Linear", "Conv1d", "Conv2d"] if spec.types is None else spec.types,
                                include=spec.include,
                                exclude=spec.exclude, include_classifier=spec.include_classifier)
-        common = dict(names=names, seed=spec.seed, forward_fn=calib.forward_fn, **options)
+        common = dict(names=names, seed=spec.seed, forward_fn=calib.forward_fn, scope=spec.scope, **options)
         if spec.pattern == "nm":
             return sparsegpt_prune(model, calib.data, nm=spec.nm, **common)
         if amount is None:
             raise PrunekitError("amount is required: a fraction in [0, 1)")
         if spec.allocation == "owl":
-            raise PrunekitError("sparsegpt takes allocation 'uniform' or 'magnitude' (owl needs per-entry scores)")
-        if spec.allocation == "magnitude":  # the per-layer sparsities of one global |w| ranking
+            raise PrunekitError("sparsegpt takes allocation 'uniform', 'magnitude' or 'sensitivity' (owl needs "
+                                "per-entry scores)")
+        if spec.allocation != "uniform":
             _check_target(amount, None)
+        if spec.allocation == "magnitude":  # the per-layer sparsities of one global |w| ranking
             amount = magnitude_allocation({n: model.get_parameter(n) for n in names}, amount, spec.min_keep)
+        if spec.allocation == "sensitivity":  # each layer reconstructed alone at a few sparsities, its loss probed
+            amount = _probed_allocation(model, names, amount, spec, calib, options)
         return sparsegpt_prune(model, calib.data, amount, **common)
+
+
+def _probed_allocation(model: nn.Module, names, amount: float, spec: PruneSpec, calib: Calibration,
+                       options: Mapping[str, Any]) -> Dict[str, float]:
+    """``allocation="sensitivity"`` with SparseGPT's own layer solve as the trial (:mod:`prunekit.select.probe`)."""
+    targets = _targets(model, names, [])
+    forward_fn = calib.forward_fn or default_forward
+    obs = dict(nm=None, blocksize=options.get("blocksize", 128), damp=options.get("damp", 0.01), scope=spec.scope)
+    _check_options(obs["blocksize"], obs["damp"])
+    check_reiterable(calib.data, "sparsegpt")
+    with preserved_state(model), torch.no_grad():
+        first = next(iter(calib.data), None)
+        if first is None:
+            raise PrunekitError("the calibration data yielded no batch")
+        _, count = record_calls(model, targets, first, forward_fn)
+    current = masking.masks(model)
+    hessian: Dict[str, torch.Tensor] = {}   # the layer being probed only: one H in memory at a time
+
+    def trial(name: str, sparsity: float) -> torch.Tensor:
+        if name not in hessian:
+            hessian.clear()
+            with preserved_state(model), torch.no_grad():
+                hessian[name] = _hessian(model, targets[name], calib.data, forward_fn, options.get("max_batches"),
+                                         stop_early=count[name] == 1)
+        return obs_prune_layer(targets[name], hessian[name], {**obs, "sparsity": sparsity}, current.get(name))[0]
+
+    probe = LossProbe(calib.data, calib.forward_fn, calib.loss_fn)
+    return sensitivity_allocation(model, list(targets), amount, trial, probe, min_keep=spec.min_keep,
+                                  current={n: current[n] for n in targets if n in current})

@@ -7,6 +7,7 @@
 - :mod:`~prunekit.select.threshold`: the exact global k-th score, streamed chunk by chunk;
 - :mod:`~prunekit.select.amount`: the ``amount`` / ``min_keep`` conventions;
 - :mod:`~prunekit.select.allocation`: per-layer sparsities (``magnitude``, ``owl``) for layer/row ranking;
+- :mod:`~prunekit.select.probe`: ``allocation="sensitivity"``: each layer's calibration loss probed with the criterion;
 - :mod:`~prunekit.select.coupling`: coupled tensors (a bias follows its weight's removed rows).
 """
 from prunekit.select.allocation import ALLOCATIONS, magnitude_allocation, owl_allocation

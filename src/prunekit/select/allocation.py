@@ -5,8 +5,9 @@ or per row (Wanda, Taylor, SparseGPT), so that small, sensitive layers are not p
 - ``magnitude``: the sparsities one global ``|w|`` ranking would give (what makes global magnitude pruning
   strong on CNNs, where a 3x3 first conv cannot lose 90% of its weights);
 - ``sensitivity`` / least loss (:func:`least_cost_allocation`): given each tensor's measured cost at a few sparsities (a
-  sensitivity analysis; the sequential LLM pruner's per-block errors), the sparsities that meet the target
-  with the least summed cost (piecewise-linear curves, their lower convex hulls walked greedily);
+  sensitivity analysis; the sequential LLM pruner's per-block errors; for ``prunekit.prune`` each layer's
+  calibration loss pruned alone by the criterion itself, :mod:`prunekit.select.probe`), the sparsities that meet
+  the target with the least summed cost (piecewise-linear curves, their lower convex hulls walked greedily);
 - ``owl``: outlier-weighted layerwise sparsity (Yin et al. 2024): a tensor whose scores have more outliers
   (entries above ``OWL_M`` times the tensor's mean score) keeps more, within ``target ± OWL_LAMBDA``.
 
@@ -21,7 +22,7 @@ import torch
 
 from prunekit.criteria.score import Elementwise
 from prunekit.errors import PrunekitError
-from prunekit.select.amount import Amount
+from prunekit.select.amount import Amount, resolve_amount
 from prunekit.select.ranking import select
 from prunekit.select.sources import ScoreLike, as_source
 from prunekit.select.threshold import full_scores
@@ -58,6 +59,14 @@ def owl_allocation(scores: Mapping[str, ScoreLike], amount: float, sizes: Mappin
     total = sum(sizes.values())
     shift = amount - sum(raw[n] * sizes[n] for n in raw) / total   # back to the target on average
     return {n: min(max(v + shift, 0.0), 0.999) for n, v in raw.items()}
+
+
+def check_fraction(allocation: str, amount: object) -> None:
+    """An allocation spreads a fraction over the layers: an int count (or anything else) is refused."""
+    if isinstance(amount, bool) or not isinstance(amount, float):
+        raise PrunekitError(f"allocation={allocation!r} spreads a fraction over the layers; amount={amount!r} is "
+                            "not a fraction in [0, 1)")
+    resolve_amount(amount, 1)
 
 
 def check_allocation(allocation: str, scope: str) -> None:
