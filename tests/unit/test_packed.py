@@ -241,3 +241,85 @@ def test_to_sparse_packs_a_bfloat16_decoder():
 def test_to_sparse_refuses_unknown_formats():
     with pytest.raises(PrunekitError, match="allowed: bitmask, nm24, csr8"):
         to_sparse(nn.Linear(4, 4), torch.randn(1, 4), formats=("bsr",))
+
+
+@needs_native
+def test_copies_and_swapped_buffers_get_their_own_native_call():
+    """The module caches its native call (raw pointers): a deep copy and a swapped buffer must not reuse it."""
+    import copy
+    import gc
+
+    w = sparse_weight(40, 128, "bitmask", torch.float32)
+    mod, x = PackedLinear(w), torch.randn(1, 128)
+    y = mod(x)
+    clone = copy.deepcopy(mod)
+    del mod
+    gc.collect()
+    assert torch.equal(clone(x), y)
+    with torch.no_grad():
+        clone.values.mul_(2)               # in place: the same tensor, a new version
+    assert torch.allclose(clone(x), 2 * y, atol=1e-5)
+    clone.values = clone.values / 2        # a new tensor in the buffer's place
+    assert torch.allclose(clone(x), y, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("min_speedup,packs", [(1.1, True), (50.0, False)])
+def test_the_whole_model_decides_for_packed_formats(fake_ladder, min_speedup, packs):
+    """Alone, every layer measures dense fastest; the whole model runs faster with every layer packed as bitmask:
+    they are all converted (only if the whole model gains min_speedup over dense), with the whole model's speedup."""
+    model = pruned_tiny_llama()
+
+    def times(key, batch):
+        if key.startswith("model:"):
+            return {"model:as measured": 10.0, "model:dense": 10.0, "model:packed_bitmask": 4.0}.get(key, 9.0)
+        return 1.0 if key.startswith("d_") else 2.0
+
+    fake_ladder(times)
+    new, report = to_sparse(model, torch.tensor([[5]]), min_speedup=min_speedup, formats=("bitmask", "csr8"))
+    blocks = [e for e in report if e["name"] != "lm_head"]   # the tied lm_head is dense: no candidate
+    assert len(blocks) == 14 and all(set(e["model_ms"]) == {"as measured", "dense", "packed_bitmask", "packed_csr8"}
+                                     for e in blocks)
+    for e in blocks:
+        mod = new.get_submodule(e["name"])
+        assert e["converted"] == packs and isinstance(mod, PackedLinear) == packs
+        if packs:
+            assert e["kernel"] == "packed_bitmask" and e["speedup"] == pytest.approx(10.0 / 4.0)
+            assert "with 14 layer(s), after timing the whole model" in e["reason"]
+    with torch.no_grad():
+        ids = torch.tensor([[1, 2, 3]])
+        assert (model(ids).logits - new(ids).logits).abs().max() < 1e-4
+
+
+@needs_native
+def test_whole_model_timing_can_be_switched_off(fake_ladder):
+    model = pruned_tiny_llama()
+    fake_ladder(lambda key, batch: 4.0 if key == "model:packed_bitmask" else 1.0 if key.startswith("d_") else 2.0)
+    new, report = to_sparse(model, torch.tensor([[5]]), model_timing=False)
+    assert not any(e["converted"] or "model_ms" in e for e in report)
+
+
+@needs_native
+@pytest.mark.skipif(not native.simd(), reason="the library here is already the portable one")
+def test_portable_loop_computes_what_the_vector_loop_computes(tmp_path):
+    """A CPU without AVX-512 runs the portable C loop: build it here (-mno-avx512f) and compare."""
+    import ctypes
+    import shutil
+    import subprocess
+    from importlib import resources
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    src = resources.files("prunekit.deploy").joinpath("_native", "packed.c")
+    so = tmp_path / "portable.so"
+    subprocess.run([cc, "-O2", "-fPIC", "-shared", "-mno-avx512f", str(src), "-o", str(so), "-lm"], check=True)
+    lib = ctypes.CDLL(str(so))
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.prunekit_packed_mv.argtypes = [cint, cint, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, cint]
+    assert lib.prunekit_packed_simd() == 0
+    g = torch.Generator().manual_seed(3)
+    for fmt, dtype, (out_f, in_f) in cases():
+        kernel = packed.Kernel(packed.pack(sparse_weight(out_f, in_f, fmt, dtype), fmt), torch.randn(out_f))
+        x = torch.randn(3, in_f, generator=g)
+        y = torch.empty(3, out_f)
+        assert lib.prunekit_packed_mv(*kernel.args, 3, x.data_ptr(), y.data_ptr(), 1) == 0
+        assert torch.allclose(y, kernel(x), atol=1e-5, rtol=1e-5), (fmt, dtype, out_f, in_f)

@@ -226,7 +226,8 @@ def test_measured_conversion_on_this_machine():
     new, report = to_sparse(model, x, threads=1, repeat=3)
     for r in report:
         assert r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["dense_form"] in sparse.DENSE_FORMS
-        assert r["kernel"] in sparse.KERNELS and r["threads"] == 1 and r["batch"] == 4
+        assert r["kernel"] in sparse.KERNELS or r["kernel"].startswith(sparse.PACKED_PREFIX)
+        assert r["threads"] == 1 and r["batch"] == 4
         assert r["cold_cache"] is False  # a tiny model stays in the cache: measured warm
         assert r["converted"] == (r["speedup"] >= 1.1)
     with torch.no_grad():

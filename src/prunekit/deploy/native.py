@@ -140,7 +140,7 @@ def _load() -> Tuple[Optional[ctypes.CDLL], str]:
 def _declare_packed(lib: ctypes.CDLL) -> None:
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.prunekit_packed_mv.restype = cint
-    lib.prunekit_packed_mv.argtypes = [cint, cint, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, cint]
+    lib.prunekit_packed_mv.argtypes = [cint, cint, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, cint]
     lib.prunekit_packed_unpack.restype = cint
     lib.prunekit_packed_unpack.argtypes = [cint, cint, i64, i64, ptr, ptr, ptr, ptr, ptr]
     lib.prunekit_packed_simd.restype = cint

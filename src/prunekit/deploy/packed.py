@@ -18,13 +18,11 @@ threads, results independent of the thread count). Without a C compiler the same
 torch on the unpacked weight (correct, slow: :func:`prunekit.deploy.sparse.to_sparse` measures before it
 converts, so it will not choose them then).
 
-:class:`PackedLinear` runs up to ``max_rows`` rows per call on the kernel (in steps of 8, the kernel's
-batch) and unpacks the weight for larger inputs (a prompt), where a dense GEMM is faster than reading
-the packed weight once per 8 rows.
+:class:`PackedLinear` runs up to ``max_rows`` rows per call on the kernel (which reads the packed weight
+once per 8 rows) and unpacks the weight for larger inputs (a prompt), where one dense GEMM is faster.
 """
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -35,13 +33,12 @@ from torch import nn
 from prunekit.deploy import native
 from prunekit.errors import PrunekitError
 
-__all__ = ["FORMATS", "PackedWeight", "PackedLinear", "pack", "unpack", "matvec", "packed_bytes",
-           "dense_bytes", "format_problem"]
+__all__ = ["FORMATS", "PackedWeight", "PackedLinear", "Kernel", "pack", "unpack", "matvec", "packed_bytes",
+           "dense_bytes", "format_problem", "check"]
 
 FORMATS = ("bitmask", "nm24", "csr8")
 _FMT_CODE = {"bitmask": 0, "nm24": 1, "csr8": 2}
 VALUE_DTYPES = (torch.float32, torch.bfloat16)
-KERNEL_BATCH = 8  # rows one kernel call takes (_native/packed.c MAXB)
 PAD = 16          # trailing value slots: the vector loop loads 16 values and expands the ones it needs
 MAX_ROWS = 8      # default: inputs with more rows (a prompt) unpack the weight and run one dense GEMM
 
@@ -119,28 +116,24 @@ def _pad(values: torch.Tensor) -> torch.Tensor:
 
 
 def _csr8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rowptr, delta, values) with 8-bit column steps; a gap over 255 inserts explicit zeros."""
-    rows, vals, steps, ptr = [], [], [], [0]
-    for r in range(weight.shape[0]):
-        cols = torch.nonzero(weight[r], as_tuple=True)[0]
-        prev = torch.cat([cols.new_zeros(1), cols[:-1]])
-        gaps = cols - prev
-        extra = torch.clamp((gaps - 1) // 255, min=0)  # explicit zeros before each kept column
-        n_extra = int(extra.sum())
-        if n_extra == 0:
-            steps.append(gaps.to(torch.uint8))
-            vals.append(weight[r, cols])
-        else:
-            d, v = [], []
-            for col, gap, e in zip(cols.tolist(), gaps.tolist(), extra.tolist()):
-                d += [255] * e + [gap - 255 * e]
-                v += [0.0] * e + [float(weight[r, col])]
-            steps.append(torch.tensor(d, dtype=torch.uint8))
-            vals.append(torch.tensor(v, dtype=weight.dtype))
-        rows.append(r)
-        ptr.append(ptr[-1] + steps[-1].numel())
-    return (torch.tensor(ptr, dtype=torch.int32), torch.cat(steps),
-            torch.cat(vals).to(weight.dtype))
+    """(rowptr, delta, values) with 8-bit column steps (the first from column 0); a gap of more than 255
+    columns is bridged by explicit zeros, each a step of 255."""
+    rows, cols = torch.nonzero(weight, as_tuple=True)  # row-major: rows ascending, columns ascending within
+    first = torch.ones_like(rows, dtype=torch.bool)
+    first[1:] = rows[1:] != rows[:-1]
+    prev = torch.where(first, torch.zeros_like(cols), torch.roll(cols, 1))
+    gaps = cols - prev
+    extra = torch.clamp((gaps - 1) // 255, min=0)  # explicit zeros before each kept weight
+    counts = extra + 1
+    ends = torch.cumsum(counts, 0) - 1            # where each kept weight lands
+    total = int(counts.sum()) if counts.numel() else 0
+    delta = torch.full((total,), 255, dtype=torch.int64)
+    values = weight.new_zeros(total)
+    delta[ends] = gaps - 255 * extra
+    values[ends] = weight[rows, cols]
+    per_row = torch.zeros(weight.shape[0], dtype=torch.int64).index_add_(0, rows, counts)
+    rowptr = torch.cat([per_row.new_zeros(1), torch.cumsum(per_row, 0)]).to(torch.int32)
+    return rowptr, delta.to(torch.uint8), values
 
 
 def pack(weight: torch.Tensor, fmt: str = "bitmask") -> PackedWeight:
@@ -236,10 +229,6 @@ def _check_csr8(pw: PackedWeight, out_f: int, in_f: int) -> None:
 
 
 # --------------------------------------------------------------------------------- products
-def _ptr(t: Optional[torch.Tensor]):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
-
-
 def unpack(pw: PackedWeight) -> torch.Tensor:
     """The dense (out, in) weight in the values' dtype (exact: packing never rounds)."""
     out_f, in_f = pw.shape
@@ -247,8 +236,8 @@ def unpack(pw: PackedWeight) -> torch.Tensor:
     if lib is not None:
         dense = torch.empty(out_f, in_f, dtype=torch.float32)
         code = lib.prunekit_packed_unpack(_FMT_CODE[pw.fmt], int(pw.values.dtype == torch.bfloat16), out_f, in_f,
-                                          _ptr(pw.mask), _ptr(pw.delta), _ptr(pw.rowptr), _ptr(pw.values),
-                                          _ptr(dense))
+                                          _addr(pw.mask), _addr(pw.delta), _addr(pw.rowptr), _addr(pw.values),
+                                          _addr(dense))
         if code != 0:
             raise RuntimeError(f"native unpack rejected its arguments (code {code})")
         return dense.to(pw.values.dtype)
@@ -276,29 +265,46 @@ def _unpack_torch(pw: PackedWeight) -> torch.Tensor:
     return dense
 
 
-def matvec(pw: PackedWeight, x2: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           threads: Optional[int] = None) -> torch.Tensor:
-    """``x2 @ W.T + bias`` in float32 for a :func:`check`-ed ``pw`` and a (rows, in) input (any rows:
-    the kernel takes 8 at a time). Without the native library, through torch on the unpacked weight."""
-    out_f, in_f = pw.shape
-    if x2.dim() != 2 or x2.shape[1] != in_f:
-        raise PrunekitError(f"packed matvec needs input of shape (rows, {in_f}), got {tuple(x2.shape)}")
-    xf = x2.detach().to(torch.float32).contiguous()
-    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    lib = native.library()
-    if lib is None:
-        return F.linear(xf, _unpack_torch(pw).to(torch.float32), b)
-    y = torch.empty(xf.shape[0], out_f, dtype=torch.float32)
-    n_threads = int(threads or torch.get_num_threads())
-    for r0 in range(0, xf.shape[0], KERNEL_BATCH):
-        r1 = min(r0 + KERNEL_BATCH, xf.shape[0])
-        code = lib.prunekit_packed_mv(_FMT_CODE[pw.fmt], int(pw.values.dtype == torch.bfloat16), out_f, in_f,
-                                      r1 - r0, _ptr(pw.mask), _ptr(pw.delta), _ptr(pw.rowptr), _ptr(pw.values),
-                                      ctypes.c_void_p(xf[r0].data_ptr()), _ptr(b),
-                                      ctypes.c_void_p(y[r0].data_ptr()), n_threads)
+class Kernel:
+    """``x2 @ W.T + bias`` for one :func:`check`-ed weight, with the C call's weight arguments made once.
+
+    Why a class: at batch 1 a SmolLM2 layer takes tens of microseconds, and building the dozen ctypes
+    arguments on every call cost as much (a decode step calls 210 layers). ``__call__`` takes a float32
+    contiguous (rows, in) input and returns float32 (rows, out)."""
+
+    def __init__(self, pw: PackedWeight, bias: Optional[torch.Tensor] = None):
+        self.lib = native.library()
+        if self.lib is None:
+            raise RuntimeError(f"the native packed kernels are not available: {native.unavailable_reason()}")
+        self.pw, self.out_features = pw, pw.shape[0]
+        self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        self.fn = self.lib.prunekit_packed_mv
+        self.args = (_FMT_CODE[pw.fmt], int(pw.values.dtype == torch.bfloat16), pw.shape[0], pw.shape[1],
+                     _addr(pw.mask), _addr(pw.delta), _addr(pw.rowptr), pw.values.data_ptr(), _addr(self.bias))
+
+    def __call__(self, x2: torch.Tensor, threads: Optional[int] = None) -> torch.Tensor:
+        y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
+        code = self.fn(*self.args, x2.shape[0], x2.data_ptr(), y.data_ptr(), threads or torch.get_num_threads())
         if code != 0:
             raise RuntimeError(f"native packed kernel rejected its arguments (code {code})")
-    return y
+        return y
+
+
+def _addr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def matvec(pw: PackedWeight, x2: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           threads: Optional[int] = None) -> torch.Tensor:
+    """``x2 @ W.T + bias`` in float32 for a :func:`check`-ed ``pw`` and a (rows, in) input. Without the
+    native library, through torch on the unpacked weight."""
+    if x2.dim() != 2 or x2.shape[1] != pw.shape[1]:
+        raise PrunekitError(f"packed matvec needs input of shape (rows, {pw.shape[1]}), got {tuple(x2.shape)}")
+    xf = x2.detach().to(torch.float32).contiguous()
+    if native.library() is None:
+        b = None if bias is None else bias.detach().to(torch.float32)
+        return F.linear(xf, _unpack_torch(pw).to(torch.float32), b)
+    return Kernel(pw, bias)(xf, threads)
 
 
 # --------------------------------------------------------------------------------- module
@@ -322,20 +328,41 @@ class PackedLinear(nn.Module):
                 self.register_buffer(name, None)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self._checked: Optional[tuple] = None
+        self._kernel: Optional[Kernel] = None
+
+    def __getstate__(self):
+        """Copies (deepcopy) rebuild the native call for their own buffers: it holds raw pointers."""
+        state = dict(self.__dict__)
+        state["_kernel"], state["_checked"] = None, None
+        return state
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str = "bitmask", max_rows: int = MAX_ROWS) -> "PackedLinear":
         return cls(linear.weight, linear.bias, fmt=fmt, max_rows=max_rows)
 
     def packed(self) -> PackedWeight:
-        """The module's buffers as a validated :class:`PackedWeight`."""
+        """The module's buffers as a validated :class:`PackedWeight` (validated again after any change)."""
         pw = PackedWeight(self.fmt, (self.out_features, self.in_features), self.values, mask=self.mask,
                           rowptr=self.rowptr, delta=self.delta)
-        key = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in pw.tensors().values())
-        if key != self._checked:
+        if self._key() != self._checked:
             check(pw)
-            self._checked = key
+            self._checked, self._kernel = self._key(), None
         return pw
+
+    def _key(self) -> tuple:
+        """Which tensors the buffers are, and how often they were written: load_state_dict copies in place
+        (the version moves), assigning a buffer swaps the tensor (the identity moves)."""
+        v, m, r, d, b = self.values, self.mask, self.rowptr, self.delta, self.bias
+        return (id(v), v._version, id(m), m is not None and m._version, id(r), r is not None and r._version,
+                id(d), d is not None and d._version, id(b), b is not None and b._version)
+
+    def kernel(self) -> Optional[Kernel]:
+        """The ready-made native call for the current buffers (None without the native library)."""
+        if self._kernel is not None and self._key() == self._checked:
+            return self._kernel
+        pw = self.packed()
+        self._kernel = Kernel(pw, self.bias) if native.library() is not None else None
+        return self._kernel
 
     @property
     def weight(self) -> torch.Tensor:
@@ -343,12 +370,15 @@ class PackedLinear(nn.Module):
         return unpack(self.packed())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pw = self.packed()
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] > self.max_rows or (torch.is_grad_enabled() and x2.requires_grad):
-            y = F.linear(x2, unpack(pw).to(x2.dtype), None if self.bias is None else self.bias.to(x2.dtype))
+        kernel = self.kernel()
+        if kernel is None or x2.shape[0] > self.max_rows or (x2.requires_grad and torch.is_grad_enabled()):
+            w = unpack(self.packed()).to(x2.dtype)
+            y = F.linear(x2, w, None if self.bias is None else self.bias.to(x2.dtype))
         else:
-            y = matvec(pw, x2, self.bias).to(x2.dtype)
+            xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
+            y = kernel(xf)
+            y = y if x2.dtype == torch.float32 else y.to(x2.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def to_linear(self) -> nn.Linear:

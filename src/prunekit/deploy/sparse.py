@@ -427,14 +427,18 @@ def _linear_candidates(w: torch.Tensor, b: Optional[torch.Tensor], x2: torch.Ten
 PACKED_PREFIX = "packed_"  # kernel names of the packed formats: packed_bitmask, packed_nm24, packed_csr8
 
 
-def _packed_candidates(w: torch.Tensor, b: Optional[torch.Tensor], x2: torch.Tensor,
-                       formats: Sequence[str]) -> Dict[str, Callable[[], Any]]:
-    """``packed_<fmt>`` fns for the packed formats this weight fits (:mod:`prunekit.deploy.packed`); none
-    without the native library (their torch fallback unpacks on every call) or above ``packed.MAX_ROWS`` rows."""
+def _packed_candidates(module: nn.Linear, x2: torch.Tensor, formats: Sequence[str]) -> Dict[str, PackedLinear]:
+    """``packed_<fmt>``: a :class:`PackedLinear` of the layer for each packed format its weight fits
+    (:mod:`prunekit.deploy.packed`); none without the native library (the fallback unpacks on every call) or
+    above ``packed.MAX_ROWS`` rows. Timed through ``forward``, as they will run."""
     if not formats or native.library() is None or x2.shape[0] > packed.MAX_ROWS:
         return {}
-    return {PACKED_PREFIX + fmt: functools.partial(packed.matvec, packed.pack(w, fmt), x2, b)
-            for fmt in formats if packed.format_problem(w, fmt) is None}
+    return {PACKED_PREFIX + fmt: PackedLinear.from_linear(module, fmt=fmt).eval()
+            for fmt in formats if packed.format_problem(module.weight.detach(), fmt) is None}
+
+
+def _calls(modules: Dict[str, nn.Module], x: torch.Tensor) -> Dict[str, Callable[[], Any]]:
+    return {k: functools.partial(m.forward, x) for k, m in modules.items()}
 
 
 def _best(times: Dict[str, float], names: Sequence[str]) -> Tuple[str, float]:
@@ -517,7 +521,11 @@ def measure_break_even(out_features: int, in_features: int, batch: int, *,
             w = _random_sparse(out_features, in_features, s, gen, dtype)
             b = torch.randn(out_features, generator=gen, dtype=dtype)
             dense, sparse = _linear_candidates(w, b, x, csr=dtype in _DTYPES)
-            sparse.update(_packed_candidates(w, b, x, formats))
+            layer = nn.Linear(in_features, out_features, dtype=dtype)
+            with torch.no_grad():
+                layer.weight.copy_(w)
+                layer.bias.copy_(b)
+            sparse.update(_calls(_packed_candidates(layer, x, formats), x))
             t = _median_ms({**{"d_" + k: f for k, f in dense.items()}, **{"s_" + k: f for k, f in sparse.items()}},
                            repeat, evict=evict)
             form, dense_ms = _best(t, ["d_" + k for k in DENSE_FORMS])
@@ -624,16 +632,17 @@ def _measure_linear(module: nn.Linear, x: torch.Tensor, entry: Dict[str, Any], o
     w, b = module.weight.detach(), None if module.bias is None else module.bias.detach()
     x2 = x.reshape(-1, module.in_features)
     dense, sparse = _linear_candidates(w, b, x2, csr=w.dtype in _DTYPES)
-    sparse.update(_packed_candidates(w, b, x2, opts["formats"]))
+    packs = _packed_candidates(module, x2, opts["formats"])
+    sparse.update(_calls(packs, x2))
     t = _median_ms({**{"d_" + k: f for k, f in dense.items()}, **{"s_" + k: f for k, f in sparse.items()}},
                    opts["repeat"], evict=opts["evict"])
     form, dense_ms = _best(t, ["d_" + k for k in DENSE_FORMS])
     kernels = {k: t["s_" + k] for k in sparse}
     csr = {k: v for k, v in kernels.items() if not k.startswith(PACKED_PREFIX)}
-    best_packed = min((k for k in kernels if k.startswith(PACKED_PREFIX)), key=kernels.get, default=None)
+    best_packed = min(packs, key=kernels.get, default=None)
     mm_min = native_max = None
     if best_packed is not None and (not csr or kernels[best_packed] < min(csr.values())):
-        sparse_mod: nn.Module = PackedLinear.from_linear(module, fmt=best_packed[len(PACKED_PREFIX):])
+        sparse_mod: nn.Module = packs[best_packed]
         kernel = best_packed
     else:
         mm_min, native_max, variant = _kernel_rules(w, b, x2, csr, opts)
@@ -766,13 +775,15 @@ def _check_options(min_speedup: float, min_sparsity: float, repeat: int) -> None
 def to_sparse(model: nn.Module, example_inputs: Any, *, min_speedup: float = 1.1,
               layers: Optional[Sequence[str]] = None, measure: bool = True, min_sparsity: float = 0.0,
               types: Sequence[str] = TYPES, threads: Optional[int] = None, repeat: int = 7,
-              cold_cache: Optional[bool] = None,
-              formats: Sequence[str] = packed.FORMATS) -> Tuple[nn.Module, List[Dict[str, Any]]]:
+              cold_cache: Optional[bool] = None, formats: Sequence[str] = packed.FORMATS,
+              model_timing: bool = True) -> Tuple[nn.Module, List[Dict[str, Any]]]:
     """A copy of ``model`` whose Linear/Conv2d layers run on sparse kernels where that measurably pays.
 
     The kernels: torch's CSR kernels, prunekit's native CSR kernel, and (Linear layers, up to
     ``packed.MAX_ROWS`` rows, float32 or bfloat16) the packed ``formats`` of :mod:`prunekit.deploy.packed`
     (bitmask, 2:4, 8-bit-delta CSR: about one index bit per weight, for memory-bound batch-1 decoding).
+    ``model_timing``: then also time the whole model with every layer that fits it in one packed format, and
+    keep that where it beats the layer-by-layer choices (see :func:`_settle_packed`).
 
     Each candidate layer (``layers``: module names or globs; default all of ``types``) is timed on this
     machine, on the input it receives from ``example_inputs`` (so at that batch size), against the best
@@ -786,7 +797,8 @@ def to_sparse(model: nn.Module, example_inputs: Any, *, min_speedup: float = 1.1
 
     Returns ``(sparse_model, report)``: one dict per candidate with ``name, type, shape, sparsity, batch,
     dense_ms, dense_form, sparse_ms, kernel, speedup, mm_min_batch, native_max_batch, kernels_ms, converted,
-    reason, threads, cold_cache``.
+    reason, threads, cold_cache`` (and ``model_ms``, the whole-model times of the packed options, where
+    ``model_timing`` timed them; a layer converted by that choice reports the whole model's speedup).
     """
     _check_options(min_speedup, min_sparsity, repeat)
     formats = _check_formats(formats)
@@ -808,9 +820,94 @@ def to_sparse(model: nn.Module, example_inputs: Any, *, min_speedup: float = 1.1
                     _set_module(new, name, replacement)
                 else:  # the model is itself a single layer
                     new = replacement
+        if measure and model_timing:
+            new = _settle_packed(new, dict(candidates), inputs, example_inputs, report, opts)
         if measure:
             _settle_native_loop(new, example_inputs, report, repeat)
     return new, report
+
+
+def _packed_layers(originals: Dict[str, nn.Module], report: List[Dict[str, Any]], formats: Sequence[str]) -> List[str]:
+    """The sparse Linear layers a packed format could take at the example's batch, in model order."""
+    if not formats or native.library() is None:
+        return []
+    return [e["name"] for e in report
+            if e["name"] and isinstance(originals[e["name"]], nn.Linear) and e["batch"] is not None
+            and e["batch"] <= packed.MAX_ROWS and e["sparsity"] > 0.0 and _unsupported(originals[e["name"]], formats) is None]
+
+
+def _packed_options(model: nn.Module, originals: Dict[str, nn.Module], names: List[str],
+                    formats: Sequence[str]) -> Dict[str, Dict[str, nn.Module]]:
+    """What each layer runs as under each option: as measured alone, dense, or every layer that fits a packed
+    format in that format (the others as measured). A layer "fits" if its packed form reads fewer bytes than
+    its dense weight: at batch 1 reading more bytes cannot pay (a nearly dense lm_head, say)."""
+    measured = {n: model.get_submodule(n) for n in names}
+    options = {"as measured": measured, "dense": {n: originals[n] for n in names}}
+    for fmt in formats:
+        packs = {}
+        for n in names:
+            w = originals[n].weight.detach()
+            if packed.format_problem(w, fmt) is None:
+                mod = PackedLinear.from_linear(originals[n], fmt=fmt).eval()
+                if mod.nbytes() < w.numel() * w.element_size():
+                    packs[n] = mod
+        if packs:
+            options[PACKED_PREFIX + fmt] = {**measured, **packs}
+    return options
+
+
+def _settle_packed(model: nn.Module, originals: Dict[str, nn.Module], inputs: Dict[str, torch.Tensor],
+                   example_inputs: Any, report: List[Dict[str, Any]], opts: Dict[str, Any]) -> nn.Module:
+    """Time the whole model as measured layer by layer, all dense, and with every layer that fits it in one
+    packed format, and keep the fastest packed option if it beats both (by ``min_speedup`` over dense).
+
+    Why: a layer timed alone after a cache eviction also pays cold-start costs (code, Python objects, page
+    walks) that a forward pass spreads over all its layers, and cannot show how one layer's weights stream
+    from memory while the next computes: at batch 1 a big model is bound by the bytes it reads, which only
+    the whole model measures. Whole-model options change many layers at once, so their differences stand
+    well above timing noise, where one layer's share of a forward pass would not. Outputs are checked like
+    every conversion."""
+    names = _packed_layers(originals, report, opts["formats"])
+    if not names:
+        return model
+    options = _packed_options(model, originals, names, opts["formats"])
+
+    def run_with(assign):
+        for n, m in assign.items():
+            _set_module(model, n, m)
+        call_model(model, example_inputs)
+
+    with eval_mode(model), torch.no_grad():
+        t = _median_ms({k: functools.partial(run_with, v) for k, v in options.items()}, max(3, opts["repeat"]))
+    best = _packed_choice(t, opts["min_speedup"])
+    changed = {n: m for n, m in options[best].items() if m is not options["as measured"][n]}
+    if not all(_matches(originals[n], m, inputs[n])[0] for n, m in changed.items()):
+        best, changed = "as measured", {}  # never trade correctness for speed
+    entries = {e["name"]: e for e in report}
+    for n in names:
+        _set_module(model, n, options[best][n])
+        _record_packed_choice(entries[n], best if n in changed else "as measured", t, len(changed))
+    return model
+
+
+def _packed_choice(times: Dict[str, float], min_speedup: float) -> str:
+    """A packed option replaces the layer-by-layer choices only if the whole model runs faster with it, and at
+    least ``min_speedup`` times faster than all dense ("dense" is the yardstick, never chosen here: it would
+    revert layers measured faster alone, on the strength of one whole-model comparison)."""
+    packed_opts = [k for k in times if k.startswith(PACKED_PREFIX) and times["dense"] / times[k] >= min_speedup]
+    best = min(packed_opts, key=times.get, default=None)
+    return best if best is not None and times[best] < times["as measured"] else "as measured"
+
+
+def _record_packed_choice(entry: Dict[str, Any], best: str, times: Dict[str, float], size: int) -> None:
+    entry["model_ms"] = dict(times)
+    if best == "as measured":
+        return
+    entry.update(converted=True, kernel=best, speedup=times["dense"] / times[best],
+                 sparse_ms=(entry.get("kernels_ms") or {}).get(best, entry["sparse_ms"]))
+    entry["reason"] = (f"{best}, with {size} layer(s), after timing the whole model: {times[best]:.2f} ms vs "
+                       f"{times['dense']:.2f} ms dense, {times['as measured']:.2f} ms as measured layer by layer "
+                       f"(speedup is the whole model's); alone: {entry['reason']}")
 
 
 def _settle_native_loop(model: nn.Module, example_inputs: Any, report: List[Dict[str, Any]], repeat: int) -> None:

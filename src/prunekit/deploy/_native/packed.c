@@ -24,6 +24,7 @@
  */
 #include <stdint.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -36,7 +37,8 @@ enum { FMT_BITMASK = 0, FMT_NM24 = 1, FMT_CSR8 = 2 };
 
 typedef struct {
   int fmt, bf16;
-  int64_t rows, in, batch, words;  /* words: uint64 mask words per row (bitmask) */
+  int64_t rows, in, batch, words;  /* words: uint64 mask words per row (bitmask, nm24) */
+  int64_t ldx;                      /* floats between rows of x: in, or 64 * words when padded */
   const uint64_t *mask;             /* bitmask: rows x words; nm24: rows x ceil(in/64) words as well */
   const uint8_t *delta;             /* csr8 */
   const int32_t *rowptr;            /* bitmask, csr8: value offset of each row (rows + 1) */
@@ -66,6 +68,7 @@ static float reduce16(float *lane) {
   return lane[0];
 }
 
+#ifndef __AVX512F__
 static void row_mask_portable(const mat_t *m, int64_t i, int64_t k0, float out[MAXB]) {
   float acc[MAXB][4][16];
   memset(acc, 0, sizeof acc);
@@ -78,7 +81,7 @@ static void row_mask_portable(const mat_t *m, int64_t i, int64_t k0, float out[M
       if (!(bits >> l & 1u)) continue;
       const float v = value_at(m, kk++);
       for (int64_t b = 0; b < m->batch; ++b)
-        acc[b][c & 3][l] = fmaf(v, m->x[b * m->in + c * 16 + l], acc[b][c & 3][l]);
+        acc[b][c & 3][l] = fmaf(v, m->x[b * m->ldx + c * 16 + l], acc[b][c & 3][l]);
     }
     /* nm24 keeps 8 value slots per 16 inputs even where a group kept fewer than 2 */
     k = m->fmt == FMT_NM24 ? k + 8 : kk;
@@ -89,6 +92,7 @@ static void row_mask_portable(const mat_t *m, int64_t i, int64_t k0, float out[M
     out[b] = reduce16(lane);
   }
 }
+#endif
 
 static void row_csr8(const mat_t *m, int64_t i, float out[MAXB]) {
   float acc[MAXB][4];
@@ -98,7 +102,7 @@ static void row_csr8(const mat_t *m, int64_t i, float out[MAXB]) {
   for (int64_t k = s; k < e; ++k) {
     col += m->delta[k];
     const float v = value_at(m, k);
-    for (int64_t b = 0; b < m->batch; ++b) acc[b][(k - s) & 3] += v * m->x[b * m->in + col];
+    for (int64_t b = 0; b < m->batch; ++b) acc[b][(k - s) & 3] += v * m->x[b * m->ldx + col];
   }
   for (int64_t b = 0; b < m->batch; ++b) out[b] = (acc[b][0] + acc[b][1]) + (acc[b][2] + acc[b][3]);
 }
@@ -124,12 +128,14 @@ static inline __m512 load8(const mat_t *m, int64_t k) { /* nm24: 8 values fill t
 }
 
 /* One 64-bit mask word (four 16-input chunks) per step, chunk j of a word into accumulator j, for a
- * batch size B fixed at compile time so that the 4*B accumulators stay in registers. Chunks past the
- * input width have no mask bits: they expand to zeros and load no input, so no tail loop is needed. */
+ * batch size B fixed at compile time so that the 4*B accumulators stay in registers. Inputs are read with
+ * plain loads (masked ones cost ~20% here): rows of x are `ldx` = a multiple of 64 long (the caller pads
+ * narrower layers), and pruned lanes multiply x by an expanded 0, just as a dense product multiplies it
+ * by a stored 0 (so an inf input gives NaN in both). Chunks past the input width have no mask bits. */
 #define CHUNK(j, bits16, v)                                                                     \
   do {                                                                                          \
     for (int b = 0; b < NB; ++b)                                                                \
-      acc[b][j] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(bits16, xr + b * in + 16 * (j)), acc[b][j]); \
+      acc[b][j] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xr + b * ldx + 16 * (j)), acc[b][j]);            \
   } while (0)
 
 #define DEFINE_ROW_MASK(B)                                                                      \
@@ -139,7 +145,7 @@ static inline __m512 load8(const mat_t *m, int64_t k) { /* nm24: 8 values fill t
     for (int b = 0; b < B; ++b)                                                                 \
       for (int a = 0; a < 4; ++a) acc[b][a] = _mm512_setzero_ps();                              \
     const uint64_t *mw = m->mask + i * m->words;                                                \
-    const int64_t in = m->in;                                                                   \
+    const int64_t ldx = m->ldx;                                                                 \
     const int nm = m->fmt == FMT_NM24;                                                          \
     for (int64_t w = 0; w < m->words; ++w) {                                                    \
       const uint64_t word = mw[w];                                                              \
@@ -225,16 +231,28 @@ static int64_t split_at(const mat_t *m, int t, int threads) {
   return lo;
 }
 
-/* Returns 0 on success, 1 on bad arguments. */
-int prunekit_packed_mv(int fmt, int bf16, int64_t rows, int64_t in, int64_t batch, const uint64_t *mask,
-                       const uint8_t *delta, const int32_t *rowptr, const void *val, const float *x,
-                       const float *bias, float *y, int threads) {
-  if (fmt < FMT_BITMASK || fmt > FMT_CSR8 || rows < 0 || in < 1 || batch < 1 || batch > MAXB) return 1;
+/* Returns 0 on success, 1 on bad arguments. The weight's own arguments come first (the caller keeps them
+ * ready-made), then the input: `batch` rows of x (any count: taken MAXB at a time). */
+int prunekit_packed_mv(int fmt, int bf16, int64_t rows, int64_t in, const uint64_t *mask, const uint8_t *delta,
+                       const int32_t *rowptr, const void *val, const float *bias, int64_t batch, const float *x,
+                       float *y, int threads) {
+  if (fmt < FMT_BITMASK || fmt > FMT_CSR8 || rows < 0 || in < 1 || batch < 1) return 1;
   if (threads < 1) threads = 1;
   if (threads > MAX_THREADS) threads = MAX_THREADS;
   if (rows * in < 65536 * (int64_t)threads) threads = 1; /* too little work to wake other threads */
   if (threads > rows) threads = rows > 0 ? (int)rows : 1;
-  const mat_t m = {fmt, bf16 != 0, rows, in, batch, (in + 63) / 64, mask, delta, rowptr, val, x, bias, y};
+  const int64_t words = (in + 63) / 64;
+  /* the vector loop reads whole 64-input words of x: pad rows of a layer whose width is not a multiple
+   * of 64 (zeros: they meet only pruned lanes) */
+  const int pad = fmt != FMT_CSR8 && in % 64 != 0;
+  float *xp = 0;
+  if (pad) {
+    xp = (float *)calloc((size_t)(batch * words * 64), sizeof(float));
+    if (!xp) return 2;
+    for (int64_t b = 0; b < batch; ++b) memcpy(xp + b * words * 64, x + b * in, sizeof(float) * (size_t)in);
+    x = xp;
+  }
+  mat_t m = {fmt, bf16 != 0, rows, in, MAXB, words, pad ? words * 64 : in, mask, delta, rowptr, val, x, bias, y};
   int64_t bounds[MAX_THREADS + 1];
   bounds[0] = 0;
   bounds[threads] = rows;
@@ -242,8 +260,14 @@ int prunekit_packed_mv(int fmt, int bf16, int64_t rows, int64_t in, int64_t batc
     const int64_t r = split_at(&m, t, threads);
     bounds[t] = r < bounds[t - 1] ? bounds[t - 1] : r;
   }
+  for (int64_t b0 = 0; b0 < batch; b0 += MAXB) {
+    m.batch = batch - b0 < MAXB ? batch - b0 : MAXB;
+    m.x = x + b0 * m.ldx;
+    m.y = y + b0 * rows;
 #pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
-  for (int t = 0; t < threads; ++t) run_rows(&m, bounds[t], bounds[t + 1]);
+    for (int t = 0; t < threads; ++t) run_rows(&m, bounds[t], bounds[t + 1]);
+  }
+  free(xp);
   return 0;
 }
 
@@ -251,7 +275,7 @@ int prunekit_packed_mv(int fmt, int bf16, int64_t rows, int64_t in, int64_t batc
 int prunekit_packed_unpack(int fmt, int bf16, int64_t rows, int64_t in, const uint64_t *mask,
                            const uint8_t *delta, const int32_t *rowptr, const void *val, float *out) {
   if (fmt < FMT_BITMASK || fmt > FMT_CSR8 || rows < 0 || in < 1) return 1;
-  const mat_t m = {fmt, bf16 != 0, rows, in, 1, (in + 63) / 64, mask, delta, rowptr, val, 0, 0, 0};
+  const mat_t m = {fmt, bf16 != 0, rows, in, 1, (in + 63) / 64, in, mask, delta, rowptr, val, 0, 0, 0};
   memset(out, 0, sizeof(float) * (size_t)(rows * in));
   for (int64_t i = 0; i < rows; ++i) {
     float *o = out + i * in;
