@@ -7,6 +7,12 @@ criterion choose *which* weights go within a layer; ``allocation="owl"`` gives t
 ``allocation="sensitivity"`` (``+sens``) probes each layer's calibration loss pruned alone by the criterion itself
 and takes the least-cost sparsities (:mod:`prunekit.select.probe`).
 
+Two repairs of the masking criteria, measured here: ``+refit`` solves the kept weights of each pruned layer by
+least squares towards the dense layer's outputs on the calibration batches, layer by layer in forward order
+(``prune(..., refit=True)``, :mod:`prunekit.pruners.refit`); each ``X+refit`` is case ``X`` plus the refit, and
+``magnitude+refit`` is the honest control (the repair alone, on global magnitude's masks). ``+steps=8`` prunes in
+8 equal steps, Taylor's gradients collected again on the partly pruned model before each (``prune(..., steps=8)``).
+
 Setting (full): LeNet-5 (``prunekit.zoo``, Caffe's: conv 20, conv 50, fc 500, fc 10) trained on all of MNIST
 (4 epochs, seed 0, cached), 8 training batches of calibration data, target sparsity 0.9 over the two convs and the
 hidden Linear layer (the classifier stays dense), then ``finetune=0`` (no training) and ``finetune=1`` (one epoch,
@@ -17,8 +23,10 @@ magnitude up to ties), fine-tuned with its pruning reparametrisation in place so
 JSON lines (../shared/BENCHMARKS.md): ``accuracy`` (top-1, %) with ``case`` =
 ``lenet5/<criterion>/sparsity=0.9/finetune=<0|1>``, where the criterion is ``magnitude/global``,
 ``magnitude/layer``, ``wanda``, ``wanda+alloc``, ``wanda+owl``, ``wanda+sens``, ``taylor``, ``taylor+alloc``,
-``taylor+sens``, ``sparsegpt``, ``sparsegpt+alloc``, ``sparsegpt+sens`` or ``torch.nn.utils.prune``; the
-``magnitude/global`` rows carry torch's accuracy as ``peer``.
+``taylor+sens``, ``sparsegpt``, ``sparsegpt+alloc``, ``sparsegpt+sens``, ``magnitude+refit``,
+``wanda+alloc+refit``, ``wanda+sens+refit``, ``taylor+alloc+refit``, ``taylor+sens+refit``, ``taylor+alloc+steps=8``,
+``taylor+alloc+steps=8+refit`` or ``torch.nn.utils.prune``; the ``magnitude/global`` rows carry torch's accuracy
+as ``peer``.
 Also ``sparsity`` (achieved, over the pruned tensors) per method, and the dense accuracy.
 
 Usage: ``python benchmarks/cnn_criteria.py [--quick] [--seed S] [--threads T]``.
@@ -60,6 +68,14 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "sparsegpt": {"criterion": "sparsegpt"},
     "sparsegpt+alloc": {"criterion": "sparsegpt", "allocation": "magnitude"},
     "sparsegpt+sens": {"criterion": "sparsegpt", "allocation": "sensitivity"},
+    "magnitude+refit": {"criterion": "l1", "scope": "global", "refit": True},
+    "wanda+alloc+refit": {"criterion": "wanda", "scope": "row", "allocation": "magnitude", "refit": True},
+    "wanda+sens+refit": {"criterion": "wanda", "scope": "layer", "allocation": "sensitivity", "refit": True},
+    "taylor+alloc+refit": {"criterion": "taylor", "scope": "layer", "allocation": "magnitude", "refit": True},
+    "taylor+sens+refit": {"criterion": "taylor", "scope": "layer", "allocation": "sensitivity", "refit": True},
+    "taylor+alloc+steps=8": {"criterion": "taylor", "scope": "layer", "allocation": "magnitude", "steps": 8},
+    "taylor+alloc+steps=8+refit": {"criterion": "taylor", "scope": "layer", "allocation": "magnitude", "steps": 8,
+                                   "refit": True},
 }
 
 
@@ -96,8 +112,9 @@ def run(args) -> None:
     results: Dict[str, Dict[int, float]] = {}
     for name, options in METHODS.items():
         model = copy.deepcopy(dense)
-        probed = options.get("allocation") == "sensitivity"   # the probe reads the batches too
-        data = {"data": calib} if probed or prunekit.api.needs_data(options["criterion"]) else {}
+        # the sensitivity probe and the refit read the batches too
+        reads = options.get("allocation") == "sensitivity" or options.get("refit", False)
+        data = {"data": calib} if reads or prunekit.api.needs_data(options["criterion"]) else {}
         with warnings.catch_warnings():  # floors and skipped layers are said in plan.notes, logged below
             warnings.simplefilter("ignore")
             plan = prunekit.prune(model, amount, seed=seed, **options, **data)

@@ -11,11 +11,15 @@ to that whole-model pruner.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from prunekit._util import progress_enabled
 from prunekit.apply import masking
 from prunekit.apply.biascorr import apply_with_correction
 from prunekit.criteria.base import CRITERIA, data_aware, get_criterion
@@ -24,13 +28,14 @@ from prunekit.criteria.stats import COLLECTORS, FEATURE_LAYERS, calibrate
 from prunekit.errors import PrunekitError, UnknownNameError
 from prunekit.plan import Plan
 from prunekit.pruners import PRUNERS
+from prunekit.pruners.refit import refit_model
 from prunekit.select.allocation import check_fraction, magnitude_allocation, owl_allocation
 from prunekit.select.amount import Amount
 from prunekit.select.coupling import couple_biases
 from prunekit.select.probe import LossProbe, selection_trial, sensitivity_allocation
 from prunekit.select.ranking import select
 from prunekit.select.rows import select_rows
-from prunekit.spec import Calibration, PruneSpec, split_options
+from prunekit.spec import REFINEMENT_FIELDS, Calibration, PruneSpec, Refinement, split_options
 from prunekit.targets import select_targets
 
 
@@ -48,11 +53,36 @@ def plan_pruning(model: nn.Module, amount: Optional[Amount] = None, *, spec: Opt
     :func:`prunekit.criteria.collect`, or ``data`` (calibration batches, with ``forward_fn``/``loss_fn``),
     which runs them through the model with its state restored afterwards.
     """
+    given = [k for k in REFINEMENT_FIELDS if k in options]
+    if given:
+        raise PrunekitError(f"{', '.join(given)} change the model as they go (masks between steps, refit weights); "
+                            "plan_pruning leaves the model untouched: use prunekit.prune(..., data=...)")
     spec, calib, _ = split_options(options, spec)
     return _plan(model, amount, spec, calib)
 
 
-def _plan(model: nn.Module, amount: Optional[Amount], spec: PruneSpec, calib: Calibration) -> Plan:
+@dataclass
+class StepSchedule:
+    """Where an iterative prune (``steps=n``) stands: step ``k`` of ``n`` prunes ``k/n`` of the final amounts,
+    which step 1 allocates on the unpruned model and the later steps reuse (per-layer sparsities then stay
+    those of a one-shot prune; re-allocating on a partly pruned model would move them)."""
+
+    n: int
+    k: int = 1
+    final: Any = None
+
+    def amount(self, allocated: Any) -> Any:
+        if self.final is None:
+            self.final = allocated
+        if self.k == self.n:  # the final target exactly, not k/n * final up to rounding
+            return self.final
+        if isinstance(self.final, Mapping):
+            return {name: a * self.k / self.n for name, a in self.final.items()}
+        return self.final * self.k / self.n
+
+
+def _plan(model: nn.Module, amount: Optional[Amount], spec: PruneSpec, calib: Calibration,
+          step: Optional[StepSchedule] = None) -> Plan:
     _check_nm_amount(amount, spec)
     crit = _criterion(spec, calib)
     names = select_targets(model, types=spec.types, include=spec.include, exclude=spec.exclude,
@@ -69,6 +99,8 @@ def _plan(model: nn.Module, amount: Optional[Amount], spec: PruneSpec, calib: Ca
         amount = _probed_allocation(model, names, amount, spec, calib, scores, current)
     elif spec.allocation != "uniform":
         amount = allocate(spec.allocation, model, names, amount, spec.min_keep, scores)
+    if step is not None:
+        amount = step.amount(amount)
     if spec.scope == "row" and spec.pattern != "nm":
         plan = select_rows(scores, amount, min_keep=spec.min_keep, current=current)
     else:
@@ -157,7 +189,8 @@ def _criterion(spec: PruneSpec, calib: Calibration):
                             "data=[(x, y), ...] (decoder LLMs: criterion='sequential' measures it block by block)")
     if calib.data is not None and not crit.needs_data and spec.allocation != "sensitivity":
         raise PrunekitError(f"data=... is used by data-aware criteria only ({', '.join(data_aware())}, or "
-                            f"prune(..., criterion='sparsegpt'), or prune(..., bias_correction=True)); "
+                            f"prune(..., criterion='sparsegpt'), or prune(..., bias_correction=True or "
+                            f"refit=True)); "
                             f"got criterion={spec.criterion_name!r}")
     return crit
 
@@ -179,11 +212,21 @@ def prune(model: nn.Module, amount: Optional[Amount] = None, *, keep_original: b
     options (``blocksize``, ``damp``, ...). ``bias_correction=True`` (needs ``data=...``, or
     wanda/input_mean ``stats``) also moves each pruned layer's bias by what its removed weights
     contributed on average (:mod:`prunekit.apply.biascorr`).
+
+    With ``data=...``: ``steps=N`` (a data-aware criterion) prunes in N equal steps towards the target,
+    collecting the criterion's statistics again on the partly pruned model each step; ``refit=True`` (any
+    criterion) then solves the kept weights of each pruned Linear/Conv layer by least squares towards the
+    dense layer's outputs, masks unchanged (:mod:`prunekit.pruners.refit`). Both are recorded in the plan's
+    ``meta`` (``steps``, ``refit``).
     """
     name = (spec.criterion if spec is not None else options.get("criterion", "l1"))
     if isinstance(name, str) and name in PRUNERS:
         return _prune_with(PRUNERS.get(name), model, amount, options, spec, keep_original, bias_correction)
-    spec, calib, _ = split_options(options, spec)
+    spec, calib, extra = split_options(options, spec, extra=REFINEMENT_FIELDS)
+    refine = Refinement(**extra)
+    if refine.active:
+        return _prune_refined(model, amount, spec, calib, refine, keep_original=keep_original,
+                              bias_correction=bias_correction)
     if not bias_correction:
         plan = _plan(model, amount, spec, calib)
         masking.apply(model, plan, keep_original=keep_original)
@@ -195,7 +238,85 @@ def prune(model: nn.Module, amount: Optional[Amount] = None, *, keep_original: b
     return apply_with_correction(model, _plan(model, amount, spec, calib), means)
 
 
+def _prune_refined(model: nn.Module, amount: Optional[Amount], spec: PruneSpec, calib: Calibration,
+                   refine: Refinement, *, keep_original: bool, bias_correction: bool) -> Plan:
+    """``prune`` with ``steps`` > 1 and/or ``refit``: checked first, then all or nothing (the model as it was
+    on any error, masks of earlier steps and refit weights included)."""
+    plan_calib = _check_refinement(amount, spec, calib, refine, keep_original, bias_correction)
+    names = select_targets(model, types=spec.types, include=spec.include, exclude=spec.exclude,
+                           include_classifier=spec.include_classifier)
+    with masking.restored_on_error(model, names) as dense:
+        plan = _prune_in_steps(model, amount, spec, plan_calib, refine.steps, keep_original)
+        if refine.refit:
+            record = refit_model(model, {n: dense[n] for n in plan.tensors if n in dense}, calib.data,
+                                 calib.forward_fn)
+            plan.notes.extend(record.pop("notes"))
+            plan.meta["refit"] = record
+    plan.meta["steps"] = refine.steps
+    return plan
+
+
+def _prune_in_steps(model: nn.Module, amount: Optional[Amount], spec: PruneSpec, calib: Calibration, steps: int,
+                    keep_original: bool) -> Plan:
+    """Prune to ``amount`` in ``steps`` equal steps, the masks applied (and the statistics collected again)
+    between them; returns the last step's plan, which holds the final masks."""
+    schedule = StepSchedule(steps)
+    plan = None
+    for k in tqdm(range(1, steps + 1), desc="steps", leave=False, disable=steps == 1 or not progress_enabled(None)):
+        schedule.k = k
+        # the allocation is made once, at step 1, on the unpruned model: later steps scale its amounts
+        step_spec = spec if k == 1 else dataclasses.replace(spec, allocation="uniform")
+        plan = _plan(model, amount if k == 1 else schedule.final, step_spec, calib, schedule)
+        masking.apply(model, plan, keep_original=keep_original)
+    plan.meta["allocation"] = spec.allocation
+    return plan
+
+
+def _check_refinement(amount: Optional[Amount], spec: PruneSpec, calib: Calibration, refine: Refinement,
+                      keep_original: bool, bias_correction: bool) -> Calibration:
+    """Refuse what ``steps``/``refit`` cannot honour, before anything runs; returns the calibration the plan
+    itself reads (the data is the refit's alone for a criterion that needs none)."""
+    what = " and ".join(w for w, on in ((f"steps={refine.steps}", refine.steps > 1), ("refit=True", refine.refit))
+                        if on)
+    if calib.data is None:
+        raise PrunekitError(f"{what} read(s) calibration batches: pass data=[(x, y), ...] (collected stats cannot "
+                            "be collected again between steps, nor give a layer's inputs for a refit)")
+    if bias_correction:
+        raise PrunekitError(f"bias_correction and {what} cannot be combined: use one or the other (refit=True "
+                            "repairs each layer's outputs, its mean included)")
+    if keep_original and refine.refit:
+        raise PrunekitError("refit=True rewrites the kept weights, which keep_original could not give back: "
+                            "use one or the other")
+    crit = get_criterion(spec.criterion)  # a whole-model pruner never gets here: prune() sent it to _prune_with
+    if refine.steps > 1:
+        _check_steps(amount, spec, crit)
+    if not crit.needs_data and spec.allocation != "sensitivity":
+        if calib.loss_fn is not None:
+            raise PrunekitError(f"loss_fn is used by criteria that need gradients (taylor) or "
+                                f"allocation='sensitivity', not by refit with criterion={spec.criterion_name!r}")
+        return Calibration()  # the data serves the refit only
+    return calib
+
+
+def _check_steps(amount: Optional[Amount], spec: PruneSpec, crit) -> None:
+    if spec.pattern == "nm":
+        raise PrunekitError("steps=N needs a sparsity to step towards; pattern='nm' fixes it per group of M: "
+                            "use steps=1 (the default)")
+    if not crit.needs_data:
+        raise PrunekitError(f"steps=N collects a data-aware criterion's statistics again between steps "
+                            f"({', '.join(data_aware())}); criterion={spec.criterion_name!r} would choose the "
+                            "same weights in one step: use steps=1")
+    if isinstance(amount, bool) or not isinstance(amount, float):
+        raise PrunekitError(f"steps=N divides a fraction into equal steps; amount={amount!r} is not a fraction "
+                            "in [0, 1)")
+
+
 def _prune_with(pruner, model, amount, options, spec, keep_original: bool, bias_correction: bool) -> Plan:
+    misplaced = [k for k in REFINEMENT_FIELDS if k in options and k not in pruner.options]
+    if misplaced:
+        raise PrunekitError(f"{pruner.name} does not take {', '.join(misplaced)}: it chooses and rewrites the kept "
+                            f"weights itself; steps=N and refit=True are for the masking criteria "
+                            f"({', '.join(CRITERIA.names())})")
     spec, calib, extra = split_options(options, spec, extra=pruner.options)
     if pruner.rewrites_weights and (keep_original or bias_correction):
         what = "keep_original=True cannot undo" if keep_original else "bias_correction is for criteria that only " \

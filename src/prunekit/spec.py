@@ -93,8 +93,35 @@ class Calibration:
         return self.data is None and self.stats is None
 
 
+@dataclass(frozen=True)
+class Refinement:
+    """How :func:`prunekit.prune` gets to a plan's masks on data, beyond one selection.
+
+    ``steps``: prune in that many equal steps towards the target, the criterion's statistics collected
+    again on the partly pruned model each time (a saliency measured on the dense model goes stale as its
+    neighbours disappear; Taylor most of all). ``refit``: once the masks are final, the kept weights of
+    every pruned Linear/Conv layer are solved by least squares towards the dense layer's outputs on the
+    calibration inputs (:mod:`prunekit.pruners.refit`). Both read ``data=...`` and change the model as
+    they go, so only ``prune`` takes them (``plan_pruning`` does not touch the model).
+    """
+
+    steps: int = 1
+    refit: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 1:
+            raise PrunekitError(f"steps={self.steps!r} must be an int >= 1 (1: one-shot)")
+        if not isinstance(self.refit, bool):
+            raise PrunekitError(f"refit={self.refit!r} must be True or False")
+
+    @property
+    def active(self) -> bool:
+        return self.steps > 1 or self.refit
+
+
 SPEC_FIELDS = tuple(f.name for f in fields(PruneSpec))
 CALIBRATION_FIELDS = tuple(f.name for f in fields(Calibration))
+REFINEMENT_FIELDS = tuple(f.name for f in fields(Refinement))
 
 
 def split_options(options: Mapping[str, Any], spec: Optional[PruneSpec] = None,

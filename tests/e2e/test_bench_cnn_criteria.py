@@ -5,7 +5,9 @@ from benchjson import check_convention, run_quick
 
 UNITS = {"accuracy": "%", "sparsity": "frac"}
 CRITERIA = ("magnitude/global", "magnitude/layer", "wanda", "wanda+alloc", "wanda+owl", "wanda+sens", "taylor",
-            "taylor+alloc", "taylor+sens", "sparsegpt", "sparsegpt+alloc", "sparsegpt+sens", "torch.nn.utils.prune")
+            "taylor+alloc", "taylor+sens", "sparsegpt", "sparsegpt+alloc", "sparsegpt+sens", "magnitude+refit",
+            "wanda+alloc+refit", "wanda+sens+refit", "taylor+alloc+refit", "taylor+sens+refit", "taylor+alloc+steps=8", "taylor+alloc+steps=8+refit",
+            "torch.nn.utils.prune")
 
 
 @pytest.fixture(scope="module")

@@ -38,8 +38,9 @@ def test_roofline_bytes_and_logits(records):
         assert r["roofline"] == pytest.approx(nbytes["peer_value"] / nbytes["value"])
         assert nbytes["value"] <= nbytes["peer_value"]   # converted layers never read more than dense ones
     for r in records:
-        if r["metric"] == "max_diff":
-            assert r["value"] <= (1e-4 if r["dtype"] == "fp32" else 0.5)
+        if r["metric"] == "max_diff":   # float32: within 1e-4 of the logits' scale, like two dense forms
+            tol = 1e-5 if r["dtype"] == "fp32" else 2e-2
+            assert r["value"] <= tol * r["logit_scale"] and r["peer"] == "dense forms", r
         if r["metric"] == "memory_bandwidth":
             assert 0.1 < r["value"] < 10000
         if r["metric"] == "break_even":

@@ -371,3 +371,24 @@ def test_cache_decision_counts_the_converted_model_not_the_dense_one(monkeypatch
     monkeypatch.setattr(sparse, "_median_ms", fake_timer(0.5))
     _, report = to_sparse(model, torch.randn(1, 100))
     assert [r["cold_cache"] for r in report] == [False, False]
+
+
+def test_break_even_in_a_stream_times_a_chain_of_distinct_layers(monkeypatch):
+    """stream=True: enough copies of the shape to fill twice the last-level cache, no eviction, times per layer."""
+    monkeypatch.setattr(sparse, "llc_bytes", lambda: 4 * 16 * 24 * 4)   # a tiny "cache": 8 copies of 16x24 fp32
+    seen = []
+
+    def timer(fns, repeat, warmup=2, evict=None):
+        seen.append(evict)
+        out = {}
+        for k, f in fns.items():
+            calls = f()
+            assert len(calls) == 8   # each timed fn runs every copy
+            out[k] = 8.0 if k.startswith("d_") else 4.0
+        return out
+
+    monkeypatch.setattr(sparse, "_median_ms", timer)
+    res = sparse.measure_break_even(16, 24, 1, sparsities=(0.5,), stream=True, cold_cache=True)
+    assert res["stream"] == 8 and res["cold_cache"] is False and seen == [None]
+    row = res["rows"][0]
+    assert row["dense_ms"] == 1.0 and row["sparse_ms"] == 0.5 and row["speedup"] == 2.0

@@ -15,6 +15,7 @@ unpruned model) and other tools.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
@@ -103,6 +104,48 @@ def _apply_one(module, pname, param, keep, keep_original, bits=None) -> None:
                                persistent=False)
     param.masked_fill_(pruned, 0.0)
     module.register_buffer(pname + MASK_SUFFIX, bits.to(param.device))
+
+
+@contextlib.contextmanager
+def restored_on_error(model: nn.Module, names: Sequence[str]) -> Iterator[Dict[str, torch.Tensor]]:
+    """Run a multi-step change of ``names`` (several :func:`apply` calls, weights rewritten) all or nothing.
+
+    Yields ``{name: a copy of the tensor as it is now}`` (the dense weights a refit aims at). If the block
+    raises, every parameter and mask buffer of the modules owning ``names`` is put back as it was, masks the
+    block added are dropped: the project rule that an error never leaves a model half-modified. Memory: one
+    copy of those modules' parameters.
+    """
+    saved: Dict[int, Tuple[nn.Module, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]] = {}
+    originals: Dict[str, torch.Tensor] = {}
+    for name in names:
+        module, pname = owner_of(model, name)
+        if id(module) not in saved:  # a module once, however many of its tensors are named
+            params = {k: p.detach().clone() for k, p in module._parameters.items() if p is not None}
+            saved[id(module)] = (module, params, _mask_buffers(module))
+        originals[name] = saved[id(module)][1][pname]
+    try:
+        yield originals
+    except BaseException:
+        with torch.no_grad():
+            for module, params, buffers in saved.values():
+                _restore_module(module, params, buffers)
+        raise
+
+
+def _mask_buffers(module: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: b.clone() for k, b in module._buffers.items()
+            if b is not None and (k.endswith(MASK_SUFFIX) or k.endswith(ORIG_SUFFIX))}
+
+
+def _restore_module(module: nn.Module, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]):
+    for k, value in params.items():
+        module._parameters[k].copy_(value)
+    for k in [k for k in module._buffers if k.endswith(MASK_SUFFIX) or k.endswith(ORIG_SUFFIX)]:
+        if k not in buffers:
+            module._buffers.pop(k)
+            module._non_persistent_buffers_set.discard(k)
+    for k, b in buffers.items():
+        module.register_buffer(k, b, persistent=not k.endswith(ORIG_SUFFIX))
 
 
 @torch.no_grad()

@@ -491,19 +491,42 @@ def _break_even(rows: List[Dict[str, Any]]) -> Tuple[float, str]:
     return s0 + (1.0 - v0) * (s1 - s0) / (v1 - v0), "exact"
 
 
+def _layer_candidates(out_features: int, in_features: int, s: float, x: torch.Tensor, gen: torch.Generator,
+                      formats: Sequence[str]) -> Tuple[Dict[str, Callable[[], Any]], Dict[str, Callable[[], Any]]]:
+    """(dense fns, sparse fns) of one random layer at sparsity ``s``: CSR kernels and packed formats."""
+    dtype = x.dtype
+    w = _random_sparse(out_features, in_features, s, gen, dtype)
+    b = torch.randn(out_features, generator=gen, dtype=dtype)
+    dense, sparse = _linear_candidates(w, b, x, csr=dtype in _DTYPES)
+    layer = nn.Linear(in_features, out_features, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+    sparse.update(_calls(_packed_candidates(layer, x, formats), x))
+    return dense, sparse
+
+
+def _chained(fn_sets: List[Dict[str, Callable[[], Any]]]) -> Dict[str, Callable[[], Any]]:
+    """One fn per name that calls that fn of every set in turn (the same layer shape, different weights)."""
+    return {k: (lambda fs=[fns[k] for fns in fn_sets]: [f() for f in fs]) for k in fn_sets[0]}
+
+
 def measure_break_even(out_features: int, in_features: int, batch: int, *,
                        sparsities: Sequence[float] = DEFAULT_SPARSITIES, threads: Optional[int] = None,
                        repeat: int = 10, seed: int = 0, dtype: torch.dtype = torch.float32,
-                       cold_cache: Optional[bool] = None,
-                       formats: Sequence[str] = packed.FORMATS) -> Dict[str, Any]:
+                       cold_cache: Optional[bool] = None, formats: Sequence[str] = packed.FORMATS,
+                       stream: bool = False) -> Dict[str, Any]:
     """Time a random ``out x in`` layer at ``batch`` rows: best dense form vs best sparse kernel (CSR kernels
     and the packed ``formats``), per sparsity.
 
     ``cold_cache``: evict the CPU cache before every timed call (None: when the dense layer takes more
     than half the last-level cache, so that a model of such layers could not keep them cached).
-    Returns ``{"shape", "batch", "threads", "repeat", "cold_cache", "rows": [{"sparsity", "dense_ms",
-    "dense_form", "sparse_ms", "kernel", "speedup", "kernels_ms"}], "break_even", "bound"}`` (``bound``:
-    "exact", "below" or "above", see :func:`_break_even`).
+    ``stream``: instead, time a chain of distinct layers of this shape, together twice the last-level cache,
+    called back to back (times per layer): how a decoder streams its weights at batch 1, without the
+    cold-start costs a lone call after an eviction pays.
+    Returns ``{"shape", "batch", "threads", "repeat", "cold_cache", "stream", "rows": [{"sparsity",
+    "dense_ms", "dense_form", "sparse_ms", "kernel", "speedup", "kernels_ms"}], "break_even", "bound"}``
+    (``bound``: "exact", "below" or "above", see :func:`_break_even`).
     """
     if min(out_features, in_features, batch) < 1 or repeat < 1:
         raise PrunekitError("out_features, in_features, batch and repeat must be >= 1")
@@ -513,29 +536,28 @@ def measure_break_even(out_features: int, in_features: int, batch: int, *,
         raise PrunekitError(f"sparsities must be a non-empty list of fractions in [0, 1), got {list(sparsities)}")
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, in_features, generator=gen, dtype=dtype)
-    evict = _evictor(cold_cache, 2 * out_features * in_features * x.element_size())
+    nbytes = out_features * in_features * x.element_size()
+    copies = max(1, -(-2 * llc_bytes() // nbytes)) if stream else 1
+    evict = None if stream else _evictor(cold_cache, 2 * nbytes)
     rows = []
     with _Threads(threads) as used:
         for s in tqdm(sorted(sparsities), desc=f"break-even {out_features}x{in_features} b{batch}",
                       disable=not progress_enabled(None), leave=False):
-            w = _random_sparse(out_features, in_features, s, gen, dtype)
-            b = torch.randn(out_features, generator=gen, dtype=dtype)
-            dense, sparse = _linear_candidates(w, b, x, csr=dtype in _DTYPES)
-            layer = nn.Linear(in_features, out_features, dtype=dtype)
-            with torch.no_grad():
-                layer.weight.copy_(w)
-                layer.bias.copy_(b)
-            sparse.update(_calls(_packed_candidates(layer, x, formats), x))
+            sets = [_layer_candidates(out_features, in_features, s, x, gen, formats) for _ in range(copies)]
+            dense, sparse = _chained([d for d, _ in sets]), _chained([sp for _, sp in sets])
             t = _median_ms({**{"d_" + k: f for k, f in dense.items()}, **{"s_" + k: f for k, f in sparse.items()}},
                            repeat, evict=evict)
+            t = {k: v / copies for k, v in t.items()}
             form, dense_ms = _best(t, ["d_" + k for k in DENSE_FORMS])
             kernel, sparse_ms = _best(t, ["s_" + k for k in sparse])
             rows.append({"sparsity": s, "dense_ms": dense_ms, "dense_form": form[2:], "sparse_ms": sparse_ms,
                          "kernel": kernel[2:], "speedup": dense_ms / sparse_ms,
                          "kernels_ms": {k[2:]: v for k, v in t.items() if k.startswith("s_")}})
+            del sets, dense, sparse
     point, bound = _break_even(rows)
     return {"shape": [out_features, in_features], "batch": batch, "threads": used, "repeat": repeat,
-            "cold_cache": evict is not None, "rows": rows, "break_even": point, "bound": bound}
+            "cold_cache": evict is not None, "stream": copies if stream else None, "rows": rows,
+            "break_even": point, "bound": bound}
 
 
 # --------------------------------------------------------------------------------- conversion

@@ -27,7 +27,7 @@ def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
     the system singular."""
     H64 = H.double()
     ridge = damp * float(torch.diagonal(H64).mean()) if H64.numel() else 0.0
-    return H64 + torch.eye(H64.shape[0], dtype=H64.dtype) * max(ridge, 1e-12)
+    return H64 + torch.eye(H64.shape[0], dtype=H64.dtype, device=H64.device) * max(ridge, 1e-12)
 
 
 def refit_rows(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
@@ -39,13 +39,13 @@ def refit_rows(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, damp: float
     Hd = damped(H, damp)
     rhs = W.double() @ Hd                       # row i: (H w*_i)^T; H is symmetric
     counts = keep.sum(1)
-    out = torch.zeros(W.shape, dtype=torch.float64)
+    out = torch.zeros(W.shape, dtype=torch.float64, device=W.device)
     kmax = int(counts.max()) if counts.numel() else 0
     if kmax == 0:
         return out.to(W.dtype)
     # the kept columns of each row first (stable: in column order), padded to kmax with pruned ones
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :kmax]
-    valid = torch.arange(kmax).unsqueeze(0) < counts.unsqueeze(1)
+    valid = torch.arange(kmax, device=W.device).unsqueeze(0) < counts.unsqueeze(1)
     step = max(1, CHUNK_BYTES // (8 * kmax * kmax))
     for r0 in range(0, W.shape[0], step):
         idx, ok = order[r0:r0 + step], valid[r0:r0 + step]

@@ -188,7 +188,7 @@ def _targets(model: nn.Module, names: Optional[Sequence[str]], notes: List[str])
         if pname != "weight" or not (isinstance(module, SUPPORTED) or is_linear(module)):
             raise PrunekitError(f"sparsegpt prunes the weights of {', '.join(t.__name__ for t in SUPPORTED)} layers; "
                                 f"{name} is the {pname!r} of a {type(module).__name__}")
-        why = _unsupported_conv(module)
+        why = unsupported_conv(module)
         if why:
             notes.append(f"skipped {name}: {why}")
             continue
@@ -198,7 +198,7 @@ def _targets(model: nn.Module, names: Optional[Sequence[str]], notes: List[str])
     return out
 
 
-def _unsupported_conv(module: nn.Module) -> Optional[str]:
+def unsupported_conv(module: nn.Module) -> Optional[str]:
     if is_linear(module):
         return None
     if isinstance(module.padding, str) or module.padding_mode != "zeros":
@@ -293,7 +293,7 @@ def record_calls(model: nn.Module, targets: Dict[str, nn.Linear], batch, forward
     return groups, count
 
 
-def _hessian(model: nn.Module, module: nn.Module, data, forward_fn, max_batches, stop_early: bool):
+def layer_hessian(model: nn.Module, module: nn.Module, data, forward_fn, max_batches, stop_early: bool):
     """``X^T X / rows`` of the module's inputs over the calibration data, per group: (groups, cols, cols)."""
     acc = {"H": None, "rows": 0}
 
@@ -399,7 +399,7 @@ def sparsegpt_prune(model: nn.Module, data: Iterable, sparsity: Union[None, floa
 def _prune_groups(job: _Job, groups: List[List[str]], count: Dict[str, int], progress: Optional[bool]) -> None:
     for group in tqdm(groups, desc="sparsegpt", leave=False, disable=not progress_enabled(progress)):
         # a layer called more than once per forward sees all its calls: no early stop then
-        H = _hessian(job.model, job.targets[group[0]], job.data, job.forward_fn, job.max_batches,
+        H = layer_hessian(job.model, job.targets[group[0]], job.data, job.forward_fn, job.max_batches,
                      stop_early=count[group[0]] == 1)
         for name in group:
             module = job.targets[name]
@@ -515,8 +515,8 @@ def _probed_allocation(model: nn.Module, names, amount: float, spec: PruneSpec, 
         if name not in hessian:
             hessian.clear()
             with preserved_state(model), torch.no_grad():
-                hessian[name] = _hessian(model, targets[name], calib.data, forward_fn, options.get("max_batches"),
-                                         stop_early=count[name] == 1)
+                hessian[name] = layer_hessian(model, targets[name], calib.data, forward_fn,
+                                              options.get("max_batches"), stop_early=count[name] == 1)
         return obs_prune_layer(targets[name], hessian[name], {**obs, "sparsity": sparsity}, current.get(name))[0]
 
     probe = LossProbe(calib.data, calib.forward_fn, calib.loss_fn)
