@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from selflabel import self_labelled
 from torch import nn
 from torch.func import functional_call
 
@@ -23,14 +24,6 @@ def _cnn(seed=0):
     with torch.no_grad():
         net[7].weight.mul_(20)   # confident logits: Taylor's gradients are not all near zero
     return net
-
-
-def _data(model, n=3):
-    """Batches labelled by the dense model itself."""
-    g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(32, 1, 8, 8, generator=g) for _ in range(n)]
-    with torch.no_grad():
-        return [(x, model(x).argmax(1)) for x in xs]
 
 
 def _prune(model, data, amount=0.8, **options):
@@ -77,7 +70,7 @@ CASES = [dict(criterion="l1", scope="global"), dict(criterion="wanda", scope="ro
 @pytest.mark.parametrize("options", CASES, ids=lambda o: o["criterion"])
 def test_refit_lowers_each_layers_output_error_and_keeps_the_masks(options):
     dense = _cnn()
-    data = _data(dense)
+    data = self_labelled(dense)
     masked, refit = copy.deepcopy(dense), copy.deepcopy(dense)
     _prune(masked, data if options["criterion"] != "l1" else None, **options)
     plan = _prune(refit, data, refit=True, **options)
@@ -139,7 +132,7 @@ def _failing_forward(after_calls):
 ], ids=["refit", "magnitude-refit", "steps"])
 def test_a_failure_half_way_leaves_the_model_as_it_was(options, after_calls):
     model = _cnn()
-    data = _data(model)
+    data = self_labelled(model)
     prunekit.prune(model, 0.3, criterion="l1", include=["2.weight"])   # a mask from before must survive as it was
     state = _state(model)
     with pytest.raises(RuntimeError, match="boom"):
@@ -167,7 +160,7 @@ def test_a_failure_half_way_leaves_the_model_as_it_was(options, after_calls):
 ])
 def test_requests_it_cannot_honour_are_refused_before_anything_changes(call, match):
     model = _cnn()
-    data = _data(model)
+    data = self_labelled(model)
     state = _state(model)
     with pytest.raises(PrunekitError, match=match):
         call(model, data)
@@ -186,7 +179,7 @@ def test_refinement_is_validated_in_one_place():
                                      dict(criterion="taylor", scope="global")], ids=["layer", "alloc", "row", "global"])
 def test_steps_reach_the_exact_target_with_other_masks_than_one_shot(options):
     dense = _cnn()
-    data = _data(dense)
+    data = self_labelled(dense)
     one, stepped = copy.deepcopy(dense), copy.deepcopy(dense)
     _prune(one, data, **options)
     p4 = _prune(stepped, data, steps=4, **options)
@@ -204,7 +197,7 @@ def test_steps_reach_the_exact_target_with_other_masks_than_one_shot(options):
 
 def test_steps_are_deterministic_and_combine_with_refit():
     dense = _cnn()
-    data = _data(dense)
+    data = self_labelled(dense)
     digests = []
     for _ in range(2):
         model = copy.deepcopy(dense)
@@ -218,7 +211,7 @@ def test_steps_are_deterministic_and_combine_with_refit():
 
 def test_one_step_without_refit_is_the_plain_prune():
     dense = _cnn()
-    data = _data(dense)
+    data = self_labelled(dense)
     a, b = copy.deepcopy(dense), copy.deepcopy(dense)
     pa = _prune(a, data, criterion="taylor", scope="layer")
     pb = _prune(b, data, criterion="taylor", scope="layer", steps=1, refit=False)

@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from selflabel import self_labelled
 from torch import nn
 
 import prunekit
@@ -20,14 +21,6 @@ def _cnn(seed=0):
     with torch.no_grad():
         net[7].weight.mul_(50)   # confident logits: the dense loss on its own labels is low, pruning raises it
     return net
-
-
-def _data(model, n=3):
-    """Batches labelled by the dense model itself: its loss is low, and every pruned weight can only raise it."""
-    g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(32, 1, 8, 8, generator=g) for _ in range(n)]
-    with torch.no_grad():
-        return [(x, model(x).argmax(1)) for x in xs]
 
 
 def _loss(model, data):
@@ -51,7 +44,7 @@ def _mean_sparsity(model, plan):
                                              ("taylor", "layer"), ("sparsegpt", "layer")])
 def test_it_meets_the_target_with_less_loss_than_uniform(criterion, scope):
     dense = _cnn()
-    data = _data(dense)
+    data = self_labelled(dense)
     losses, plans = {}, {}
     for allocation in ("uniform", "sensitivity"):
         model = copy.deepcopy(dense)
@@ -67,14 +60,14 @@ def test_it_meets_the_target_with_less_loss_than_uniform(criterion, scope):
 def test_planning_leaves_the_model_as_it_was():
     model = _cnn()
     before = copy.deepcopy(model.state_dict())
-    plan = prunekit.plan_pruning(model, 0.9, criterion="l1", allocation="sensitivity", data=_data(model))
+    plan = prunekit.plan_pruning(model, 0.9, criterion="l1", allocation="sensitivity", data=self_labelled(model))
     assert plan.tensors and not masking.masks(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_curves_start_at_the_current_sparsity_rise_monotonically_and_a_failing_trial_puts_the_layer_back():
     model = _cnn()
-    data = _data(model)
+    data = self_labelled(model)
     prunekit.prune(model, 0.6, criterion="l1", scope="layer")           # masks already there: they count
     current = masking.masks(model)
     params = dict(model.named_parameters())
@@ -114,12 +107,12 @@ def test_requests_it_cannot_honour_are_refused_and_the_model_left_alone(options,
 def test_an_int_amount_is_refused():
     model = _cnn()
     with pytest.raises(prunekit.PrunekitError, match="spreads a fraction"):
-        prunekit.prune(model, 100, allocation="sensitivity", data=_data(model))
+        prunekit.prune(model, 100, allocation="sensitivity", data=self_labelled(model))
 
 
 def test_a_custom_loss_serves_the_probe_for_a_criterion_that_takes_no_gradient():
     model = _cnn()
-    data = [x for x, _ in _data(model)]
+    data = [x for x, _ in self_labelled(model)]
     with torch.no_grad():
         ref = [model(x) for x in data]
     plan = _prune(model, data, criterion="wanda", allocation="sensitivity",
