@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-from typing import Dict, List
+from typing import Dict
 
 import torch
 
 import _common as C
 import prunekit
 from _austen import austen
-from prunekit.analysis.decode import decoder_speed, memory_bandwidth, weight_bytes_per_token
+from prunekit.analysis.decode import alternating_speeds, decoder_speed, memory_bandwidth, weight_bytes_per_token
 from prunekit.analysis.perplexity import generation_speed, perplexity
 from prunekit.apply import masking
 from prunekit.deploy.packed import PackedLinear
@@ -64,15 +64,6 @@ def _prune(dense, calib, target, args):
 def _format_label(model) -> str:
     fmts = sorted({m.fmt for m in model.modules() if isinstance(m, PackedLinear)})
     return "+".join(fmts) or "dense"
-
-
-def _alternate(models: Dict[str, torch.nn.Module], speed, prompt, new_tokens: int, rounds: int) -> Dict[str, float]:
-    """Median tokens/s of each model, measured in turn every round after one warm-up call each."""
-    rates: Dict[str, List[float]] = {k: [] for k in models}
-    for r in range(rounds):
-        for name, model in models.items():
-            rates[name].append(speed(model, prompt, new_tokens, repeat=1, warmup=int(r == 0))["tokens_per_s"])
-    return {k: C.median(v) for k, v in rates.items()}
 
 
 def _dense_forms(dense) -> Dict[str, torch.nn.Module]:
@@ -104,7 +95,7 @@ def _timed_case(label, dense_forms, sparse, masked, prompt, window, args, common
         torch.set_num_threads(threads)
         for speed, suffix, only in ((generation_speed, "", False), (decoder_speed, "/decoder_only", True)):
             case = label + suffix
-            t = _alternate({**dense_forms, "sparse": sparse}, speed, prompt, args.new_tokens, args.repeat)
+            t = alternating_speeds({**dense_forms, "sparse": sparse}, prompt, args.new_tokens, args.repeat, speed)
             form = max(dense_forms, key=t.get)   # the fastest dense form is the peer
             dense_b = weight_bytes_per_token(dense_forms[form], decoder_only=only)
             sparse_b = weight_bytes_per_token(sparse, decoder_only=only)

@@ -38,7 +38,7 @@ import argparse
 import copy
 import os
 import time
-from typing import Dict, List, Tuple
+from typing import Tuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -47,6 +47,7 @@ import torch
 
 import _common as C
 from _austen import austen
+from prunekit.analysis.decode import alternating_speeds
 from prunekit.analysis.perplexity import generation_speed, perplexity
 from prunekit.apply import masking
 from prunekit.surgery import compact_decoder, decoder_stats, plan_decoder
@@ -87,12 +88,8 @@ def _max_diffs(dense, slim, plan, window) -> Tuple[float, float]:
 def _speeds(dense, slim, prompt, new_tokens: int, rounds: int) -> Tuple[float, float]:
     """Median greedy tokens/s of the dense and the pruned model, measured alternately (dense, pruned, dense,
     ...) after one warm-up call each, so that machine load changes hit both alike."""
-    rates: Dict[str, List[float]] = {"dense": [], "pruned": []}
-    for r in range(rounds):
-        for name, model in (("dense", dense), ("pruned", slim)):
-            rates[name].append(generation_speed(model, prompt, new_tokens, repeat=1, warmup=1 if r == 0 else 0)
-                               ["tokens_per_s"])
-    return C.median(rates["dense"]), C.median(rates["pruned"])
+    rates = alternating_speeds({"dense": dense, "pruned": slim}, prompt, new_tokens, rounds, generation_speed)
+    return rates["dense"], rates["pruned"]
 
 
 def _recovered(slim, dense, train, windows, case: str, dense_ppl: float, params: int, dense_params: int, args,

@@ -43,12 +43,15 @@ def cases():
 
 
 @pytest.mark.parametrize("fmt,dtype,shape", list(cases()))
-def test_pack_unpack_is_exact(fmt, dtype, shape):
+def test_pack_unpack_is_exact(fmt, dtype, shape, monkeypatch):
     w = sparse_weight(*shape, fmt, dtype)
     pw = packed.pack(w, fmt)
     packed.check(pw)
     assert torch.equal(packed.unpack(pw), w)
-    assert torch.equal(packed._unpack_torch(pw), w)  # the fallback without the native library agrees
+    monkeypatch.setattr(native, "library", lambda: None)   # no C compiler: torch unpacks, and matvec falls back
+    assert torch.equal(packed.unpack(pw), w)
+    x = torch.randn(2, shape[1])
+    assert torch.allclose(packed.matvec(pw, x), x @ w.float().T, atol=1e-4)
 
 
 @needs_native

@@ -9,7 +9,7 @@ stays dense, which bounds the whole model's gain: :func:`decoder_speed` times th
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Callable, Dict, List, Mapping
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from torch import nn
 from prunekit._util import eval_mode, median, spread, time_calls
 from prunekit.errors import InvalidTypeError, PrunekitError
 
-__all__ = ["weight_bytes_per_token", "memory_bandwidth", "decoder_speed"]
+__all__ = ["weight_bytes_per_token", "memory_bandwidth", "decoder_speed", "alternating_speeds"]
 
 
 def _own_bytes(module: nn.Module) -> int:
@@ -85,3 +85,15 @@ def decoder_speed(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 
         ms = time_calls({"decode": run}, repeat=repeat, warmup=warmup, sample_ms=None)["decode"]
     rates = [new_tokens / (t / 1000.0) for t in ms]
     return {"tokens_per_s": median(rates), "spread": spread(rates), "new_tokens": new_tokens, "repeat": repeat}
+
+
+def alternating_speeds(models: Mapping[str, nn.Module], prompt_ids: torch.Tensor, new_tokens: int, rounds: int,
+                       speed: Callable[..., Dict[str, Any]]) -> Dict[str, float]:
+    """Median tokens/s of each model by ``speed`` (:func:`generation_speed` or :func:`decoder_speed`), one call
+    per model per round, the models in turn (after one warm-up call each in the first round), so that machine
+    load hits them all alike and cancels in their ratios."""
+    rates: Dict[str, List[float]] = {k: [] for k in models}
+    for r in range(rounds):
+        for name, model in models.items():
+            rates[name].append(speed(model, prompt_ids, new_tokens, repeat=1, warmup=int(r == 0))["tokens_per_s"])
+    return {k: median(v) for k, v in rates.items()}

@@ -50,18 +50,13 @@ def check(args) -> None:
 
 
 def _speeds(models: Dict[str, Any], prompt, args) -> Dict[str, Dict[str, float]]:
-    from prunekit._util import median
-    from prunekit.analysis.decode import decoder_speed
+    """``{model: {"model": tokens/s of generate, "decoder": tokens/s of the decoder layers}}``, alternating."""
+    from prunekit.analysis.decode import alternating_speeds, decoder_speed
     from prunekit.analysis.perplexity import generation_speed
 
-    rates: Dict[str, Dict[str, List[float]]] = {k: {"model": [], "decoder": []} for k in models}
-    for r in range(args.repeat):  # dense and sparse in turn, so machine load hits both alike
-        for name, model in models.items():
-            rates[name]["model"].append(generation_speed(model, prompt, args.new_tokens, repeat=1,
-                                                         warmup=int(r == 0))["tokens_per_s"])
-            rates[name]["decoder"].append(decoder_speed(model, prompt, args.new_tokens, repeat=1,
-                                                        warmup=int(r == 0))["tokens_per_s"])
-    return {k: {part: median(v) for part, v in parts.items()} for k, parts in rates.items()}
+    whole = alternating_speeds(models, prompt, args.new_tokens, args.repeat, generation_speed)
+    decoder = alternating_speeds(models, prompt, args.new_tokens, args.repeat, decoder_speed)
+    return {k: {"model": whole[k], "decoder": decoder[k]} for k in models}
 
 
 def _row(name: str, model, speeds: Dict[str, float], ppl: float) -> Dict[str, Any]:

@@ -138,16 +138,12 @@ def recover_run(setup: Setup, model, recovery: Recovery, run: Dict[str, Any]) ->
 
 def decode_speeds(setup: Setup, slim, run: Dict[str, Any], new_tokens: int = 64, rounds: int = 3) -> None:
     """Greedy tokens/s of the dense and the slim model at batch 1, alternating, medians (into ``run``)."""
-    from prunekit._util import median
+    from prunekit.analysis.decode import alternating_speeds
     from prunekit.analysis.perplexity import generation_speed
 
     prompt = setup.tokenizer("It is a truth universally acknowledged,", return_tensors="pt").input_ids
-    rates: Dict[str, List[float]] = {"dense": [], "slim": []}
-    for r in range(rounds):
-        for name, model in (("dense", setup.model), ("slim", slim)):
-            rates[name].append(generation_speed(model, prompt, new_tokens, repeat=1, warmup=int(r == 0))
-                               ["tokens_per_s"])
-    run["dense_tokens_per_s"], run["tokens_per_s"] = median(rates["dense"]), median(rates["slim"])
+    rates = alternating_speeds({"dense": setup.model, "slim": slim}, prompt, new_tokens, rounds, generation_speed)
+    run["dense_tokens_per_s"], run["tokens_per_s"] = rates["dense"], rates["slim"]
 
 
 def llm_doc(args, setup: Setup, runs: List[Dict[str, Any]], influence: Optional[List[float]] = None) -> Dict[str, Any]:

@@ -56,12 +56,6 @@ class PackedWeight:
     rowptr: Optional[torch.Tensor] = None
     delta: Optional[torch.Tensor] = None
 
-    @property
-    def nnz(self) -> int:
-        if self.fmt == "nm24":
-            return int(self.values.numel() - PAD)  # value slots (some may hold explicit zeros)
-        return int(self.rowptr[-1])
-
     def tensors(self) -> Dict[str, torch.Tensor]:
         return {k: v for k, v in (("values", self.values), ("mask", self.mask), ("rowptr", self.rowptr),
                                   ("delta", self.delta)) if v is not None}
@@ -92,7 +86,8 @@ def format_problem(weight: torch.Tensor, fmt: str) -> Optional[str]:
 
 
 def _bits_to_words(bits: torch.Tensor) -> torch.Tensor:
-    """(out, in) bool -> (out, ceil(in/64)) int64 words; bit j of word w is input 64*w + j."""
+    """(out, in) bool -> (out, ceil(in/64)) int64 words; bit j of word w is input 64*w + j. Least significant bit
+    first, as AVX-512 mask registers read them (prunekit.bits packs most significant first, like numpy)."""
     out_f, in_f = bits.shape
     words = (in_f + 63) // 64
     padded = torch.zeros(out_f, words * 64, dtype=torch.int64)
@@ -193,13 +188,14 @@ def check(pw: PackedWeight) -> None:
         if pw.values.numel() != out_f * words * 32 + PAD:
             raise PrunekitError("packed weight: nm24 needs 32 value slots per mask word (+ pad)")
         return
-    counts = _popcount(pw.mask).sum(1)
+    counts = _words_to_bits(pw.mask, in_f).sum(1)
     _check_rowptr(pw, out_f, counts)
 
 
-def _popcount(words: torch.Tensor) -> torch.Tensor:
+def _words_to_bits(words: torch.Tensor, in_f: int) -> torch.Tensor:
+    """Inverse of :func:`_bits_to_words`: (out, in) bool."""
     bits = (words.unsqueeze(-1) >> torch.arange(64, dtype=torch.int64)) & 1
-    return bits.sum(-1)
+    return bits.bool().view(words.shape[0], -1)[:, :in_f]
 
 
 def _check_rowptr(pw: PackedWeight, out_f: int, counts: Optional[torch.Tensor]) -> None:
@@ -255,7 +251,7 @@ def _unpack_torch(pw: PackedWeight) -> torch.Tensor:
         dense.index_put_((row, col), pw.values[: rp[-1]], accumulate=True)
         return dense
     words = pw.mask.shape[1]
-    bits = ((pw.mask.unsqueeze(-1) >> torch.arange(64, dtype=torch.int64)) & 1).bool().view(out_f, -1)[:, :in_f]
+    bits = _words_to_bits(pw.mask, in_f)
     dense = torch.zeros(out_f, in_f, dtype=pw.values.dtype)
     if pw.fmt == "nm24":
         slots = pw.values[:-PAD].view(out_f, words * 32)[:, : in_f // 2]

@@ -869,10 +869,13 @@ def _packed_options(model: nn.Module, originals: Dict[str, nn.Module], names: Li
         packs = {}
         for n in names:
             w = originals[n].weight.detach()
-            if packed.format_problem(w, fmt) is None:
-                mod = PackedLinear.from_linear(originals[n], fmt=fmt).eval()
-                if mod.nbytes() < w.numel() * w.element_size():
-                    packs[n] = mod
+            if packed.format_problem(w, fmt) is not None:
+                continue
+            mine = measured[n]  # the layer-by-layer choice may already be this very format: no second packing
+            mod = mine if isinstance(mine, PackedLinear) and mine.fmt == fmt else \
+                PackedLinear.from_linear(originals[n], fmt=fmt).eval()
+            if mod.nbytes() < packed.dense_bytes(tuple(w.shape), w.dtype):
+                packs[n] = mod
         if packs:
             options[PACKED_PREFIX + fmt] = {**measured, **packs}
     return options
